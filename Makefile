@@ -1,0 +1,28 @@
+# Everything a fresh machine needs, from nothing: `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	touch $@
+
+# System tools the end-to-end tests drive: curl and openssl (real TLS clients).
+deps:
+	@command -v curl >/dev/null && command -v openssl >/dev/null || \
+	  { apt-get update && apt-get install -y curl openssl; }
+
+demo: $(VENV)/.installed
+	$(BIN)/twist tenantedge --demo
+
+test: $(VENV)/.installed deps
+	$(BIN)/trial $(TRIAL_ARGS) tests
+
+clean:
+	rm -rf $(VENV) tenantedge-demo _trial_temp

@@ -1,0 +1,179 @@
+"""
+The contracts between tenantedge's parts.
+
+Only L{tenantedge.tap} knows concrete classes; everything else talks through
+these interfaces, so the directory store and a shared store, the ACME issuer
+and the local CA, a static policy and an allow-URL checker are
+interchangeable, and each has a fake in L{tenantedge.testing} that passes the
+same contract tests.
+
+Methods here omit C{self}, as zope.interface expects. Every method that may
+wait returns a L{Deferred}; the docstrings say what it fires with and how it
+fails.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = [
+    "ICertificateStore",
+    "IIssuer",
+    "IDomainPolicy",
+    "IChallengeStore",
+    "PolicyRefusal",
+    "IssuanceFailed",
+]
+
+
+class PolicyRefusal(Exception):
+    """
+    The policy will not let this name have a certificate.
+
+    A refusal is not a failure of the CA: issuer fallback and failure
+    backoff do not apply, and the handshake ends with an
+    C{unrecognized_name} alert.
+
+    @ivar host: the normalised name.
+    @ivar reason: a short machine-friendly reason (C{"deny-list"},
+        C{"not-allowed"}, ...), used for logs and refusal counters.
+    """
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(f"{host}: {reason}")
+        self.host = host
+        self.reason = reason
+
+
+class IssuanceFailed(Exception):
+    """
+    An issuer could not produce a certificate for a name.
+
+    @ivar host: the normalised name.
+    @ivar detail: what went wrong, as the CA or local issuer said it.
+    """
+
+    def __init__(self, host: str, detail: str) -> None:
+        super().__init__(f"{host}: {detail}")
+        self.host = host
+        self.detail = detail
+
+
+class ICertificateStore(Interface):
+    """
+    Persistent storage of certificate bundles, keyed by normalised host name.
+
+    The on-disk implementation keeps txacme's format: one
+    C{<server-name>.pem} per name holding the private key, the leaf
+    certificate and its chain.
+
+    A missing name is a C{KeyError} (as in txacme), so callers can tell
+    "never stored" from "the store is broken".
+    """
+
+    def get(server_name):
+        """
+        Fetch the bundle stored for a name.
+
+        @param server_name: a normalised host name.
+        @return: a Deferred firing with a
+            L{tenantedge.certificates.CertificateBundle}, or failing with
+            C{KeyError} if nothing usable is stored for that name (a corrupt
+            entry is logged and counts as missing).
+        """
+
+    def store(server_name, bundle):
+        """
+        Store (or replace) the bundle for a name, atomically: a reader sees
+        either the old bundle or the new one, never a mix, and a crash at
+        any point leaves one of them on disk.
+
+        @return: a Deferred firing with L{None} once the bundle is durable.
+        """
+
+    def delete(server_name):
+        """
+        Remove a name's bundle from service. Keys are never destroyed:
+        implementations move the entry to an archive.
+
+        @return: a Deferred firing with L{None}, or failing with C{KeyError}
+            if nothing is stored for the name.
+        """
+
+    def names():
+        """
+        List the names that have an entry.
+
+        @return: a Deferred firing with a list of normalised host names;
+            no entry is read or parsed to produce it.
+        """
+
+
+class IIssuer(Interface):
+    """
+    Something that can produce a new certificate for a name: an ACME CA or
+    the local CA. It is not responsible for policy, caching, storage or
+    de-duplication; L{tenantedge.resolver.CertificateResolver} is.
+    """
+
+    name = Attribute("A short label for logs, e.g. C{'internal'} or a CA URL.")
+
+    def issue(server_name):
+        """
+        Obtain a new certificate for one name.
+
+        @param server_name: a normalised host name the policy has allowed.
+        @return: a Deferred firing with a
+            L{tenantedge.certificates.CertificateBundle}, or failing with
+            L{IssuanceFailed} (or a subclass carrying the CA's problem).
+        """
+
+
+class IDomainPolicy(Interface):
+    """
+    Decides whether a name may get a certificate at all.
+    """
+
+    def static_refusal(server_name):
+        """
+        The checks that need no I/O, run at every cache miss before even the
+        store is read: a name the operator denies must not be served from an
+        old stored certificate either.
+
+        @param server_name: a normalised host name.
+        @return: a refusal reason (C{str}) or L{None}; never a Deferred.
+        """
+
+    def check(server_name):
+        """
+        @param server_name: a normalised host name.
+        @return: a Deferred firing with L{None} if the name may have a
+            certificate, or failing with L{PolicyRefusal}.
+        """
+
+
+class IChallengeStore(Interface):
+    """
+    Pending ACME HTTP-01 challenge responses, shared between the issuer that
+    creates them and the port-80 resource that answers the CA.
+    """
+
+    def add(token, key_authorization):
+        """
+        Make C{token} answerable with C{key_authorization} (both C{str}).
+
+        @return: a Deferred firing with L{None}.
+        """
+
+    def remove(token):
+        """
+        Stop answering C{token}; removing an unknown token is not an error.
+
+        @return: a Deferred firing with L{None}.
+        """
+
+    def get(token):
+        """
+        @return: a Deferred firing with the key authorisation for C{token},
+            or failing with C{KeyError} if none is pending.
+        """

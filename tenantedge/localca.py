@@ -1,0 +1,204 @@
+"""
+The local CA issuer (C{--ca internal}): tenantedge's equivalent of Caddy's
+C{tls internal}, for development, demos, tests and private networks.
+
+A root key and certificate are created once under the store
+(C{<store>/localca/}, both 0600) and reused after restarts; leaves are ECDSA
+P-256 with the host name as their only subjectAltName. Signing an ECDSA leaf
+costs well under a millisecond, so it runs inline; no thread is needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .certificates import CertificateBundle, InvalidBundle, utc_now
+from .interfaces import IIssuer, IssuanceFailed
+from .store import StoreError, atomic_write, check_private_file, ensure_private_directory
+
+__all__ = ["LocalCA"]
+
+_ROOT_VALIDITY = datetime.timedelta(days=3650)
+_BACKDATE = datetime.timedelta(minutes=5)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@implementer(IIssuer)
+@attrs.define
+class LocalCA:
+    """
+    Issues leaf certificates signed by a root kept in C{directory}.
+
+    @ivar directory: where C{root.pem} and C{root-key.pem} live.
+    @ivar clock: the time source for validity periods.
+    @ivar validity: lifetime of each leaf.
+    """
+
+    directory: str
+    clock: IReactorTime
+    validity: datetime.timedelta = datetime.timedelta(days=7)
+    name: str = "internal"
+    issued: int = 0
+    _root_key: ec.EllipticCurvePrivateKey | None = attrs.field(default=None, init=False)
+    _root: x509.Certificate | None = attrs.field(default=None, init=False)
+    _log = Logger()
+
+    @property
+    def root_path(self) -> str:
+        """The root certificate to give to clients (C{curl --cacert}...)."""
+        return os.path.join(self.directory, "root.pem")
+
+    @property
+    def root_key_path(self) -> str:
+        return os.path.join(self.directory, "root-key.pem")
+
+    @property
+    def root(self) -> x509.Certificate:
+        if self._root is None:
+            raise RuntimeError("LocalCA.prepare() has not run")
+        return self._root
+
+    def prepare(self) -> None:
+        """
+        Load the root, creating it on first use.
+
+        @raise StoreError: if the key file is readable by others, or the
+            files exist but do not hold a matching key and certificate
+            (they are never overwritten: the operator may have handed that
+            root to clients).
+        """
+        ensure_private_directory(self.directory)
+        if not os.path.exists(self.root_key_path) and not os.path.exists(self.root_path):
+            self._create_root()
+        check_private_file(self.root_key_path)
+        try:
+            with open(self.root_key_path, "rb") as f:
+                key_pem = f.read()
+            with open(self.root_path, "rb") as f:
+                cert_pem = f.read()
+            bundle = CertificateBundle.from_pem(key_pem + cert_pem)
+        except OSError as e:
+            raise StoreError(f"cannot read the local CA in {self.directory}: {e}") from None
+        except InvalidBundle as e:
+            raise StoreError(
+                f"the local CA in {self.directory} is unusable ({e.reason}); "
+                f"move {self.directory} away to create a new root"
+            ) from None
+        if not isinstance(bundle.key, ec.EllipticCurvePrivateKey):
+            raise StoreError(f"the local CA key in {self.root_key_path} is not an EC key")
+        self._root_key = bundle.key
+        self._root = bundle.leaf
+
+    def _create_root(self) -> None:
+        key = _new_key()
+        now = utc_now(self.clock.seconds())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tenantedge"),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, f"tenantedge local root {secrets.token_hex(4)}"
+                ),
+            ]
+        )
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + _ROOT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        # Key first: if we crash between the two writes, prepare() finds a
+        # key without a certificate and refuses, rather than a root whose
+        # key is lost.
+        atomic_write(
+            self.root_key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        atomic_write(self.root_path, cert.public_bytes(serialization.Encoding.PEM))
+        self._log.info("created local CA root {path}", path=self.root_path)
+
+    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+        try:
+            bundle = self._sign(server_name)
+        except Exception as e:
+            return fail(IssuanceFailed(server_name, f"local CA could not sign: {e}"))
+        self.issued += 1
+        return succeed(bundle)
+
+    def _sign(self, server_name: str) -> CertificateBundle:
+        root = self.root
+        assert self._root_key is not None
+        key = _new_key()
+        now = utc_now(self.clock.seconds())
+        not_after = min(now + self.validity, root.not_valid_after_utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
+            .issuer_name(root.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._root_key.public_key()),
+                critical=False,
+            )
+            .sign(self._root_key, hashes.SHA256())
+        )
+        return CertificateBundle.build(key, [cert])

@@ -1,0 +1,336 @@
+"""
+The streaming reverse proxy in front of the application backend (Next.js).
+
+Unlike C{twisted.web.proxy.ReverseProxyResource}, this one keeps the
+client's C{Host} (the tenant's name, which the backend routes on), reuses
+backend connections from a persistent pool, streams the response with
+back-pressure as it arrives, cancels the upstream request when the client
+goes away, answers 502/504 when the backend is down or slow, and only ever
+lets through a C{Host} that matches the name the TLS certificate was chosen
+for (421 otherwise), so the backend sees nothing but validated tenant names.
+
+Headers only the edge may set are stripped from client requests and set
+afresh: C{X-Forwarded-*}, C{Forwarded}, C{X-Real-IP}, and Next.js's internal
+C{x-middleware-subrequest}, whose pass-through let clients skip middleware
+(CVE-2025-29927).
+
+Request bodies: twisted.web reads the whole body before a resource runs
+(spooling bodies over 100 KB to a temporary file), so uploads reach the
+backend from that file, streamed with a C{FileBodyProducer}; memory use
+stays bounded either way.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    ResponseDone,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from .hostnames import InvalidHostname, host_from_header
+from .tls import tls_server_name
+
+__all__ = [
+    "ProxyResource",
+    "HOP_BY_HOP",
+    "EDGE_ONLY",
+    "upstream_headers",
+    "downstream_headers",
+    "make_backend_pool",
+]
+
+#: RFC 9110 section 7.6.1 connection-specific headers, plus the
+#: non-standard ones clients and old proxies still send.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers that only the edge may set; a client's copy is dropped.
+EDGE_ONLY = frozenset(
+    {b"forwarded", b"x-real-ip", b"x-middleware-subrequest", b"x-middleware-prefetch"}
+)
+
+#: Request headers twisted.web or the Agent manage themselves.
+_MANAGED = frozenset({b"host", b"content-length", b"expect"})
+
+#: Node's http server (and so Next.js) closes idle keep-alive connections
+#: after 5 s; dropping ours a little sooner avoids reusing a socket the
+#: backend is closing.
+BACKEND_IDLE_TIMEOUT = 4.0
+
+_NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def _forwarding_blocked(name: bytes, extra: set[bytes]) -> bool:
+    lower = name.lower()
+    return lower in HOP_BY_HOP or lower in extra
+
+
+def upstream_headers(
+    client_headers: Headers, host: bytes, client_ip: str, proto: bytes = b"https"
+) -> Headers:
+    """
+    The headers to send to the backend for a client request.
+
+    Drops hop-by-hop headers (and any the client listed in C{Connection}),
+    every client-supplied C{X-Forwarded-*} and the other edge-only headers,
+    then sets C{Host} (the client's, already validated), C{X-Forwarded-For},
+    C{X-Forwarded-Proto} and C{X-Forwarded-Host}.
+    """
+    extra = _connection_tokens(client_headers)
+    out = Headers()
+    for name, values in client_headers.getAllRawHeaders():
+        lower = name.lower()
+        if (
+            _forwarding_blocked(name, extra)
+            or lower in EDGE_ONLY
+            or lower in _MANAGED
+            or lower.startswith(b"x-forwarded-")
+        ):
+            continue
+        out.setRawHeaders(name, list(values))
+    out.setRawHeaders(b"host", [host])
+    out.setRawHeaders(b"x-forwarded-for", [client_ip.encode("ascii")])
+    out.setRawHeaders(b"x-forwarded-proto", [proto])
+    out.setRawHeaders(b"x-forwarded-host", [host])
+    return out
+
+
+def downstream_headers(backend_headers: Headers) -> Headers:
+    """
+    The backend's response headers minus hop-by-hop ones; everything else
+    (several C{Set-Cookie} lines included) passes unchanged.
+    """
+    extra = _connection_tokens(backend_headers)
+    out = Headers()
+    for name, values in backend_headers.getAllRawHeaders():
+        if not _forwarding_blocked(name, extra):
+            out.setRawHeaders(name, list(values))
+    return out
+
+
+def make_backend_pool(reactor: Any, max_per_host: int = 64) -> HTTPConnectionPool:
+    """
+    A persistent pool for backend connections: requests reuse idle
+    connections instead of opening one per request.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_per_host
+    pool.cachedConnectionTimeout = BACKEND_IDLE_TIMEOUT
+    pool.retryAutomatically = True
+    return pool
+
+
+def _error_page(request: Request, code: int, title: str, detail: str) -> bytes:
+    request.setResponseCode(code, title.encode("ascii"))
+    request.responseHeaders = Headers()
+    request.setHeader(b"content-type", b"text/html; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    body = (
+        f"<!doctype html><title>{code} {html.escape(title)}</title>"
+        f"<h1>{code} {html.escape(title)}</h1><p>{html.escape(detail)}</p>\n"
+    ).encode()
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return body
+
+
+class _BodyRelay(Protocol):
+    """
+    Streams a backend response body to the client, pausing the backend
+    socket whenever the client's transport buffers are full.
+    """
+
+    def __init__(self, request: Request, finished: defer.Deferred[None]) -> None:
+        self.request = request
+        self.finished = finished
+        self.client_gone = False
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.client_gone:
+            self.request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        if not self.client_gone:
+            self.request.unregisterProducer()
+            if reason.check(ResponseDone, PotentialDataLoss):
+                self.request.finish()
+            else:
+                # The backend broke off mid-body. The status line is gone,
+                # so the only honest signal left is to cut the connection
+                # (no final chunk), never to finish as if complete.
+                self.request.loseConnection()
+        self.finished.callback(None)
+
+    def stop(self) -> None:
+        """The client went away: stop reading from the backend."""
+        self.client_gone = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+class ProxyResource(Resource):
+    """
+    Forwards every request to C{backend}, keeping the tenant's C{Host}.
+
+    @ivar backend: base URL of the backend, e.g. C{b"http://127.0.0.1:3000"};
+        the client's path and query are appended.
+    @ivar agent: the HTTP client (an L{Agent} on a persistent pool).
+    @ivar clock: for the backend deadline.
+    @ivar timeout: seconds to wait for the backend's response headers
+        before answering 504.
+    @ivar require_sni_match: refuse (421) a request whose C{Host} names
+        another host than the TLS connection's certificate.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        backend: bytes,
+        agent: IAgent,
+        clock: IReactorTime,
+        timeout: float = 60.0,
+        require_sni_match: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backend = backend.rstrip(b"/")
+        self.agent = agent
+        self.clock = clock
+        self.timeout = timeout
+        self.require_sni_match = require_sni_match
+
+    def render(self, request: Request) -> bytes | int:
+        host = request.requestHeaders.getRawHeaders(b"host", [None])[0]
+        if host is None:
+            return _error_page(request, 400, "Bad Request", "The request has no Host header.")
+        try:
+            name = host_from_header(host)
+        except InvalidHostname:
+            return _error_page(request, 400, "Bad Request", "The Host header is not a valid host name.")
+        if self.require_sni_match and tls_server_name(request) != name:
+            return _error_page(
+                request,
+                421,
+                "Misdirected Request",
+                "This connection was opened for another host name.",
+            )
+        path = request.uri
+        if not path.startswith(b"/"):
+            return _error_page(request, 400, "Bad Request", "Only origin-form request targets are accepted.")
+        headers = upstream_headers(
+            request.requestHeaders, host, request.getClientAddress().host or ""
+        )
+        body = self._body_producer(request)
+        try:
+            response = self.agent.request(request.method, self.backend + path, headers, body)
+        except Exception:
+            return _error_page(request, 400, "Bad Request", "The request cannot be forwarded.")
+        response.addTimeout(self.timeout, self.clock)
+        relay_finished: defer.Deferred[None] = defer.Deferred()
+        state: dict[str, Any] = {"relay": None}
+
+        def client_gone(reason: Failure) -> None:
+            relay = state["relay"]
+            if relay is not None:
+                relay.stop()
+            elif not response.called:
+                response.cancel()
+
+        request.notifyFinish().addErrback(client_gone)
+
+        def got_response(upstream: IResponse) -> None:
+            if request._disconnected:
+                upstream.deliverBody(_Discard())
+                return
+            request.setResponseCode(upstream.code, upstream.phrase)
+            request.responseHeaders = downstream_headers(upstream.headers)
+            relay = state["relay"] = _BodyRelay(request, relay_finished)
+            upstream.deliverBody(relay)
+
+        def failed(reason: Failure) -> None:
+            if request._disconnected:
+                return
+            if reason.check(defer.TimeoutError):
+                code, title, detail = 504, "Gateway Timeout", "The application did not answer in time."
+            else:
+                code, title, detail = 502, "Bad Gateway", "The application is not reachable right now."
+            self._log.warn(
+                "backend request for {host}{path} failed with {code}: {error}",
+                host=name,
+                path=path.decode("ascii", "replace")[:200],
+                code=code,
+                error=reason.getErrorMessage(),
+            )
+            request.write(_error_page(request, code, title, detail))
+            request.finish()
+
+        response.addCallbacks(got_response, failed)
+        response.addErrback(
+            lambda f: self._log.failure("proxying {host} failed", f, host=name)
+        )
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _body_producer(request: Request) -> FileBodyProducer | None:
+        content = request.content
+        if content is None:
+            return None
+        content.seek(0, io.SEEK_END)
+        length = content.tell()
+        content.seek(0)
+        if length == 0 and request.method in _NO_BODY_METHODS:
+            return None
+        return FileBodyProducer(content)
+
+
+class _Discard(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+def make_agent(reactor: Any, pool: HTTPConnectionPool | None = None) -> Agent:
+    """The backend agent: plain HTTP to a private address, pooled."""
+    return Agent(reactor, pool=pool if pool is not None else make_backend_pool(reactor))

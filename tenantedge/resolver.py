@@ -1,0 +1,195 @@
+"""
+From a validated host name to a ready TLS context:
+memory cache -> store -> policy -> issuer -> store.
+
+This is the on-demand part of on-demand TLS. It runs while the client's
+first handshake is parked (see L{tenantedge.tls}), so it may take as long
+as an ACME order takes; concurrent misses for one name share one run
+(L{SingleFlight}); a stored or cached certificate that has expired counts as
+missing and is obtained again, exactly as on the first request.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .certificates import CertificateBundle, make_server_context
+from .interfaces import ICertificateStore, IDomainPolicy, IIssuer, PolicyRefusal
+from .singleflight import SingleFlight
+
+__all__ = ["CertificateResolver"]
+
+
+@attrs.frozen
+class _Entry:
+    context: SSL.Context
+    not_before: float
+    not_after: float
+
+
+@attrs.define
+class CertificateResolver:
+    """
+    Finds, or obtains, the certificate context for a host name.
+
+    @ivar store: where certificates persist.
+    @ivar policy: who may get a new certificate.
+    @ivar issuer: where new certificates come from.
+    @ivar clock: for validity checks.
+    @ivar cache_size: how many ready contexts to keep (least recently used
+        are dropped first; a dropped one is re-read from the store).
+    @ivar events: counters by outcome (C{"cache-hit"}, C{"store-hit"},
+        C{"issued"}, C{"refused:<reason>"}, C{"failed"}...), for metrics.
+    """
+
+    store: ICertificateStore
+    policy: IDomainPolicy
+    issuer: IIssuer
+    clock: IReactorTime
+    cache_size: int = 10000
+    make_context: Callable[[CertificateBundle], SSL.Context] = make_server_context
+    events: Counter[str] = attrs.field(factory=Counter, init=False)
+    _cache: OrderedDict[str, _Entry] = attrs.field(factory=OrderedDict, init=False)
+    _flights: SingleFlight[SSL.Context] = attrs.field(factory=SingleFlight, init=False)
+    _log = Logger()
+
+    def cached(self, server_name: str) -> SSL.Context | None:
+        """
+        The cached context for a name, if one is valid right now.
+
+        Synchronous and cheap: the hot path for every handshake after the
+        first.
+        """
+        entry = self._cache.get(server_name)
+        if entry is None:
+            return None
+        now = self.clock.seconds()
+        if not entry.not_before <= now < entry.not_after:
+            del self._cache[server_name]
+            return None
+        self._cache.move_to_end(server_name)
+        return entry.context
+
+    def context_for(self, server_name: str) -> Deferred[SSL.Context]:
+        """
+        @param server_name: a name already normalised by
+            L{tenantedge.hostnames.normalize}.
+        @return: a Deferred firing with an C{SSL.Context} for the name, or
+            failing with L{PolicyRefusal} (no certificate may be had) or with
+            whatever the store or issuer failed with.
+        """
+        context = self.cached(server_name)
+        if context is not None:
+            self.events["cache-hit"] += 1
+            return succeed(context)
+        reason = self.policy.static_refusal(server_name)
+        if reason is not None:
+            self.events[f"refused:{reason}"] += 1
+            return fail(PolicyRefusal(server_name, reason))
+        return self._flights.run(
+            server_name, lambda: Deferred.fromCoroutine(self._obtain(server_name))
+        )
+
+    def forget(self, server_name: str) -> None:
+        """
+        Drop a name's cached context, so the next handshake reads the store
+        again (after a renewal or removal done elsewhere).
+        """
+        self._cache.pop(server_name, None)
+
+    def cache_length(self) -> int:
+        return len(self._cache)
+
+    def in_flight(self, server_name: str) -> bool:
+        """Is a lookup or issuance for this name under way?"""
+        return server_name in self._flights
+
+    async def _obtain(self, server_name: str) -> SSL.Context:
+        try:
+            bundle = await self.store.get(server_name)
+        except KeyError:
+            pass
+        else:
+            if self._usable(server_name, bundle):
+                self.events["store-hit"] += 1
+                return self.remember(server_name, bundle)
+        try:
+            await self.policy.check(server_name)
+        except PolicyRefusal as refusal:
+            self.events[f"refused:{refusal.reason}"] += 1
+            self._log.info(
+                "refused a certificate for {host}: {reason}",
+                host=server_name,
+                reason=refusal.reason,
+            )
+            raise
+        started = self.clock.seconds()
+        try:
+            bundle = await self.issuer.issue(server_name)
+        except Exception as e:
+            self.events["failed"] += 1
+            self._log.error(
+                "could not obtain a certificate for {host} from {issuer}: {error}",
+                host=server_name,
+                issuer=self.issuer.name,
+                error=str(e),
+            )
+            raise
+        self.events["issued"] += 1
+        self._log.info(
+            "issued a certificate for {host} by {issuer} in {duration:.3f}s, valid until {not_after}",
+            host=server_name,
+            issuer=self.issuer.name,
+            duration=self.clock.seconds() - started,
+            not_after=bundle.leaf.not_valid_after_utc.isoformat(),
+        )
+        try:
+            await self.store.store(server_name, bundle)
+        except Exception as e:
+            # The certificate is good and in memory: serve it rather than
+            # fail the handshake, but shout, since a restart would need a
+            # new order.
+            self.events["store-failed"] += 1
+            self._log.critical(
+                "could not store the new certificate for {host}: {error}; "
+                "serving it from memory only",
+                host=server_name,
+                error=str(e),
+            )
+        return self.remember(server_name, bundle)
+
+    def _usable(self, server_name: str, bundle: CertificateBundle) -> bool:
+        if not bundle.is_valid_at(self.clock.seconds()):
+            self._log.warn(
+                "stored certificate for {host} is outside its validity period "
+                "(not after {not_after}); obtaining a new one",
+                host=server_name,
+                not_after=bundle.leaf.not_valid_after_utc.isoformat(),
+            )
+            return False
+        if server_name not in bundle.dns_names():
+            self._log.warn(
+                "stored certificate for {host} does not name it; obtaining a new one",
+                host=server_name,
+            )
+            return False
+        return True
+
+    def remember(self, server_name: str, bundle: CertificateBundle) -> SSL.Context:
+        """
+        Build and cache the context for a bundle (also used for hot swaps
+        after a renewal).
+        """
+        context = self.make_context(bundle)
+        self._cache[server_name] = _Entry(context, bundle.not_before, bundle.not_after)
+        self._cache.move_to_end(server_name)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return context

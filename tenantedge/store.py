@@ -1,0 +1,289 @@
+"""
+The directory certificate store, in txacme's format: C{<dir>/<name>.pem}
+holds the private key, the leaf certificate and its chain.
+
+What it promises beyond txacme's store:
+  - writes are atomic and durable (temp file, fsync, rename, fsync of the
+    directory), so a crash or a full disk leaves the previous file intact;
+  - files are created 0600 and the directory 0700, and start-up refuses a
+    store whose key files other users can read;
+  - a corrupt or unreadable file is logged by name and treated as missing,
+    and before it is replaced it is moved to C{quarantine/}, never silently
+    overwritten;
+  - L{delete} moves an entry to C{archive/}: a key is never destroyed;
+  - a name is validated by L{tenantedge.hostnames.normalize} before it
+    becomes a path, so C{..}, C{/} and NUL can never reach the file system.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .certificates import CertificateBundle, InvalidBundle
+from .hostnames import InvalidHostname, normalize
+from .interfaces import ICertificateStore
+
+__all__ = [
+    "DirectoryStore",
+    "StoreError",
+    "atomic_write",
+    "check_private_file",
+    "run_inline",
+]
+
+T = TypeVar("T")
+RunBlocking = Callable[..., "Deferred[Any]"]
+
+_SUFFIX = ".pem"
+_TMP_PREFIX = "."
+
+
+class StoreError(Exception):
+    """
+    The store cannot be used as it is; the message says what to do.
+    """
+
+
+def run_inline(f: Callable[..., T], *args: Any) -> Deferred[T]:
+    """
+    Run blocking file work right away in the calling thread.
+
+    The default for unit tests; L{tenantedge.tap} passes a thread-pool
+    runner so that an fsync on a slow disk never stalls other handshakes.
+    """
+    return maybeDeferred(f, *args)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """
+    Replace C{path} with C{data} so that readers and crashes only ever see
+    the old or the new content.
+
+    The temporary file is created with C{mode} from the start (never
+    briefly world-readable), fsynced, renamed over C{path}, and the
+    directory is fsynced so the rename itself is durable. On any error
+    (a full disk included) the temporary file is removed and the old
+    content stays in place.
+    """
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f"{_TMP_PREFIX}{base}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # a umask may have narrowed it; never widened
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def check_private_file(path: str) -> None:
+    """
+    Refuse a key-holding file that users other than its owner can read or
+    write.
+
+    @raise StoreError: naming the file and the command that fixes it.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise StoreError(
+            f"{path} holds a private key but has mode {stat.S_IMODE(st.st_mode):04o}; "
+            f"fix it with: chmod 600 {path}"
+        )
+
+
+def ensure_private_directory(path: str) -> None:
+    """
+    Create C{path} (and parents) with mode 0700 if it does not exist.
+
+    @raise StoreError: if it cannot be created or is not a directory.
+    """
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create directory {path}: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise StoreError(f"{path} exists but is not a directory")
+
+
+@implementer(ICertificateStore)
+@attrs.define
+class DirectoryStore:
+    """
+    An L{ICertificateStore} over one directory.
+
+    @ivar path: the directory.
+    @ivar run_blocking: how file work is run (see L{run_inline}).
+    """
+
+    path: str
+    run_blocking: RunBlocking = run_inline
+    _corrupt: set[str] = attrs.field(factory=set, init=False)
+    _log = Logger()
+
+    def prepare(self) -> None:
+        """
+        Create the directory if needed and check that no key file in it is
+        readable by others. Called once at start-up, before serving.
+
+        Only file modes are read (one C{stat} per entry), never contents, so
+        start-up stays fast with many stored certificates.
+
+        @raise StoreError: with a message naming the bad file and the fix.
+        """
+        ensure_private_directory(self.path)
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"store directory {self.path} is not writable by this user (uid {os.getuid()}); "
+                f"fix it with: chown -R {os.getuid()} {self.path}"
+            )
+        mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        if mode & 0o077:
+            self._log.warn(
+                "store directory {path} has mode {mode}; 0700 keeps tenant names private",
+                path=self.path,
+                mode=f"{mode:04o}",
+            )
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if entry.name.endswith(_SUFFIX) and entry.is_file(follow_symlinks=False):
+                    check_private_file(entry.path)
+
+    def _file_for(self, server_name: str) -> str:
+        try:
+            if normalize(server_name) != server_name:
+                raise InvalidHostname("name is not in normal form")
+        except InvalidHostname as e:
+            raise ValueError(f"refusing to turn an invalid name into a path: {e.reason}") from None
+        return os.path.join(self.path, server_name + _SUFFIX)
+
+    def get(self, server_name: str) -> Deferred[CertificateBundle]:
+        try:
+            path = self._file_for(server_name)
+        except ValueError:
+            return maybeDeferred(self._missing, server_name)
+        return self.run_blocking(self._read, server_name, path)
+
+    @staticmethod
+    def _missing(server_name: str) -> CertificateBundle:
+        raise KeyError(server_name)
+
+    def _read(self, server_name: str, path: str) -> CertificateBundle:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1024 * 1024)
+        except FileNotFoundError:
+            raise KeyError(server_name) from None
+        except OSError as e:
+            self._log.error(
+                "cannot read stored certificate {file}: {error}; treating it as missing",
+                file=path,
+                error=e.strerror,
+            )
+            self._corrupt.add(server_name)
+            raise KeyError(server_name) from None
+        try:
+            bundle = CertificateBundle.from_pem(data)
+        except InvalidBundle as e:
+            self._log.error(
+                "corrupt stored certificate {file}: {reason}; treating it as missing "
+                "(it will be moved to quarantine/ before a new one is written)",
+                file=path,
+                reason=e.reason,
+            )
+            self._corrupt.add(server_name)
+            raise KeyError(server_name) from None
+        self._corrupt.discard(server_name)
+        return bundle
+
+    def store(self, server_name: str, bundle: CertificateBundle) -> Deferred[None]:
+        path = self._file_for(server_name)
+        return self.run_blocking(self._write, server_name, path, bundle.to_pem())
+
+    def _write(self, server_name: str, path: str, data: bytes) -> None:
+        if server_name in self._corrupt and os.path.exists(path):
+            moved = self._move_aside(path, "quarantine", server_name)
+            self._log.warn(
+                "moved corrupt certificate file {file} to {moved} before replacing it",
+                file=path,
+                moved=moved,
+            )
+        try:
+            atomic_write(path, data)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                self._log.critical(
+                    "disk full: could not store the certificate for {host} in {file}; "
+                    "the previous file (if any) is untouched",
+                    host=server_name,
+                    file=path,
+                )
+            raise
+        self._corrupt.discard(server_name)
+
+    def _move_aside(self, path: str, folder: str, server_name: str) -> str:
+        target_dir = os.path.join(self.path, folder)
+        ensure_private_directory(target_dir)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = os.path.join(target_dir, f"{server_name}{_SUFFIX}.{stamp}.{secrets.token_hex(3)}")
+        os.replace(path, target)
+        return target
+
+    def delete(self, server_name: str) -> Deferred[None]:
+        try:
+            path = self._file_for(server_name)
+        except ValueError:
+            return maybeDeferred(self._missing, server_name)  # type: ignore[arg-type]
+        return self.run_blocking(self._archive, server_name, path)
+
+    def _archive(self, server_name: str, path: str) -> None:
+        if not os.path.exists(path):
+            raise KeyError(server_name)
+        moved = self._move_aside(path, "archive", server_name)
+        self._corrupt.discard(server_name)
+        self._log.info("archived {host} to {moved}", host=server_name, moved=moved)
+
+    def names(self) -> Deferred[list[str]]:
+        return self.run_blocking(lambda: list(self._iter_names()))
+
+    def _iter_names(self) -> Iterator[str]:
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(_TMP_PREFIX) or not name.endswith(_SUFFIX):
+                    continue
+                host = name[: -len(_SUFFIX)]
+                try:
+                    if normalize(host) == host:
+                        yield host
+                except InvalidHostname:
+                    continue

@@ -1,0 +1,370 @@
+"""
+Command-line options and service wiring for C{twistd tenantedge} and
+C{twist tenantedge}.
+
+This is the one module that picks concrete classes and touches the global
+reactor. Everything a user can set is an option here, and every option can
+also come from a TOML file (C{--config}); the command line wins.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from hyperlink import URL
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from . import __version__
+from .challenges import HTTPRedirectRoot, MemoryChallengeStore
+from .demo import DemoBackendService
+from .hostnames import InvalidHostname
+from .localca import LocalCA
+from .policy import StaticPolicy
+from .proxy import ProxyResource, make_agent, make_backend_pool
+from .resolver import CertificateResolver
+from .store import DirectoryStore, StoreError
+from .tls import OnDemandTLSFactory
+
+__all__ = ["Options", "makeService", "TenantEdgeService", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+DEMO_DEFAULTS = {
+    "https": "tcp:8443",
+    "http": "tcp:8080",
+    "store": "./tenantedge-demo",
+    "ca": "internal",
+    "allow-suffix": [".localhost"],
+}
+
+
+def parse_duration(value: str) -> float:
+    """
+    Seconds from C{"90"}, C{"90s"}, C{"10m"}, C{"12h"}, C{"7d"} or C{"250ms"}.
+
+    @raise ValueError: for anything else, or a value that is not positive.
+    """
+    match = _DURATION.match(str(value))
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration (examples: 90, 90s, 10m, 12h, 7d)")
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be more than zero")
+    return seconds
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value!r} must be at least 1")
+    return number
+
+
+def _backend_url(value: str) -> str:
+    url = URL.from_text(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if url.query or url.fragment:
+        raise ValueError(f"{value!r}: a backend URL takes no query or fragment")
+    return value
+
+
+class Options(usage.Options):
+    """
+    Options for C{twistd tenantedge}. See the README for the full story of
+    each one.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "HTTPS edge with on-demand TLS: certificates for tenants' own domains are "
+        "obtained at the first handshake and the requests reverse-proxied to the backend."
+    )
+
+    optFlags = [
+        ["demo", None, "Demo mode: local CA, store in ./tenantedge-demo, every name under "
+         ".localhost allowed, built-in demo backend, https on tcp:8443 and http on tcp:8080."],
+    ]
+
+    optParameters = [
+        ["config", None, None, "TOML file with option values; command-line options win."],
+        ["https", None, "tcp:443", "Endpoint for HTTPS (twisted endpoint syntax)."],
+        ["http", None, "tcp:80", "Endpoint for HTTP: ACME HTTP-01 challenges and redirects to HTTPS."],
+        ["backend", None, "http://127.0.0.1:3000", "Base URL of the application backend.", _backend_url],
+        ["store", None, "/var/lib/tenantedge", "Certificate store directory (txacme format)."],
+        ["ca", None, "internal", "Certificate issuer: 'internal' (local CA)."],
+        ["cache-size", None, 10000, "Number of ready TLS contexts kept in memory.", _positive_int],
+        ["backend-timeout", None, 60.0, "Seconds to wait for backend response headers before 504.", parse_duration],
+        ["hello-timeout", None, 10.0, "Seconds a client has to send its ClientHello.", parse_duration],
+        ["issue-timeout", None, 90.0, "Longest a handshake waits for a certificate.", parse_duration],
+        ["internal-validity", None, 7 * 86400.0, "Lifetime of local-CA leaf certificates.", parse_duration],
+    ]
+
+    #: Repeatable options: name -> attribute holding the list.
+    _LISTS = ("allow-suffix", "deny")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow-suffix"] = []
+        self["deny"] = []
+        self.explicit: set[str] = set()
+        self._from_cli: set[str] = set()
+
+    def opt_allow_suffix(self, value: str) -> None:
+        """Allow certificates for every name under this suffix (repeatable)."""
+        self._add_list_value("allow-suffix", value)
+
+    def opt_deny(self, value: str) -> None:
+        """Never issue for this name; a leading '.' denies the whole suffix (repeatable)."""
+        self._add_list_value("deny", value)
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"tenantedge {__version__}")
+        sys.exit(0)
+
+    def _add_list_value(self, key: str, value: str) -> None:
+        if key not in self._from_cli:
+            # The command line replaces a list from the config file.
+            self._from_cli.add(key)
+            self[key] = []
+        self[key].append(value)
+        self.explicit.add(key)
+
+    # -- config file --------------------------------------------------------
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        argv = list(sys.argv[1:] if options is None else options)
+        config = _find_config_argument(argv)
+        if config is not None:
+            self._load_config(config)
+        for arg in argv:
+            if arg.startswith("--"):
+                self.explicit.add(arg[2:].split("=", 1)[0])
+        super().parseOptions(argv)
+
+    def _load_config(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise usage.UsageError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise usage.UsageError(f"config file {path} is not valid TOML: {e}") from None
+        coercers = {p[0]: (p[4] if len(p) > 4 else None) for p in self.optParameters}
+        flags = {f[0] for f in self.optFlags}
+        for raw_key, value in data.items():
+            key = raw_key.replace("_", "-")
+            if key == "config":
+                raise usage.UsageError(f"{path}: 'config' cannot be set from a config file")
+            if key in self._LISTS:
+                values = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, str) for v in values):
+                    raise usage.UsageError(f"{path}: '{raw_key}' must be a string or a list of strings")
+                self[key] = list(values)
+            elif key in flags:
+                if not isinstance(value, bool):
+                    raise usage.UsageError(f"{path}: '{raw_key}' must be true or false")
+                self[key] = int(value)
+            elif key in coercers:
+                if isinstance(value, (dict, list)):
+                    raise usage.UsageError(f"{path}: '{raw_key}' must be a single value")
+                coerce = coercers[key]
+                try:
+                    self[key] = coerce(str(value)) if coerce else str(value)
+                except ValueError as e:
+                    raise usage.UsageError(f"{path}: invalid value for '{raw_key}': {e}") from None
+            else:
+                raise usage.UsageError(f"{path}: unknown option '{raw_key}'")
+            self.explicit.add(key)
+
+    # -- validation -----------------------------------------------------------
+
+    def postOptions(self) -> None:
+        if self["demo"]:
+            for key, value in DEMO_DEFAULTS.items():
+                if key not in self.explicit:
+                    self[key] = list(value) if isinstance(value, list) else value
+        if self["ca"] != "internal":
+            raise usage.UsageError(
+                f"--ca {self['ca']!r} is not supported yet: this release issues from its local CA only "
+                "(--ca internal)"
+            )
+        from twisted.internet import reactor
+
+        for key in ("https", "http"):
+            try:
+                endpoints.serverFromString(reactor, self[key])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--{key} {self[key]!r} is not a valid endpoint: {e}") from None
+        try:
+            self["policy"] = StaticPolicy.from_config(self["deny"], self["allow-suffix"])
+        except InvalidHostname as e:
+            raise usage.UsageError(f"invalid --deny or --allow-suffix value: {e.reason}") from None
+        self["store"] = os.path.abspath(self["store"])
+
+
+def _find_config_argument(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _endpoint_port(description: str) -> int | None:
+    """The port number of a C{tcp:PORT...}/C{ssl:PORT} style description."""
+    parts = description.split(":")
+    for part in parts[1:]:
+        if part.isdigit():
+            return int(part)
+        if part.startswith("port="):
+            return int(part[5:])
+    return None
+
+
+class TenantEdgeService(service.MultiService):
+    """
+    The whole edge: listeners, store, issuer, resolver, proxy.
+
+    Ports are bound in C{privilegedStartService} (before twistd drops to
+    C{-u/-g}); the store and the local CA are opened in C{startService},
+    after the drop, so that every file they create belongs to the user the
+    server runs as.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        options: Options,
+        store: DirectoryStore,
+        local_ca: LocalCA,
+        resolver: CertificateResolver,
+        proxy: ProxyResource,
+        tls_factory: OnDemandTLSFactory,
+    ) -> None:
+        super().__init__()
+        self.options = options
+        self.store = store
+        self.local_ca = local_ca
+        self.resolver = resolver
+        self.proxy = proxy
+        self.tls_factory = tls_factory
+        self.https_service: StreamServerEndpointService | None = None
+        self.http_service: StreamServerEndpointService | None = None
+        self.demo_backend: DemoBackendService | None = None
+
+    def startService(self) -> None:
+        try:
+            self.store.prepare()
+            self.local_ca.prepare()
+        except StoreError as e:
+            raise SystemExit(f"tenantedge: {e}") from None
+        policy: StaticPolicy = self.options["policy"]
+        self._log.info(
+            "tenantedge {version}: store {store}, issuer {issuer}, backend {backend}",
+            version=__version__,
+            store=self.store.path,
+            issuer=self.resolver.issuer.name,
+            backend=self.proxy.backend.decode() if self.demo_backend is None else "built-in demo",
+        )
+        self._log.info(
+            "local CA root certificate: {root} (give it to clients, e.g. curl --cacert {root})",
+            root=self.local_ca.root_path,
+        )
+        if not policy.allow_suffixes:
+            self._log.warn(
+                "no --allow-suffix is set: no certificate will ever be issued; "
+                "only certificates already in the store are served"
+            )
+        else:
+            self._log.info(
+                "certificates are issued on demand for names under {suffixes}",
+                suffixes=", ".join(policy.allow_suffixes),
+            )
+        super().startService()
+
+
+def makeService(options: Options) -> TenantEdgeService:
+    """
+    Build the edge from parsed options; the only place that picks concrete
+    classes.
+    """
+    from twisted.internet import reactor
+
+    run_blocking: Callable[..., Any] = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    store = DirectoryStore(options["store"], run_blocking=run_blocking)
+    local_ca = LocalCA(
+        os.path.join(options["store"], "localca"),
+        reactor,
+        validity=datetime.timedelta(seconds=options["internal-validity"]),
+    )
+    resolver = CertificateResolver(
+        store, options["policy"], local_ca, reactor, cache_size=options["cache-size"]
+    )
+    proxy = ProxyResource(
+        options["backend"].encode("ascii"),
+        make_agent(reactor, make_backend_pool(reactor)),
+        reactor,
+        timeout=options["backend-timeout"],
+    )
+    site = EdgeSite(proxy, reactor=reactor)
+    tls_factory = OnDemandTLSFactory(
+        resolver,
+        site,
+        reactor,
+        hello_timeout=options["hello-timeout"],
+        resolve_timeout=options["issue-timeout"],
+    )
+    edge = TenantEdgeService(options, store, local_ca, resolver, proxy, tls_factory)
+
+    https = StreamServerEndpointService(endpoints.serverFromString(reactor, options["https"]), tls_factory)
+    https.setName("https")
+    https.setServiceParent(edge)
+    edge.https_service = https
+
+    challenges = MemoryChallengeStore()
+    http_root = HTTPRedirectRoot(challenges, https_port=_endpoint_port(options["https"]) or 443)
+    http = StreamServerEndpointService(
+        endpoints.serverFromString(reactor, options["http"]), EdgeSite(http_root, reactor=reactor)
+    )
+    http.setName("http")
+    http.setServiceParent(edge)
+    edge.http_service = http
+
+    if options["demo"]:
+        demo = DemoBackendService(reactor, proxy)
+        demo.setName("demo-backend")
+        demo.setServiceParent(edge)
+        edge.demo_backend = demo
+    for svc in (https, http):
+        # Fail start-up (not just log) when a port cannot be bound.
+        svc._raiseSynchronously = True
+    return edge
+
+
+class EdgeSite(Site):
+    """
+    A C{Site} without per-request access logging to the twistd log (which
+    would cost more than proxying a small response).
+    """
+
+    def log(self, request: Any) -> None:
+        pass
+
