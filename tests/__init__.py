@@ -1,0 +1,1 @@
+"""tenantedge's test suite (run with C{trial tests})."""
