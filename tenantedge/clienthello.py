@@ -38,6 +38,9 @@ MAX_HELLO_SIZE = 65536
 
 _CONTENT_HANDSHAKE = 22
 _HANDSHAKE_CLIENT_HELLO = 1
+#: Real clients send their hello in one record, rarely two; a client that
+#: splits it into dozens is probing us (each record costs a re-scan).
+MAX_HELLO_RECORDS = 32
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _SNI_HOST_NAME = 0
@@ -160,7 +163,9 @@ def _reassemble(data: bytes) -> tuple[bytes, int]:
 
     Checks what it can as early as it can (record type, version, the
     message type and declared length), so that garbage is refused at its
-    first bytes instead of after a timeout.
+    first bytes instead of after a timeout. Walks record headers without
+    copying, and copies the payload only once the message is whole, so
+    re-parsing a growing buffer stays cheap.
 
     @return: the handshake message (header included) and the number of
         input bytes its records used.
@@ -170,7 +175,7 @@ def _reassemble(data: bytes) -> tuple[bytes, int]:
         raise Incomplete("no data")
     if data[0] != _CONTENT_HANDSHAKE:
         raise NotTLS("first record is not a TLS handshake record")
-    fragments: list[bytes] = []
+    spans: list[tuple[int, int]] = []
     have = 0
     needed: int | None = None
     pos = 0
@@ -182,17 +187,20 @@ def _reassemble(data: bytes) -> tuple[bytes, int]:
             raise MalformedHello("unknown record-layer version")
         if len(header) < 5:
             raise Incomplete("record header")
+        if len(spans) >= MAX_HELLO_RECORDS:
+            raise MalformedHello("ClientHello split into too many records")
         length = int.from_bytes(header[3:5], "big")
         if length == 0:
             raise MalformedHello("empty handshake record")
         if length > _MAX_RECORD:
             raise MalformedHello("record longer than TLS allows")
-        fragment = data[pos + 5 : pos + 5 + length]
-        fragments.append(fragment)
-        have += len(fragment)
+        available = min(length, len(data) - pos - 5)
+        spans.append((pos + 5, pos + 5 + available))
+        have += available
         if needed is None and have >= 4:
-            needed = _check_header(b"".join(fragments)[:4]) + 4
-        if len(fragment) < length:
+            first4 = b"".join(data[a:b] for a, b in spans)[:4] if len(spans) > 1 else data[pos + 5 : pos + 9]
+            needed = _check_header(first4) + 4
+        if available < length:
             raise Incomplete("record body")
         pos += 5 + length
         if needed is not None and have >= needed:
@@ -200,7 +208,7 @@ def _reassemble(data: bytes) -> tuple[bytes, int]:
                 # Another handshake message coalesced into the hello's
                 # record: impossible before the server has spoken.
                 raise MalformedHello("trailing data after the ClientHello")
-            return b"".join(fragments), pos
+            return b"".join(data[a:b] for a, b in spans), pos
 
 
 def _check_header(header: bytes) -> int:

@@ -93,7 +93,10 @@ class LocalCA:
                 cert_pem = f.read()
             bundle = CertificateBundle.from_pem(key_pem + cert_pem)
         except OSError as e:
-            raise StoreError(f"cannot read the local CA in {self.directory}: {e}") from None
+            raise StoreError(
+                f"cannot read the local CA in {self.directory} ({e.strerror}: {e.filename}); "
+                f"restore the file, or move {self.directory} away to create a new root"
+            ) from None
         except InvalidBundle as e:
             raise StoreError(
                 f"the local CA in {self.directory} is unusable ({e.reason}); "

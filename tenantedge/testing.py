@@ -69,6 +69,8 @@ class MemoryStore:
     bundles: dict[str, CertificateBundle] = attrs.field(factory=dict)
     archive: list[tuple[str, CertificateBundle]] = attrs.field(factory=list)
     calls: Counter[str] = attrs.field(factory=Counter)
+    #: When set, L{store} fails with this error (a full disk, say).
+    fail_writes: Exception | None = None
 
     def _check(self, server_name: str) -> None:
         try:
@@ -88,6 +90,8 @@ class MemoryStore:
     def store(self, server_name: str, bundle: CertificateBundle) -> Deferred[None]:
         self.calls["store"] += 1
         self._check(server_name)
+        if self.fail_writes is not None:
+            return fail(self.fail_writes)
         self.bundles[server_name] = bundle
         return succeed(None)
 

@@ -1,0 +1,155 @@
+"""
+Tests for L{tenantedge.resolver.CertificateResolver}: the cache -> store ->
+policy -> issuer -> store path, single-flight, expiry and failures.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tenantedge.certificates import CertificateBundle
+from tenantedge.interfaces import IssuanceFailed, PolicyRefusal
+from tenantedge.policy import StaticPolicy
+from tenantedge.resolver import CertificateResolver
+from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle
+
+DAY = 86400.0
+
+
+class ResolverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1_000_000)
+        self.store = MemoryStore()
+        self.issuer = ControlledIssuer()
+        self.policy = StaticPolicy.from_config(deny=[".own.example"], allow_suffixes=[".tenants.test"])
+        self.contexts: list[CertificateBundle] = []
+        self.resolver = CertificateResolver(
+            self.store, self.policy, self.issuer, self.clock, cache_size=3, make_context=self._context
+        )
+
+    def _context(self, bundle: CertificateBundle) -> object:
+        self.contexts.append(bundle)
+        return ("context", bundle)
+
+    def bundle(self, name: str, lifetime: float = 30 * DAY) -> CertificateBundle:
+        now = self.clock.seconds()
+        return make_bundle(name, now - 60, now + lifetime)
+
+    def test_single_flight(self) -> None:
+        """
+        Fifty concurrent first handshakes for one new name cause one store
+        read and one issuance, and all fifty get the same context.
+        """
+        waiters = [self.resolver.context_for("a.tenants.test") for _ in range(50)]
+        for d in waiters:
+            self.assertNoResult(d)
+        self.assertEqual(self.issuer.requests, ["a.tenants.test"])
+        self.assertEqual(self.store.calls["get"], 1)
+        bundle = self.bundle("a.tenants.test")
+        self.issuer.complete("a.tenants.test", bundle)
+        results = {id(self.successResultOf(d)) for d in waiters}
+        self.assertEqual(len(results), 1)
+        self.assertEqual(self.store.bundles["a.tenants.test"], bundle)
+        self.assertEqual(self.resolver.events["issued"], 1)
+
+    def test_cache_hit(self) -> None:
+        self.store.bundles["a.tenants.test"] = self.bundle("a.tenants.test")
+        first = self.successResultOf(self.resolver.context_for("a.tenants.test"))
+        self.assertIs(self.resolver.cached("a.tenants.test"), first)
+        self.assertIs(self.successResultOf(self.resolver.context_for("a.tenants.test")), first)
+        self.assertEqual(self.store.calls["get"], 1)
+        self.assertEqual(self.issuer.requests, [])
+
+    def test_lru_bound(self) -> None:
+        """Only C{cache_size} contexts are kept; the least recently used go."""
+        for name in ("a", "b", "c", "d"):
+            self.store.bundles[f"{name}.tenants.test"] = self.bundle(f"{name}.tenants.test")
+            self.successResultOf(self.resolver.context_for(f"{name}.tenants.test"))
+        self.assertEqual(self.resolver.cache_length(), 3)
+        self.assertIsNone(self.resolver.cached("a.tenants.test"))
+        self.assertIsNotNone(self.resolver.cached("d.tenants.test"))
+
+    def test_cached_expiry(self) -> None:
+        """
+        A cached certificate that expires is never served: the next
+        handshake reads the store and, finding it expired too, issues anew.
+        """
+        old = self.bundle("a.tenants.test", lifetime=DAY)
+        self.store.bundles["a.tenants.test"] = old
+        self.successResultOf(self.resolver.context_for("a.tenants.test"))
+        self.clock.advance(DAY + 1)
+        self.assertIsNone(self.resolver.cached("a.tenants.test"))
+        d = self.resolver.context_for("a.tenants.test")
+        self.assertEqual(self.issuer.requests, ["a.tenants.test"])
+        fresh = self.bundle("a.tenants.test")
+        self.issuer.complete("a.tenants.test", fresh)
+        self.assertEqual(self.successResultOf(d), ("context", fresh))
+
+    def test_stored_for_other_name(self) -> None:
+        self.store.bundles["a.tenants.test"] = self.bundle("b.tenants.test")
+        self.resolver.context_for("a.tenants.test")
+        self.assertEqual(self.issuer.requests, ["a.tenants.test"])
+
+    def test_static_refusal_touches_nothing(self) -> None:
+        """A denied name is refused before the store or the issuer is asked."""
+        f = self.failureResultOf(self.resolver.context_for("www.own.example"), PolicyRefusal)
+        self.assertEqual(f.value.reason, "deny-list")
+        self.assertEqual(self.store.calls["get"], 0)
+        self.assertEqual(self.issuer.requests, [])
+
+    def test_policy_refusal(self) -> None:
+        f = self.failureResultOf(self.resolver.context_for("random.example"), PolicyRefusal)
+        self.assertEqual(f.value.reason, "not-allowed")
+        self.assertEqual(self.issuer.requests, [])
+        self.assertEqual(self.resolver.events["refused:not-allowed"], 1)
+
+    def test_issuer_failure_reaches_every_waiter(self) -> None:
+        waiters = [self.resolver.context_for("a.tenants.test") for _ in range(3)]
+        self.issuer.fail_order("a.tenants.test")
+        for d in waiters:
+            self.failureResultOf(d, IssuanceFailed)
+        # The next attempt starts afresh.
+        self.resolver.context_for("a.tenants.test")
+        self.assertEqual(len(self.issuer.requests), 2)
+
+    def test_one_waiter_times_out(self) -> None:
+        """
+        A handshake that gives up does not cancel the issuance others wait
+        for.
+        """
+        impatient = self.resolver.context_for("a.tenants.test")
+        impatient.addTimeout(5, self.clock)
+        patient = self.resolver.context_for("a.tenants.test")
+        self.clock.advance(6)
+        self.failureResultOf(impatient, TimeoutError)
+        self.assertNoResult(patient)
+        self.issuer.complete("a.tenants.test", self.bundle("a.tenants.test"))
+        self.successResultOf(patient)
+
+    def test_store_failure_still_serves(self) -> None:
+        """
+        If the new certificate cannot be stored (disk full), the handshake
+        still gets it, and the failure is counted.
+        """
+        self.store.fail_writes = OSError(28, "No space left on device")
+        d = self.resolver.context_for("a.tenants.test")
+        self.issuer.complete("a.tenants.test", self.bundle("a.tenants.test"))
+        self.successResultOf(d)
+        self.assertEqual(self.resolver.events["store-failed"], 1)
+        self.flushLoggedErrors()
+
+    def test_forget(self) -> None:
+        self.store.bundles["a.tenants.test"] = self.bundle("a.tenants.test")
+        self.successResultOf(self.resolver.context_for("a.tenants.test"))
+        self.resolver.forget("a.tenants.test")
+        self.assertIsNone(self.resolver.cached("a.tenants.test"))
+
+    def test_in_flight(self) -> None:
+        d: Deferred = self.resolver.context_for("a.tenants.test")
+        self.assertTrue(self.resolver.in_flight("a.tenants.test"))
+        self.issuer.complete("a.tenants.test", self.bundle("a.tenants.test"))
+        self.successResultOf(d)
+        self.assertFalse(self.resolver.in_flight("a.tenants.test"))
