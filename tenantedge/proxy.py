@@ -265,7 +265,11 @@ class ProxyResource(Resource):
             response = self.agent.request(request.method, self.backend + path, headers, body)
         except Exception:
             return _error_page(request, 400, "Bad Request", "The request cannot be forwarded.")
-        response.addTimeout(self.timeout, self.clock)
+        # The Agent wraps a cancellation in its own errors; say plainly
+        # that the deadline passed, whatever the cancelled call failed with.
+        response.addTimeout(
+            self.timeout, self.clock, onTimeoutCancel=lambda result, timeout: Failure(defer.TimeoutError(timeout))
+        )
         relay_finished: defer.Deferred[None] = defer.Deferred()
         state: dict[str, Any] = {"relay": None}
 

@@ -22,9 +22,11 @@ from hyperlink import URL
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from . import __version__
@@ -269,6 +271,29 @@ class TenantEdgeService(service.MultiService):
         self.https_service: StreamServerEndpointService | None = None
         self.http_service: StreamServerEndpointService | None = None
         self.demo_backend: DemoBackendService | None = None
+        self.http_root: HTTPRedirectRoot | None = None
+        self.backend_pool: HTTPConnectionPool | None = None
+
+    def listening_ports(self) -> Deferred[dict[str, Any]]:
+        """
+        The bound HTTPS and HTTP ports, once listening (for tests and tools
+        that start the edge on port 0).
+        """
+        names = [("https", self.https_service), ("http", self.http_service)]
+        waiting = [svc._waitingForPort for _, svc in names if svc is not None]
+        return gatherResults(waiting).addCallback(
+            lambda ports: {name: port for (name, _), port in zip(names, ports)}
+        )
+
+    def _follow_https_port(self) -> None:
+        # Redirects from port 80 name the HTTPS port actually bound.
+        if self.https_service is not None and self.https_service._waitingForPort is not None:
+            self.https_service._waitingForPort.addCallback(self._set_redirect_port)
+
+    def _set_redirect_port(self, port: Any) -> Any:
+        if self.http_root is not None:
+            self.http_root.https_port = port.getHost().port
+        return port
 
     def startService(self) -> None:
         try:
@@ -299,6 +324,14 @@ class TenantEdgeService(service.MultiService):
                 suffixes=", ".join(policy.allow_suffixes),
             )
         super().startService()
+        self._follow_https_port()
+
+    def stopService(self) -> Deferred[None]:
+        d = super().stopService()
+        if self.backend_pool is not None:
+            pool = self.backend_pool
+            d.addCallback(lambda _: pool.closeCachedConnections())
+        return d
 
 
 def makeService(options: Options) -> TenantEdgeService:
@@ -318,9 +351,10 @@ def makeService(options: Options) -> TenantEdgeService:
     resolver = CertificateResolver(
         store, options["policy"], local_ca, reactor, cache_size=options["cache-size"]
     )
+    pool = make_backend_pool(reactor)
     proxy = ProxyResource(
         options["backend"].encode("ascii"),
-        make_agent(reactor, make_backend_pool(reactor)),
+        make_agent(reactor, pool),
         reactor,
         timeout=options["backend-timeout"],
     )
@@ -333,6 +367,7 @@ def makeService(options: Options) -> TenantEdgeService:
         resolve_timeout=options["issue-timeout"],
     )
     edge = TenantEdgeService(options, store, local_ca, resolver, proxy, tls_factory)
+    edge.backend_pool = pool
 
     https = StreamServerEndpointService(endpoints.serverFromString(reactor, options["https"]), tls_factory)
     https.setName("https")
@@ -344,6 +379,7 @@ def makeService(options: Options) -> TenantEdgeService:
     http = StreamServerEndpointService(
         endpoints.serverFromString(reactor, options["http"]), EdgeSite(http_root, reactor=reactor)
     )
+    edge.http_root = http_root
     http.setName("http")
     http.setServiceParent(edge)
     edge.http_service = http

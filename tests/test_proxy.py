@@ -6,7 +6,9 @@ C{test_e2e}.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -103,7 +105,11 @@ class _RecordingAgent:
         self.requests: list[tuple[bytes, bytes, Headers, object, Deferred]] = []
 
     def request(self, method, uri, headers=None, bodyProducer=None):
-        d: Deferred = Deferred()
+        # Like the real Agent, a cancelled request fails with its own
+        # wrapper, not a bare CancelledError.
+        d: Deferred = Deferred(
+            lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())]))
+        )
         self.requests.append((method, uri, headers, bodyProducer, d))
         return d
 

@@ -1,0 +1,139 @@
+"""
+A real HTTP/1.1 backend for the end-to-end tests, standing in for Next.js.
+
+Built on the standard library's HTTP server (not Twisted), so the proxy is
+tested against an implementation other than its own. Prints its port on the
+first line of stdout, then serves until killed.
+
+Routes:
+  /echo...          JSON: method, path, headers, body length and sha256
+  /cookies          two Set-Cookie headers
+  /big?n=N          N bytes (Content-Length)
+  /chunked?n=N      N bytes, chunked
+  /drip             one chunk now, the rest after /release is requested
+  /release          lets a waiting /drip finish
+  /slow?s=S         sleeps S seconds before answering
+  /status/NNN       that status code
+  /connections      how many TCP connections this server has accepted
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+_connections = 0
+_lock = threading.Lock()
+_release = threading.Event()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def setup(self) -> None:
+        global _connections
+        with _lock:
+            _connections += 1
+        super().setup()
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        data = b""
+        while len(data) < length:
+            chunk = self.rfile.read(min(65536, length - len(data)))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def _send(self, code: int, body: bytes, content_type: str = "application/json", extra: list[tuple[str, str]] = ()) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in extra:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def handle_any(self) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        body = self._body()
+        if url.path.startswith("/echo"):
+            info = {
+                "method": self.command,
+                "path": self.path,
+                "headers": [[k.lower(), v] for k, v in self.headers.items()],
+                "body_length": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            }
+            self._send(200, json.dumps(info).encode())
+        elif url.path == "/cookies":
+            self._send(200, b"ok", "text/plain", [("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; HttpOnly")])
+        elif url.path == "/big":
+            n = int(query["n"][0])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            block = bytes(range(256)) * 256
+            sent = 0
+            while sent < n:
+                piece = block[: min(len(block), n - sent)]
+                self.wfile.write(piece)
+                sent += len(piece)
+        elif url.path == "/chunked":
+            n = int(query["n"][0])
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            block = b"x" * 10000
+            sent = 0
+            while sent < n:
+                piece = block[: min(len(block), n - sent)]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+            self.wfile.write(b"0\r\n\r\n")
+        elif url.path == "/drip":
+            _release.clear()
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"6\r\nfirst\n\r\n")
+            self.wfile.flush()
+            _release.wait(60)
+            self.wfile.write(b"7\r\nsecond\n\r\n0\r\n\r\n")
+        elif url.path == "/release":
+            _release.set()
+            self._send(200, b"released", "text/plain")
+        elif url.path == "/slow":
+            time.sleep(float(query["s"][0]))
+            self._send(200, b"slow", "text/plain")
+        elif url.path.startswith("/status/"):
+            self._send(int(url.path.rsplit("/", 1)[1]), b"status", "text/plain")
+        elif url.path == "/connections":
+            self._send(200, str(_connections).encode(), "text/plain")
+        else:
+            self._send(404, b"not found", "text/plain")
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = handle_any
+
+
+def main() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

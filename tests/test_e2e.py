@@ -1,0 +1,269 @@
+"""
+End-to-end tests on loopback: the service built by L{makeService}, real
+sockets on run-time ports, real TLS clients (curl, openssl s_client) and a
+real backend HTTP server in its own process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from tenantedge.tap import Options, TenantEdgeService, makeService
+from tenantedge.testing import CountingIssuer
+
+from .support.processes import Backend, require_tool, run
+
+
+async def start_edge(testcase: TestCase, *extra: str, backend: str) -> tuple[TenantEdgeService, int, int]:
+    """Start an edge on free loopback ports; stopped at test cleanup."""
+    options = Options()
+    options.parseOptions(
+        [
+            "--https", "tcp:0:interface=127.0.0.1",
+            "--http", "tcp:0:interface=127.0.0.1",
+            "--store", os.path.join(testcase.mktemp(), "store"),
+            "--allow-suffix", ".test",
+            "--deny", ".own.test",
+            "--backend", backend,
+            *extra,
+        ]
+    )
+    edge = makeService(options)
+    edge.resolver.issuer = CountingIssuer(edge.resolver.issuer)
+    edge.startService()
+    testcase.addCleanup(edge.stopService)
+    ports = await edge.listening_ports()
+    return edge, ports["https"].getHost().port, ports["http"].getHost().port
+
+
+class EdgeTestCase(TestCase):
+    timeout = 180
+
+    async def _setUp(self) -> None:
+        self.curl = require_tool(self, "curl")
+        self.openssl = require_tool(self, "openssl")
+        self.backend = Backend()
+        await self.backend.start()
+        self.addCleanup(self.backend.stop)
+        self.edge, self.https_port, self.http_port = await start_edge(self, backend=self.backend.url)
+        self.root = self.edge.local_ca.root_path
+
+    def setUp(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._setUp())
+
+    @property
+    def issued(self) -> Any:
+        return self.edge.resolver.issuer.counts
+
+    def curl_args(self, host: str, path: str = "/", *extra: str, port: int | None = None) -> list[str]:
+        port = port or self.https_port
+        return [
+            "--silent", "--show-error", "--max-time", "60",
+            "--resolve", f"{host}:{port}:127.0.0.1",
+            "--cacert", self.root,
+            *extra,
+            f"https://{host}:{port}{path}",
+        ]
+
+    async def fetch(self, host: str, path: str = "/", *extra: str, port: int | None = None) -> tuple[bytes, bytes, int]:
+        return await run(self.curl, self.curl_args(host, path, *extra, port=port))
+
+    async def fetch_json(self, host: str, path: str = "/echo", *extra: str) -> dict:
+        out, err, code = await self.fetch(host, path, *extra)
+        self.assertEqual(code, 0, err)
+        return json.loads(out)
+
+
+class OnDemandTests(EdgeTestCase):
+    async def test_first_request(self) -> None:
+        """
+        The first request for a never-seen name succeeds on its first
+        handshake, through the proxy, with the tenant's Host intact.
+        """
+        info = await self.fetch_json("tenant-a.test", "/echo/path?q=1")
+        headers = dict(info["headers"])
+        self.assertEqual(info["path"], "/echo/path?q=1")
+        self.assertEqual(headers["host"], f"tenant-a.test:{self.https_port}")
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+        self.assertEqual(headers["x-forwarded-proto"], "https")
+        self.assertEqual(self.issued["tenant-a.test"], 1)
+        self.assertTrue(os.path.exists(os.path.join(self.edge.store.path, "tenant-a.test.pem")))
+        # The second request is served from the cache: no new issuance.
+        await self.fetch_json("tenant-a.test")
+        self.assertEqual(self.issued["tenant-a.test"], 1)
+
+    async def test_concurrent_first_requests(self) -> None:
+        """
+        Fifty concurrent first requests for one new name all succeed, and
+        the issuer ran once.
+        """
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self.fetch("burst.test", "/echo", "-o", "/dev/null", "-w", "%{http_code}"))
+             for _ in range(50)]
+        )
+        self.assertEqual([(out, code) for out, _, code in results], [(b"200", 0)] * 50)
+        self.assertEqual(self.issued["burst.test"], 1)
+
+    async def test_http2(self) -> None:
+        out, err, code = await self.fetch("h2.test", "/echo", "--http2", "-o", "/dev/null", "-w", "%{http_version}")
+        self.assertEqual((out, code), (b"2", 0), err)
+        info = await self.fetch_json("h2.test", "/echo/h2", "--http2")
+        self.assertEqual(dict(info["headers"])["host"], f"h2.test:{self.https_port}")
+
+    async def test_no_sni_alert(self) -> None:
+        """openssl s_client without SNI gets an unrecognized_name alert."""
+        out, err, code = await run(
+            self.openssl, ["s_client", "-connect", f"127.0.0.1:{self.https_port}", "-noservername"], timeout=20
+        )
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"alert number 112", out + err)
+        self.assertEqual(sum(self.issued.values()), 0)
+
+    async def test_denied_name(self) -> None:
+        out, err, code = await self.fetch("www.own.test")
+        self.assertEqual(code, 35, err)  # curl: TLS handshake failed
+        self.assertIn(b"unrecognized name", err)
+        out, err, code = await self.fetch("not-a-tenant.example")
+        self.assertEqual(code, 35, err)
+        self.assertEqual(sum(self.issued.values()), 0)
+
+    async def test_restart_reuses_store(self) -> None:
+        """A new edge on the same store serves the stored certificate."""
+        await self.fetch_json("keep.test")
+        options_store = self.edge.store.path
+        await self.edge.stopService()
+        options = Options()
+        options.parseOptions(["--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
+                              "--store", options_store, "--allow-suffix", ".test", "--backend", self.backend.url])
+        edge = makeService(options)
+        edge.resolver.issuer = CountingIssuer(edge.resolver.issuer)
+        edge.startService()
+        self.addCleanup(edge.stopService)
+        ports = await edge.listening_ports()
+        out, err, code = await self.fetch("keep.test", "/echo", port=ports["https"].getHost().port)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sum(edge.resolver.issuer.counts.values()), 0)
+        self.assertEqual(edge.resolver.events["store-hit"], 1)
+
+    async def test_port_80_redirect(self) -> None:
+        out, err, code = await run(
+            self.curl,
+            ["--silent", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+             f"http://127.0.0.1:{self.http_port}/a/b?c=d", "-H", "Host: tenant-a.test"],
+        )
+        self.assertEqual(out, f"308 https://tenant-a.test:{self.https_port}/a/b?c=d".encode())
+        out, err, code = await run(
+            self.curl,
+            ["--silent", "-o", "/dev/null", "-w", "%{http_code}",
+             f"http://127.0.0.1:{self.http_port}/.well-known/acme-challenge/unknown", "-H", "Host: tenant-a.test"],
+        )
+        self.assertEqual(out, b"404")
+
+
+class ProxyTests(EdgeTestCase):
+    async def test_misdirected(self) -> None:
+        """A Host other than the name the certificate was chosen for is 421."""
+        out, err, code = await self.fetch("tenant-a.test", "/echo", "-H", "Host: tenant-b.test",
+                                          "-o", "/dev/null", "-w", "%{http_code}")
+        self.assertEqual(out, b"421")
+
+    async def test_spoofed_headers_replaced(self) -> None:
+        """
+        Client-supplied forwarding headers and Next.js's internal header
+        never reach the backend; neither do headers named in Connection
+        (HTTP/1.1, where Connection exists).
+        """
+        info = await self.fetch_json(
+            "tenant-a.test", "/echo", "--http1.1",
+            "-H", "X-Forwarded-For: 6.6.6.6", "-H", "X-Forwarded-Host: evil.test",
+            "-H", "x-middleware-subrequest: middleware", "-H", "Forwarded: for=6.6.6.6",
+            "-H", "Connection: X-Hop", "-H", "X-Hop: 1",
+        )
+        headers = info["headers"]
+        self.assertIn(["x-forwarded-for", "127.0.0.1"], headers)
+        self.assertNotIn("6.6.6.6", json.dumps(headers))
+        names = [name for name, _ in headers]
+        for gone in ("x-middleware-subrequest", "forwarded", "x-hop"):
+            self.assertNotIn(gone, names)
+        self.assertEqual(names.count("x-forwarded-for"), 1)
+
+    async def test_set_cookies(self) -> None:
+        out, err, code = await self.fetch("tenant-a.test", "/cookies", "-D", "-")
+        self.assertEqual(code, 0, err)
+        cookies = [line.lower() for line in out.split(b"\r\n") if line.lower().startswith(b"set-cookie:")]
+        self.assertEqual(cookies, [b"set-cookie: a=1; path=/", b"set-cookie: b=2; httponly"])
+
+    async def test_large_download(self) -> None:
+        """Bodies of any size arrive whole, over HTTP/2 and HTTP/1.1."""
+        for path, n, version in (
+            ("/big?n=", 30_000_000, "--http2"),
+            ("/big?n=", 30_000_000, "--http1.1"),
+            ("/chunked?n=", 5_000_000, "--http1.1"),
+        ):
+            out, err, code = await self.fetch("tenant-a.test", f"{path}{n}", version)
+            self.assertEqual(code, 0, err)
+            self.assertEqual(len(out), n)
+            if path == "/big?n=":
+                self.assertEqual(out, (bytes(range(256)) * 256 * (n // 65536 + 1))[:n])
+
+    async def test_large_upload(self) -> None:
+        body_file = os.path.join(self.mktemp())
+        body = os.urandom(3_000_000)
+        with open(body_file, "wb") as f:
+            f.write(body)
+        for version in ("--http2", "--http1.1"):
+            info = await self.fetch_json("tenant-a.test", "/echo", "--data-binary", f"@{body_file}", version)
+            self.assertEqual(info["method"], "POST")
+            self.assertEqual(info["body_length"], len(body))
+            self.assertEqual(info["body_sha256"], hashlib.sha256(body).hexdigest())
+
+    async def test_status_passed(self) -> None:
+        for status in (201, 304, 404, 503):
+            out, err, code = await self.fetch("tenant-a.test", f"/status/{status}", "-o", "/dev/null", "-w", "%{http_code}")
+            self.assertEqual(out, str(status).encode())
+
+    async def test_streamed(self) -> None:
+        """
+        The response is passed on as it arrives: the client has the first
+        chunk while the backend still holds the rest.
+        """
+        first = defer.Deferred()
+
+        def seen(out: bytes) -> None:
+            if b"first" in out and not first.called:
+                first.callback(None)
+
+        done = run(self.curl, self.curl_args("tenant-a.test", "/drip", "--no-buffer"), on_stdout=seen)
+        first.addTimeout(30, reactor)
+        await first
+        self.assertFalse(done.called)
+        out, err, code = await run(self.curl, ["--silent", f"{self.backend.url}/release"])
+        self.assertEqual(out, b"released")
+        out, err, code = await done
+        self.assertEqual(out, b"first\nsecond\n")
+
+    async def test_pooled_connections(self) -> None:
+        """Twenty requests reuse backend connections instead of opening twenty."""
+        for _ in range(20):
+            await self.fetch_json("tenant-a.test")
+        out, err, code = await run(self.curl, ["--silent", f"{self.backend.url}/connections"])
+        self.assertLessEqual(int(out), 3)
+
+    async def test_backend_slow(self) -> None:
+        edge, https_port, _ = await start_edge(self, "--backend-timeout", "1", backend=self.backend.url)
+        self.root = edge.local_ca.root_path
+        out, err, code = await self.fetch("slow.test", "/slow?s=3", "-o", "/dev/null", "-w", "%{http_code}", port=https_port)
+        self.assertEqual(out, b"504")
+
+    async def test_backend_down(self) -> None:
+        edge, https_port, _ = await start_edge(self, backend="http://127.0.0.1:1")
+        self.root = edge.local_ca.root_path
+        out, err, code = await self.fetch("down.test", "/", "-D", "-", port=https_port)
+        self.assertIn(b" 502 ", out.split(b"\r\n")[0])
+        self.assertIn(b"Bad Gateway", out)

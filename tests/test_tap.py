@@ -1,0 +1,102 @@
+"""
+Tests for L{tenantedge.tap.Options}: defaults, TOML config, the command
+line winning, the demo defaults, and one-line errors for bad values.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from tenantedge.tap import Options, parse_duration
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def config(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_defaults(self) -> None:
+        o = self.parse()
+        self.assertEqual(o["https"], "tcp:443")
+        self.assertEqual(o["http"], "tcp:80")
+        self.assertEqual(o["backend"], "http://127.0.0.1:3000")
+        self.assertEqual(o["store"], "/var/lib/tenantedge")
+        self.assertEqual(o["ca"], "internal")
+        self.assertEqual(o["allow-suffix"], [])
+        self.assertEqual(o["policy"].allow_suffixes, ())
+
+    def test_repeatable(self) -> None:
+        o = self.parse("--allow-suffix", ".a.test", "--allow-suffix", "b.test", "--deny", ".own.test", "--deny", "www.x.test")
+        self.assertEqual(o["policy"].allow_suffixes, (".a.test", ".b.test"))
+        self.assertEqual(o["policy"].deny, (".own.test", "www.x.test"))
+
+    def test_config_file(self) -> None:
+        path = self.config(
+            'https = "tcp:9443"\nallow_suffix = [".a.test", ".b.test"]\ncache-size = 5\n'
+            'backend-timeout = "2m"\ndeny = "www.own.test"\n'
+        )
+        o = self.parse("--config", path)
+        self.assertEqual(o["https"], "tcp:9443")
+        self.assertEqual(o["allow-suffix"], [".a.test", ".b.test"])
+        self.assertEqual(o["cache-size"], 5)
+        self.assertEqual(o["backend-timeout"], 120.0)
+        self.assertEqual(o["deny"], ["www.own.test"])
+
+    def test_command_line_wins(self) -> None:
+        """
+        A command-line value beats the file's, and a repeated option given
+        on the command line replaces the file's list instead of adding to it.
+        """
+        path = self.config('https = "tcp:9443"\nallow-suffix = [".a.test"]\n')
+        o = self.parse("--config", path, "--https", "tcp:7443", "--allow-suffix", ".c.test")
+        self.assertEqual(o["https"], "tcp:7443")
+        self.assertEqual(o["allow-suffix"], [".c.test"])
+
+    def test_demo(self) -> None:
+        o = self.parse("--demo")
+        self.assertEqual(o["https"], "tcp:8443")
+        self.assertEqual(o["http"], "tcp:8080")
+        self.assertEqual(o["store"], os.path.abspath("tenantedge-demo"))
+        self.assertEqual(o["policy"].allow_suffixes, (".localhost",))
+
+    def test_demo_explicit_wins(self) -> None:
+        o = self.parse("--demo", "--https=tcp:9999")
+        self.assertEqual(o["https"], "tcp:9999")
+
+    def test_bad_values(self) -> None:
+        """Each bad value is a UsageError with a message naming it."""
+        cases = [
+            (["--backend", "ftp://x"], "ftp://x"),
+            (["--https", "nonsense:1"], "--https"),
+            (["--cache-size", "0"], "at least 1"),
+            (["--backend-timeout", "soon"], "duration"),
+            (["--allow-suffix", "a..b"], "--allow-suffix"),
+            (["--ca", "https://ca.example/dir"], "not supported"),
+            (["--config", "/nonexistent/x.toml"], "cannot read"),
+            (["--config", self.config("nope = 1\n")], "unknown option 'nope'"),
+            (["--config", self.config("https = [1]\n")], "single value"),
+            (["--config", self.config("this is not toml")], "not valid TOML"),
+            (["--config", self.config("demo = 1\n")], "true or false"),
+        ]
+        for argv, needle in cases:
+            e = self.assertRaises(UsageError, self.parse, *argv)
+            self.assertIn(needle, str(e), argv)
+            self.assertNotIn("\n", str(e))
+
+    def test_durations(self) -> None:
+        self.assertEqual(parse_duration("90"), 90)
+        self.assertEqual(parse_duration("250ms"), 0.25)
+        self.assertEqual(parse_duration("10m"), 600)
+        self.assertEqual(parse_duration("7d"), 604800)
+        for bad in ("", "0", "-1", "1w", "x"):
+            self.assertRaises(ValueError, parse_duration, bad)
