@@ -24,14 +24,23 @@ from __future__ import annotations
 
 import html
 import io
+import ipaddress
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     FileBodyProducer,
     HTTPConnectionPool,
@@ -39,7 +48,8 @@ from twisted.web.client import (
     ResponseDone,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -335,6 +345,39 @@ class _Discard(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
+@implementer(IAgentEndpointFactory)
+class BackendEndpointFactory:
+    """
+    Connects to the backend: straight to an IP literal (no resolver thread
+    per new connection, the usual case of C{http://127.0.0.1:3000}), through
+    the reactor's resolver for a host name, with verified TLS for an
+    C{https://} backend.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            endpoint: IStreamClientEndpoint = HostnameEndpoint(
+                self.reactor, uri.host, uri.port, timeout=self.connect_timeout
+            )
+        else:
+            endpoint_class = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+            endpoint = endpoint_class(self.reactor, str(address), uri.port, timeout=self.connect_timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        return endpoint
+
+
 def make_agent(reactor: Any, pool: HTTPConnectionPool | None = None) -> Agent:
-    """The backend agent: plain HTTP to a private address, pooled."""
-    return Agent(reactor, pool=pool if pool is not None else make_backend_pool(reactor))
+    """The backend agent: pooled, connecting through L{BackendEndpointFactory}."""
+    return Agent.usingEndpointFactory(
+        reactor,
+        BackendEndpointFactory(reactor),
+        pool=pool if pool is not None else make_backend_pool(reactor),
+    )

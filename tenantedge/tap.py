@@ -10,11 +10,13 @@ also come from a TOML file (C{--config}); the command line wins.
 from __future__ import annotations
 
 import datetime
+import encodings.idna  # noqa: F401  (see below)
 import os
 import re
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -23,6 +25,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
@@ -42,12 +45,16 @@ from .tls import OnDemandTLSFactory
 
 __all__ = ["Options", "makeService", "TenantEdgeService", "parse_duration"]
 
+# encodings.idna is imported above, before twistd drops privileges (-u/-g):
+# the resolver needs it for host names, and an interpreter installed where
+# the unprivileged user cannot read would fail to import it lazily later.
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 DEMO_DEFAULTS = {
-    "https": "tcp:8443",
-    "http": "tcp:8080",
+    "https": "tcp:8443:interface=127.0.0.1",
+    "http": "tcp:8080:interface=127.0.0.1",
     "store": "./tenantedge-demo",
     "ca": "internal",
     "allow-suffix": [".localhost"],
@@ -99,7 +106,7 @@ class Options(usage.Options):
 
     optFlags = [
         ["demo", None, "Demo mode: local CA, store in ./tenantedge-demo, every name under "
-         ".localhost allowed, built-in demo backend, https on tcp:8443 and http on tcp:8080."],
+         ".localhost allowed, built-in demo backend, https on 127.0.0.1:8443 and http on 127.0.0.1:8080."],
     ]
 
     optParameters = [
@@ -240,6 +247,21 @@ def _endpoint_port(description: str) -> int | None:
     return None
 
 
+@contextmanager
+def _one_line_listen_errors() -> Iterator[None]:
+    """
+    A port that cannot be bound (in use, or below 1024 without privilege)
+    ends start-up with one line that says which, not a traceback.
+    """
+    try:
+        yield
+    except CannotListenError as e:
+        raise SystemExit(
+            f"tenantedge: cannot listen on port {e.port}"
+            f"{' of ' + e.interface if e.interface else ''}: {e.socketError}"
+        ) from None
+
+
 class TenantEdgeService(service.MultiService):
     """
     The whole edge: listeners, store, issuer, resolver, proxy.
@@ -295,6 +317,10 @@ class TenantEdgeService(service.MultiService):
             self.http_root.https_port = port.getHost().port
         return port
 
+    def privilegedStartService(self) -> None:
+        with _one_line_listen_errors():
+            super().privilegedStartService()
+
     def startService(self) -> None:
         try:
             self.store.prepare()
@@ -323,7 +349,8 @@ class TenantEdgeService(service.MultiService):
                 "certificates are issued on demand for names under {suffixes}",
                 suffixes=", ".join(policy.allow_suffixes),
             )
-        super().startService()
+        with _one_line_listen_errors():
+            super().startService()
         self._follow_https_port()
 
     def stopService(self) -> Deferred[None]:

@@ -64,8 +64,8 @@ class OptionsTests(SynchronousTestCase):
 
     def test_demo(self) -> None:
         o = self.parse("--demo")
-        self.assertEqual(o["https"], "tcp:8443")
-        self.assertEqual(o["http"], "tcp:8080")
+        self.assertEqual(o["https"], "tcp:8443:interface=127.0.0.1")
+        self.assertEqual(o["http"], "tcp:8080:interface=127.0.0.1")
         self.assertEqual(o["store"], os.path.abspath("tenantedge-demo"))
         self.assertEqual(o["policy"].allow_suffixes, (".localhost",))
 
