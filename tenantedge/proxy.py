@@ -47,6 +47,7 @@ from twisted.web.client import (
     PotentialDataLoss,
     ResponseDone,
 )
+from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
@@ -155,12 +156,19 @@ def downstream_headers(backend_headers: Headers) -> Headers:
     return out
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Twisted's pool factory, without a log line per backend connection."""
+
+    noisy = False
+
+
 def make_backend_pool(reactor: Any, max_per_host: int = 64) -> HTTPConnectionPool:
     """
     A persistent pool for backend connections: requests reuse idle
     connections instead of opening one per request.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = BACKEND_IDLE_TIMEOUT
     pool.retryAutomatically = True

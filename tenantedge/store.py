@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .certificates import CertificateBundle, InvalidBundle
@@ -46,6 +47,9 @@ T = TypeVar("T")
 RunBlocking = Callable[..., "Deferred[Any]"]
 
 _SUFFIX = ".pem"
+#: A key, a leaf and a long chain are a few KiB; anything near this is not
+#: a certificate bundle, and reading it whole would only waste memory.
+_MAX_FILE = 1024 * 1024
 _TMP_PREFIX = "."
 
 
@@ -101,6 +105,19 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _read_bundle(path: str) -> CertificateBundle:
+    """
+    Read and parse one store file (in whatever thread file work runs in).
+
+    @raise FileNotFoundError: nothing stored.
+    @raise OSError: the file cannot be read.
+    @raise InvalidBundle: the file is corrupt.
+    """
+    with open(path, "rb") as f:
+        data = f.read(_MAX_FILE)
+    return CertificateBundle.from_pem(data)
 
 
 def check_private_file(path: str) -> None:
@@ -186,69 +203,76 @@ class DirectoryStore:
             raise ValueError(f"refusing to turn an invalid name into a path: {e.reason}") from None
         return os.path.join(self.path, server_name + _SUFFIX)
 
+    # File work may run in a thread (see run_blocking); the methods below
+    # that run there only touch the file system and raise or return plain
+    # values. State changes and logging happen back in the reactor thread.
+
     def get(self, server_name: str) -> Deferred[CertificateBundle]:
         try:
             path = self._file_for(server_name)
         except ValueError:
-            return maybeDeferred(self._missing, server_name)
-        return self.run_blocking(self._read, server_name, path)
+            return fail(KeyError(server_name))
+        d = self.run_blocking(_read_bundle, path)
+        d.addCallbacks(self._read_ok, self._read_failed, (server_name,), None, (server_name, path))
+        return d
 
-    @staticmethod
-    def _missing(server_name: str) -> CertificateBundle:
-        raise KeyError(server_name)
+    def _read_ok(self, bundle: CertificateBundle, server_name: str) -> CertificateBundle:
+        self._corrupt.discard(server_name)
+        return bundle
 
-    def _read(self, server_name: str, path: str) -> CertificateBundle:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(1024 * 1024)
-        except FileNotFoundError:
-            raise KeyError(server_name) from None
-        except OSError as e:
+    def _read_failed(self, failure: Failure, server_name: str, path: str) -> Failure:
+        if failure.check(FileNotFoundError):
+            return Failure(KeyError(server_name))
+        if failure.check(OSError):
             self._log.error(
                 "cannot read stored certificate {file}: {error}; treating it as missing",
                 file=path,
-                error=e.strerror,
+                error=failure.value.strerror,
             )
-            self._corrupt.add(server_name)
-            raise KeyError(server_name) from None
-        try:
-            bundle = CertificateBundle.from_pem(data)
-        except InvalidBundle as e:
+        elif failure.check(InvalidBundle):
             self._log.error(
                 "corrupt stored certificate {file}: {reason}; treating it as missing "
                 "(it will be moved to quarantine/ before a new one is written)",
                 file=path,
-                reason=e.reason,
+                reason=failure.value.reason,
             )
-            self._corrupt.add(server_name)
-            raise KeyError(server_name) from None
-        self._corrupt.discard(server_name)
-        return bundle
+        else:
+            return failure
+        self._corrupt.add(server_name)
+        return Failure(KeyError(server_name))
 
     def store(self, server_name: str, bundle: CertificateBundle) -> Deferred[None]:
         path = self._file_for(server_name)
-        return self.run_blocking(self._write, server_name, path, bundle.to_pem())
+        quarantine = server_name in self._corrupt
+        d = self.run_blocking(self._write, server_name, path, bundle.to_pem(), quarantine)
+        d.addCallbacks(self._stored, self._store_failed, (server_name, path), None, (server_name, path))
+        return d
 
-    def _write(self, server_name: str, path: str, data: bytes) -> None:
-        if server_name in self._corrupt and os.path.exists(path):
+    def _write(self, server_name: str, path: str, data: bytes, quarantine: bool) -> str | None:
+        moved = None
+        if quarantine and os.path.exists(path):
             moved = self._move_aside(path, "quarantine", server_name)
+        atomic_write(path, data)
+        return moved
+
+    def _stored(self, moved: str | None, server_name: str, path: str) -> None:
+        self._corrupt.discard(server_name)
+        if moved is not None:
             self._log.warn(
                 "moved corrupt certificate file {file} to {moved} before replacing it",
                 file=path,
                 moved=moved,
             )
-        try:
-            atomic_write(path, data)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                self._log.critical(
-                    "disk full: could not store the certificate for {host} in {file}; "
-                    "the previous file (if any) is untouched",
-                    host=server_name,
-                    file=path,
-                )
-            raise
-        self._corrupt.discard(server_name)
+
+    def _store_failed(self, failure: Failure, server_name: str, path: str) -> Failure:
+        if failure.check(OSError) and failure.value.errno == errno.ENOSPC:
+            self._log.critical(
+                "disk full: could not store the certificate for {host} in {file}; "
+                "the previous file (if any) is untouched",
+                host=server_name,
+                file=path,
+            )
+        return failure
 
     def _move_aside(self, path: str, folder: str, server_name: str) -> str:
         target_dir = os.path.join(self.path, folder)
@@ -262,13 +286,17 @@ class DirectoryStore:
         try:
             path = self._file_for(server_name)
         except ValueError:
-            return maybeDeferred(self._missing, server_name)  # type: ignore[arg-type]
-        return self.run_blocking(self._archive, server_name, path)
+            return fail(KeyError(server_name))
+        d = self.run_blocking(self._archive, server_name, path)
+        d.addCallback(self._archived, server_name)
+        return d
 
-    def _archive(self, server_name: str, path: str) -> None:
+    def _archive(self, server_name: str, path: str) -> str:
         if not os.path.exists(path):
             raise KeyError(server_name)
-        moved = self._move_aside(path, "archive", server_name)
+        return self._move_aside(path, "archive", server_name)
+
+    def _archived(self, moved: str, server_name: str) -> None:
         self._corrupt.discard(server_name)
         self._log.info("archived {host} to {moved}", host=server_name, moved=moved)
 

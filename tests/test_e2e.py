@@ -261,6 +261,20 @@ class ProxyTests(EdgeTestCase):
         out, err, code = await self.fetch("slow.test", "/slow?s=3", "-o", "/dev/null", "-w", "%{http_code}", port=https_port)
         self.assertEqual(out, b"504")
 
+    async def test_access_log(self) -> None:
+        """--access-log writes one combined-format line per request."""
+        log = os.path.abspath(self.mktemp())
+        edge, https_port, _ = await start_edge(self, "--access-log", log, backend=self.backend.url)
+        self.root = edge.local_ca.root_path
+        await self.fetch("logged.test", "/echo/logged?x=1", "-o", "/dev/null", port=https_port)
+        await self.fetch("logged.test", "/echo/h1", "--http1.1", "-o", "/dev/null", port=https_port)
+        await edge.stopService()
+        with open(log) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn('"GET /echo/logged?x=1 HTTP/2" 200', lines[0])
+        self.assertIn('"GET /echo/h1 HTTP/1.1" 200', lines[1])
+
     async def test_backend_down(self) -> None:
         edge, https_port, _ = await start_edge(self, backend="http://127.0.0.1:1")
         self.root = edge.local_ca.root_path
