@@ -19,7 +19,7 @@ deps:
 	  { apt-get update && apt-get install -y curl openssl; }
 
 demo: $(VENV)/.installed
-	$(BIN)/twist tenantedge --demo
+	$(BIN)/twist --log-format=text tenantedge --demo
 
 test: $(VENV)/.installed deps
 	$(BIN)/trial $(TRIAL_ARGS) tests

@@ -1,0 +1,92 @@
+"""
+C{twistd -u www-data -g www-data tenantedge ...} started as root binds its
+ports first, drops privileges, and only then opens the store: every file it
+creates belongs to the unprivileged user, and it keeps working.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from .support.processes import Backend, require_tool, run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivilegeDropTests(TestCase):
+    timeout = 120
+
+    async def test_runs_as_www_data(self) -> None:
+        if os.getuid() != 0:
+            raise self.skipException("needs root to drop privileges")
+        try:
+            user = pwd.getpwnam("www-data")
+        except KeyError:
+            raise self.skipException("no www-data user on this machine") from None
+        curl = require_tool(self, "curl")
+        backend = Backend()
+        await backend.start()
+        self.addCleanup(backend.stop)
+
+        base = tempfile.mkdtemp(prefix="tenantedge-priv-")
+        self.addCleanup(shutil.rmtree, base, True)
+        os.chmod(base, 0o755)
+        store = os.path.join(base, "store")
+        os.mkdir(store, 0o700)
+        os.chown(store, user.pw_uid, user.pw_gid)
+        https, http = free_port(), free_port()
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        ended = run(
+            twistd,
+            ["-n", "--pidfile=", "-u", "www-data", "-g", "www-data", "tenantedge",
+             "--https", f"tcp:{https}:interface=127.0.0.1", "--http", f"tcp:{http}:interface=127.0.0.1",
+             "--store", store, "--allow-suffix", ".test", "--backend", backend.url],
+            timeout=100,
+        )
+        root = os.path.join(store, "localca", "root.pem")
+        for _ in range(200):
+            if os.path.exists(root) or ended.called:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        pid = None
+        try:
+            out, err, code = await run(
+                curl,
+                ["--silent", "--show-error", "--resolve", f"dropped.test:{https}:127.0.0.1",
+                 "--cacert", root, f"https://dropped.test:{https}/echo"],
+            )
+            self.assertEqual(code, 0, err)
+            self.assertEqual(json.loads(out)["path"], "/echo")
+            for path in (store, root, os.path.join(store, "dropped.test.pem")):
+                self.assertEqual(os.stat(path).st_uid, user.pw_uid, path)
+            # The server process itself runs as www-data.
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{entry}/cmdline", "rb") as f:
+                            cmdline = f.read()
+                    except OSError:
+                        continue
+                    if store.encode() in cmdline and b"twistd" in cmdline:
+                        pid = int(entry)
+            self.assertIsNotNone(pid)
+            self.assertEqual(os.stat(f"/proc/{pid}").st_uid, user.pw_uid)
+        finally:
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
+            await ended
