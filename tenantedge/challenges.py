@@ -1,5 +1,6 @@
 """
-Port 80: ACME HTTP-01 answers and the redirect to HTTPS.
+ACME challenge answers (HTTP-01 on port 80, TLS-ALPN-01 on the HTTPS port)
+and the port-80 redirect to HTTPS.
 
 C{/.well-known/acme-challenge/<token>} answers with the key authorisation
 while an order for it is pending (RFC 8555 section 8.3) and 404 otherwise;
@@ -10,17 +11,34 @@ bounce users to arbitrary places.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from .certificates import CertificateBundle, make_server_context, utc_now
 from .hostnames import InvalidHostname, host_from_header
 from .interfaces import IChallengeStore
 
-__all__ = ["MemoryChallengeStore", "ChallengeResource", "HTTPRedirectRoot"]
+__all__ = [
+    "MemoryChallengeStore",
+    "ChallengeResource",
+    "HTTPRedirectRoot",
+    "HTTP01Responder",
+    "TLSALPN01Responder",
+    "tls_alpn_challenge_certificate",
+]
 
 CHALLENGE_PATH = (b".well-known", b"acme-challenge")
 
@@ -125,3 +143,84 @@ class HTTPRedirectRoot(Resource):
         request.setResponseCode(308)
         request.setHeader(b"location", target)
         return _plain(request, 308, b"moved to " + target + b"\n")
+
+
+class HTTP01Responder:
+    """
+    Publishes HTTP-01 answers (RFC 8555 section 8.3) through an
+    L{IChallengeStore}, which the port-80 L{ChallengeResource} reads.
+    """
+
+    challenge_type = "http-01"
+
+    def __init__(self, challenges: IChallengeStore) -> None:
+        self.challenges = challenges
+
+    async def publish(self, server_name: str, token: str, key_authorization: str) -> None:
+        await self.challenges.add(token, key_authorization)
+
+    async def withdraw(self, server_name: str, token: str) -> None:
+        await self.challenges.remove(token)
+
+
+#: RFC 8737 section 3: the acmeIdentifier certificate extension.
+ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+ACME_TLS_1 = b"acme-tls/1"
+
+
+def tls_alpn_challenge_certificate(
+    server_name: str, key_authorization: str, now: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """
+    The self-signed certificate that answers a TLS-ALPN-01 challenge: the
+    name as its only SAN and a critical acmeIdentifier extension holding
+    the SHA-256 digest of the key authorisation as a DER OCTET STRING.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
+        .add_extension(
+            x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+class TLSALPN01Responder:
+    """
+    Publishes TLS-ALPN-01 answers (RFC 8737): while a challenge for a name
+    is pending, a ClientHello for that name offering only C{acme-tls/1} is
+    answered with the challenge certificate (see
+    L{tenantedge.tls.OnDemandTLSFactory}'s C{challenge_context}).
+    """
+
+    challenge_type = "tls-alpn-01"
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._contexts: dict[str, tuple[str, SSL.Context]] = {}
+
+    async def publish(self, server_name: str, token: str, key_authorization: str) -> None:
+        key, cert = tls_alpn_challenge_certificate(server_name, key_authorization, utc_now(self.clock.seconds()))
+        context = make_server_context(CertificateBundle.build(key, [cert]), protocols=(ACME_TLS_1,))
+        self._contexts[server_name] = (token, context)
+
+    async def withdraw(self, server_name: str, token: str) -> None:
+        current = self._contexts.get(server_name)
+        if current is not None and current[0] == token:
+            del self._contexts[server_name]
+
+    def context_for(self, server_name: str) -> SSL.Context | None:
+        """The challenge context for a name with a pending challenge, else None."""
+        current = self._contexts.get(server_name)
+        return current[1] if current is not None else None

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+from cryptography import x509
 from hyperlink import URL
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -33,10 +34,15 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from . import __version__
-from .challenges import HTTPRedirectRoot, MemoryChallengeStore
+from .accounts import AccountStore, account_directory
+from .acme import AcmeClient
+from .backoff import FailureBackoff
+from .challenges import HTTP01Responder, HTTPRedirectRoot, MemoryChallengeStore, TLSALPN01Responder
 from .demo import DemoBackendService
 from .hostnames import InvalidHostname
+from .issuer import KEY_TYPES, AcmeIssuer, BackoffIssuer, FallbackIssuer
 from .localca import LocalCA
+from .trust import acme_http_client
 from .policy import StaticPolicy
 from .proxy import ProxyResource, make_agent, make_backend_pool
 from .resolver import CertificateResolver
@@ -56,7 +62,7 @@ DEMO_DEFAULTS = {
     "https": "tcp:8443:interface=127.0.0.1",
     "http": "tcp:8080:interface=127.0.0.1",
     "store": "./tenantedge-demo",
-    "ca": "internal",
+    "ca": ["internal"],
     "allow-suffix": [".localhost"],
 }
 
@@ -92,6 +98,16 @@ def _backend_url(value: str) -> str:
     return value
 
 
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def coerce(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    coerce.coerceDoc = f"One of {', '.join(choices)}."  # type: ignore[attr-defined]
+    return coerce
+
+
 class Options(usage.Options):
     """
     Options for C{twistd tenantedge}. See the README for the full story of
@@ -116,7 +132,12 @@ class Options(usage.Options):
         ["backend", None, "http://127.0.0.1:3000", "Base URL of the application backend.", _backend_url],
         ["store", None, "/var/lib/tenantedge", "Certificate store directory (txacme format)."],
         ["access-log", None, None, "Write an access log of HTTPS requests (combined format) to this file."],
-        ["ca", None, "internal", "Certificate issuer: 'internal' (local CA)."],
+        ["email", None, None, "Contact e-mail for the ACME account(s)."],
+        ["key-type", None, "ecdsa-p256", "Certificate key type: ecdsa-p256 or rsa2048.", _choice(KEY_TYPES)],
+        ["challenge", None, "http-01", "ACME challenge to answer: http-01 or tls-alpn-01.",
+         _choice(("http-01", "tls-alpn-01"))],
+        ["eab-kid", None, None, "External Account Binding key identifier (for CAs that require it)."],
+        ["eab-hmac-key", None, None, "External Account Binding HMAC key (base64url)."],
         ["cache-size", None, 10000, "Number of ready TLS contexts kept in memory.", _positive_int],
         ["backend-timeout", None, 60.0, "Seconds to wait for backend response headers before 504.", parse_duration],
         ["hello-timeout", None, 10.0, "Seconds a client has to send its ClientHello.", parse_duration],
@@ -124,13 +145,15 @@ class Options(usage.Options):
         ["internal-validity", None, 7 * 86400.0, "Lifetime of local-CA leaf certificates.", parse_duration],
     ]
 
-    #: Repeatable options: name -> attribute holding the list.
-    _LISTS = ("allow-suffix", "deny")
+    #: Repeatable options.
+    _LISTS = ("allow-suffix", "deny", "ca", "ca-root")
 
     def __init__(self) -> None:
         super().__init__()
         self["allow-suffix"] = []
         self["deny"] = []
+        self["ca"] = ["letsencrypt"]
+        self["ca-root"] = []
         self.explicit: set[str] = set()
         self._from_cli: set[str] = set()
 
@@ -141,6 +164,18 @@ class Options(usage.Options):
     def opt_deny(self, value: str) -> None:
         """Never issue for this name; a leading '.' denies the whole suffix (repeatable)."""
         self._add_list_value("deny", value)
+
+    def opt_ca(self, value: str) -> None:
+        """
+        Issuer: letsencrypt (default), letsencrypt-staging, internal (local
+        CA) or an ACME directory URL. Repeat to fall back to the next CA when
+        one fails for a name.
+        """
+        self._add_list_value("ca", value)
+
+    def opt_ca_root(self, value: str) -> None:
+        """PEM file of extra trust anchors for the ACME server's HTTPS (private CA, Pebble); repeatable."""
+        self._add_list_value("ca-root", value)
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -209,11 +244,14 @@ class Options(usage.Options):
             for key, value in DEMO_DEFAULTS.items():
                 if key not in self.explicit:
                     self[key] = list(value) if isinstance(value, list) else value
-        if self["ca"] != "internal":
-            raise usage.UsageError(
-                f"--ca {self['ca']!r} is not supported yet: this release issues from its local CA only "
-                "(--ca internal)"
-            )
+        self["ca"] = [_ca_url(value) for value in self["ca"]]
+        if len(set(self["ca"])) != len(self["ca"]):
+            raise usage.UsageError("--ca: the same CA is given twice")
+        if bool(self["eab-kid"]) != bool(self["eab-hmac-key"]):
+            raise usage.UsageError("--eab-kid and --eab-hmac-key go together")
+        for path in self["ca-root"]:
+            _check_pem_certificates(path)
+        self["ca-root"] = [os.path.abspath(p) for p in self["ca-root"]]
         from twisted.internet import reactor
 
         for key in ("https", "http"):
@@ -228,6 +266,44 @@ class Options(usage.Options):
         self["store"] = os.path.abspath(self["store"])
         if self["access-log"] is not None:
             self["access-log"] = os.path.abspath(self["access-log"])
+
+
+#: Short names for well-known ACME directories.
+CA_ALIASES = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+
+
+def _ca_url(value: str) -> str:
+    """
+    'internal', an alias, or an https:// directory URL.
+
+    @raise usage.UsageError: otherwise.
+    """
+    value = value.strip()
+    if value == "internal":
+        return value
+    value = CA_ALIASES.get(value, value)
+    try:
+        url = URL.from_text(value)
+    except Exception:
+        url = None
+    if url is None or url.scheme != "https" or not url.host:
+        raise usage.UsageError(
+            f"--ca {value!r}: use internal, letsencrypt, letsencrypt-staging or an https:// ACME directory URL"
+        )
+    return value
+
+
+def _check_pem_certificates(path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            x509.load_pem_x509_certificates(f.read())
+    except OSError as e:
+        raise usage.UsageError(f"--ca-root {path}: {e.strerror}") from None
+    except ValueError:
+        raise usage.UsageError(f"--ca-root {path}: no PEM certificate in it") from None
 
 
 def _find_config_argument(argv: Sequence[str]) -> str | None:
@@ -281,7 +357,7 @@ class TenantEdgeService(service.MultiService):
         self,
         options: Options,
         store: DirectoryStore,
-        local_ca: LocalCA,
+        local_ca: LocalCA | None,
         resolver: CertificateResolver,
         proxy: ProxyResource,
         tls_factory: OnDemandTLSFactory,
@@ -298,6 +374,10 @@ class TenantEdgeService(service.MultiService):
         self.demo_backend: DemoBackendService | None = None
         self.http_root: HTTPRedirectRoot | None = None
         self.backend_pool: HTTPConnectionPool | None = None
+        self.acme_issuers: list[AcmeIssuer] = []
+        self.backoff: FailureBackoff | None = None
+        self.tls_alpn: TLSALPN01Responder | None = None
+        self.acme_pool: HTTPConnectionPool | None = None
 
     def listening_ports(self) -> Deferred[dict[str, Any]]:
         """
@@ -327,9 +407,14 @@ class TenantEdgeService(service.MultiService):
     def startService(self) -> None:
         try:
             self.store.prepare()
-            self.local_ca.prepare()
+            if self.local_ca is not None:
+                self.local_ca.prepare()
+            for issuer in self.acme_issuers:
+                issuer.prepare()
         except StoreError as e:
             raise SystemExit(f"tenantedge: {e}") from None
+        if self.backoff is not None:
+            self.backoff.load()
         policy: StaticPolicy = self.options["policy"]
         self._log.info(
             "tenantedge {version}: store {store}, issuer {issuer}, backend {backend}",
@@ -338,10 +423,11 @@ class TenantEdgeService(service.MultiService):
             issuer=self.resolver.issuer.name,
             backend=self.proxy.backend.decode() if self.demo_backend is None else "built-in demo",
         )
-        self._log.info(
-            "local CA root certificate: {root} (give it to clients, e.g. curl --cacert {root})",
-            root=self.local_ca.root_path,
-        )
+        if self.local_ca is not None:
+            self._log.info(
+                "local CA root certificate: {root} (give it to clients, e.g. curl --cacert {root})",
+                root=self.local_ca.root_path,
+            )
         if not policy.allow_suffixes:
             self._log.warn(
                 "no --allow-suffix is set: no certificate will ever be issued; "
@@ -358,9 +444,9 @@ class TenantEdgeService(service.MultiService):
 
     def stopService(self) -> Deferred[None]:
         d = super().stopService()
-        if self.backend_pool is not None:
-            pool = self.backend_pool
-            d.addCallback(lambda _: pool.closeCachedConnections())
+        for pool in (self.backend_pool, self.acme_pool):
+            if pool is not None:
+                d.addCallback(lambda _, pool=pool: pool.closeCachedConnections())
         return d
 
 
@@ -373,13 +459,41 @@ def makeService(options: Options) -> TenantEdgeService:
 
     run_blocking: Callable[..., Any] = partial(deferToThreadPool, reactor, reactor.getThreadPool())
     store = DirectoryStore(options["store"], run_blocking=run_blocking)
-    local_ca = LocalCA(
-        os.path.join(options["store"], "localca"),
-        reactor,
-        validity=datetime.timedelta(seconds=options["internal-validity"]),
-    )
+    challenges = MemoryChallengeStore()
+    tls_alpn = TLSALPN01Responder(reactor)
+    responder = tls_alpn if options["challenge"] == "tls-alpn-01" else HTTP01Responder(challenges)
+    local_ca = None
+    acme_pool = None
+    acme_issuers: list[AcmeIssuer] = []
+    issuers: list[Any] = []
+    for ca in options["ca"]:
+        if ca == "internal":
+            local_ca = LocalCA(
+                os.path.join(options["store"], "localca"),
+                reactor,
+                validity=datetime.timedelta(seconds=options["internal-validity"]),
+            )
+            issuers.append(local_ca)
+            continue
+        if acme_pool is None:
+            acme_pool = HTTPConnectionPool(reactor, persistent=True)
+        issuer = AcmeIssuer(
+            AcmeClient(ca, None, acme_http_client(reactor, acme_pool, options["ca-root"]), reactor,
+                       user_agent=f"tenantedge/{__version__}"),
+            AccountStore(account_directory(options["store"], ca)),
+            responder,
+            reactor,
+            email=options["email"],
+            eab=(options["eab-kid"], options["eab-hmac-key"]) if options["eab-kid"] else None,
+            key_type=options["key-type"],
+            run_blocking=run_blocking,
+        )
+        acme_issuers.append(issuer)
+        issuers.append(issuer)
+    backoff = FailureBackoff(os.path.join(options["store"], "backoff.json"), reactor)
+    chain = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
     resolver = CertificateResolver(
-        store, options["policy"], local_ca, reactor, cache_size=options["cache-size"]
+        store, options["policy"], BackoffIssuer(chain, backoff), reactor, cache_size=options["cache-size"]
     )
     pool = make_backend_pool(reactor)
     proxy = ProxyResource(
@@ -395,16 +509,20 @@ def makeService(options: Options) -> TenantEdgeService:
         reactor,
         hello_timeout=options["hello-timeout"],
         resolve_timeout=options["issue-timeout"],
+        challenge_context=tls_alpn.context_for,
     )
     edge = TenantEdgeService(options, store, local_ca, resolver, proxy, tls_factory)
     edge.backend_pool = pool
+    edge.acme_pool = acme_pool
+    edge.acme_issuers = acme_issuers
+    edge.backoff = backoff
+    edge.tls_alpn = tls_alpn
 
     https = StreamServerEndpointService(endpoints.serverFromString(reactor, options["https"]), tls_factory)
     https.setName("https")
     https.setServiceParent(edge)
     edge.https_service = https
 
-    challenges = MemoryChallengeStore()
     http_root = HTTPRedirectRoot(challenges, https_port=_endpoint_port(options["https"]) or 443)
     http = StreamServerEndpointService(
         endpoints.serverFromString(reactor, options["http"]), EdgeSite(http_root, reactor=reactor)

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 
+from .challenges import ACME_TLS_1
 from .clienthello import (
     MAX_HELLO_SIZE,
     Incomplete,
@@ -61,7 +62,6 @@ ALERT_INTERNAL_ERROR = 80
 ALERT_UNRECOGNIZED_NAME = 112
 ALERT_NO_APPLICATION_PROTOCOL = 120
 
-ACME_TLS_1 = b"acme-tls/1"
 
 #: Raw bytes buffered before the hello is complete: the hello itself plus
 #: the overhead of a client that splits it into many small records.

@@ -28,6 +28,7 @@ async def start_edge(testcase: TestCase, *extra: str, backend: str) -> tuple[Ten
             "--https", "tcp:0:interface=127.0.0.1",
             "--http", "tcp:0:interface=127.0.0.1",
             "--store", os.path.join(testcase.mktemp(), "store"),
+            "--ca", "internal",
             "--allow-suffix", ".test",
             "--deny", ".own.test",
             "--backend", backend,
@@ -140,7 +141,8 @@ class OnDemandTests(EdgeTestCase):
         await self.edge.stopService()
         options = Options()
         options.parseOptions(["--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
-                              "--store", options_store, "--allow-suffix", ".test", "--backend", self.backend.url])
+                              "--store", options_store, "--allow-suffix", ".test", "--backend", self.backend.url,
+                              "--ca", "internal"])
         edge = makeService(options)
         edge.resolver.issuer = CountingIssuer(edge.resolver.issuer)
         edge.startService()

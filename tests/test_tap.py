@@ -31,7 +31,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(o["http"], "tcp:80")
         self.assertEqual(o["backend"], "http://127.0.0.1:3000")
         self.assertEqual(o["store"], "/var/lib/tenantedge")
-        self.assertEqual(o["ca"], "internal")
+        self.assertEqual(o["ca"], ["https://acme-v02.api.letsencrypt.org/directory"])
+        self.assertEqual(o["key-type"], "ecdsa-p256")
+        self.assertEqual(o["challenge"], "http-01")
         self.assertEqual(o["allow-suffix"], [])
         self.assertEqual(o["policy"].allow_suffixes, ())
 
@@ -68,6 +70,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(o["http"], "tcp:8080:interface=127.0.0.1")
         self.assertEqual(o["store"], os.path.abspath("tenantedge-demo"))
         self.assertEqual(o["policy"].allow_suffixes, (".localhost",))
+        self.assertEqual(o["ca"], ["internal"])
+
+    def test_ca_list(self) -> None:
+        """--ca repeats for fallback; aliases become directory URLs."""
+        o = self.parse("--ca", "letsencrypt-staging", "--ca", "https://acme.zerossl.com/v2/DV90", "--ca", "internal")
+        self.assertEqual(
+            o["ca"],
+            ["https://acme-staging-v02.api.letsencrypt.org/directory", "https://acme.zerossl.com/v2/DV90", "internal"],
+        )
 
     def test_demo_explicit_wins(self) -> None:
         o = self.parse("--demo", "--https=tcp:9999")
@@ -81,7 +92,13 @@ class OptionsTests(SynchronousTestCase):
             (["--cache-size", "0"], "at least 1"),
             (["--backend-timeout", "soon"], "duration"),
             (["--allow-suffix", "a..b"], "--allow-suffix"),
-            (["--ca", "https://ca.example/dir"], "not supported"),
+            (["--ca", "http://ca.example/dir"], "https://"),
+            (["--ca", "letsencrypt", "--ca", "letsencrypt"], "twice"),
+            (["--key-type", "dsa"], "not one of"),
+            (["--challenge", "dns-01"], "not one of"),
+            (["--eab-kid", "x"], "go together"),
+            (["--ca-root", "/nonexistent.pem"], "--ca-root"),
+            (["--ca-root", self.config("not a pem")], "no PEM certificate"),
             (["--config", "/nonexistent/x.toml"], "cannot read"),
             (["--config", self.config("nope = 1\n")], "unknown option 'nope'"),
             (["--config", self.config("https = [1]\n")], "single value"),

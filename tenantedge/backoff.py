@@ -1,0 +1,100 @@
+"""
+Per-name backoff after failed issuance, persisted in the store.
+
+A name that cannot be validated (DNS not pointed at us yet, a typo'd CNAME)
+must not cost a CA order at every handshake: Let's Encrypt allows 5 failed
+validations per name per hour, and lua-resty-auto-ssl users burn through
+that. After each consecutive failure the next attempt waits longer, along
+the ladder Let's Encrypt's integration guide asks for (about 1 minute,
+10 minutes, 100 minutes, then daily), or longer if the CA said so with
+C{Retry-After}. The state lives in C{<store>/backoff.json}, so a restart
+does not reset it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .store import atomic_write
+
+__all__ = ["FailureBackoff", "LADDER"]
+
+#: Seconds to wait after the 1st, 2nd, 3rd, 4th and later consecutive failures.
+LADDER: tuple[float, ...] = (60.0, 600.0, 6000.0, 86400.0)
+
+#: Entries whose wait ended this long ago are forgotten (the count restarts).
+_FORGET_AFTER = 2 * 86400.0
+
+
+@attrs.define
+class FailureBackoff:
+    """
+    @ivar path: the JSON file, or L{None} to keep state in memory only.
+    @ivar clock: the time source.
+    @ivar ladder: waits after consecutive failures.
+    """
+
+    path: str | None
+    clock: IReactorTime
+    ladder: Sequence[float] = LADDER
+    _state: dict[str, tuple[int, float]] = attrs.field(factory=dict, init=False)
+    _log = Logger()
+
+    def load(self) -> None:
+        """Read persisted state; a corrupt file is logged and ignored."""
+        if self.path is None or not os.path.exists(self.path):
+            return
+        try:
+            with open(self.path, "rb") as f:
+                data = json.load(f)
+            self._state = {
+                str(name): (int(entry["failures"]), float(entry["until"])) for name, entry in data.items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self._log.error("ignoring unreadable backoff state {file}: {error}", file=self.path, error=str(e))
+            self._state = {}
+
+    def blocked_until(self, server_name: str) -> float | None:
+        """The time before which no new order may be placed, or None."""
+        entry = self._state.get(server_name)
+        if entry is None or entry[1] <= self.clock.seconds():
+            return None
+        return entry[1]
+
+    def failures(self, server_name: str) -> int:
+        entry = self._state.get(server_name)
+        return entry[0] if entry is not None else 0
+
+    def record_failure(self, server_name: str, retry_after: float | None = None) -> float:
+        """
+        Count a failure and return until when the name is blocked.
+        """
+        failures = self.failures(server_name) + 1
+        wait = self.ladder[min(failures, len(self.ladder)) - 1]
+        if retry_after is not None:
+            wait = max(wait, retry_after)
+        until = self.clock.seconds() + wait
+        self._state[server_name] = (failures, until)
+        self._save()
+        return until
+
+    def record_success(self, server_name: str) -> None:
+        if self._state.pop(server_name, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        now = self.clock.seconds()
+        self._state = {n: e for n, e in self._state.items() if e[1] > now - _FORGET_AFTER}
+        data = {n: {"failures": f, "until": u} for n, (f, u) in sorted(self._state.items())}
+        try:
+            atomic_write(self.path, json.dumps(data, indent=1).encode())
+        except OSError as e:
+            self._log.error("cannot save backoff state to {file}: {error}", file=self.path, error=str(e))

@@ -1,0 +1,253 @@
+"""
+Issuers for on-demand certificates, and the wrappers that keep them in
+line: an ACME issuer, fallback from one CA to the next (as Caddy falls back
+from Let's Encrypt to ZeroSSL), and per-name failure backoff.
+
+The resolver (L{tenantedge.resolver}) already guarantees one issuance per
+name at a time; these classes only decide how that one issuance goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .accounts import AccountStore
+from .acme import AcmeClient, AcmeProblem
+from .backoff import FailureBackoff
+from .certificates import CertificateBundle, InvalidBundle
+from .interfaces import IIssuer, IssuanceFailed
+from .singleflight import SingleFlight
+from .store import RunBlocking, run_inline
+
+__all__ = [
+    "AcmeIssuer",
+    "BackedOff",
+    "BackoffIssuer",
+    "FallbackFailed",
+    "FallbackIssuer",
+    "KEY_TYPES",
+    "new_private_key",
+]
+
+KEY_TYPES = ("ecdsa-p256", "rsa2048")
+
+#: How long one ACME order may take in all, whether or not a handshake is
+#: still waiting for it (the handshake's own limit is --issue-timeout).
+ORDER_TIMEOUT = 300.0
+
+
+def new_private_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    """A fresh certificate key: ECDSA P-256 (default, cheaper handshakes) or RSA 2048."""
+    if key_type == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "rsa2048":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"unknown key type {key_type!r} (choose from {', '.join(KEY_TYPES)})")
+
+
+class ChallengeResponder(Protocol):
+    """What the ACME issuer needs from a challenge responder."""
+
+    challenge_type: str
+
+    async def publish(self, server_name: str, token: str, key_authorization: str) -> None: ...
+
+    async def withdraw(self, server_name: str, token: str) -> None: ...
+
+
+class FallbackFailed(IssuanceFailed):
+    """
+    Every issuer in a fallback chain failed.
+
+    @ivar errors: each issuer's error, in order.
+    @ivar retry_after: the longest wait any CA asked for, if any did.
+    """
+
+    def __init__(self, host: str, detail: str, errors: Sequence[IssuanceFailed]) -> None:
+        super().__init__(host, detail)
+        self.errors = tuple(errors)
+        waits = [w for w in (getattr(e, "retry_after", None) for e in errors) if w is not None]
+        self.retry_after = max(waits) if waits else None
+
+
+class BackedOff(IssuanceFailed):
+    """
+    The name failed recently; no new order is placed before C{until}.
+    """
+
+    def __init__(self, host: str, until: float, failures: int) -> None:
+        super().__init__(host, f"backing off after {failures} failed attempt(s)")
+        self.until = until
+        self.failures = failures
+
+
+@implementer(IIssuer)
+@attrs.define
+class AcmeIssuer:
+    """
+    Issues through one ACME CA.
+
+    @ivar client: the protocol client (its key is the account key).
+    @ivar accounts: where the account URL is remembered.
+    @ivar responder: answers the chosen challenge type.
+    @ivar email: contact address for the account, if any.
+    @ivar eab: External Account Binding (kid, HMAC key), if the CA needs it.
+    @ivar key_type: certificate key type (see L{KEY_TYPES}).
+    @ivar run_blocking: runs RSA key generation off the reactor thread.
+    """
+
+    client: AcmeClient
+    accounts: AccountStore
+    responder: ChallengeResponder
+    clock: IReactorTime
+    email: str | None = None
+    eab: tuple[str, str] | None = None
+    key_type: str = "ecdsa-p256"
+    run_blocking: RunBlocking = run_inline
+    order_timeout: float = ORDER_TIMEOUT
+    _account: SingleFlight[str] = attrs.field(factory=SingleFlight, init=False)
+    _log = Logger()
+
+    @property
+    def name(self) -> str:
+        return self.client.directory_url
+
+    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+        return Deferred.fromCoroutine(self._issue(server_name))
+
+    async def _issue(self, server_name: str) -> CertificateBundle:
+        await self._ensure_account(server_name)
+        if self.key_type == "rsa2048":
+            key = await self.run_blocking(new_private_key, self.key_type)
+        else:
+            key = new_private_key(self.key_type)
+        deadline = self.clock.seconds() + self.order_timeout
+        try:
+            chain = await self._order(server_name, key, deadline)
+        except AcmeProblem as problem:
+            if problem.short_type != "accountDoesNotExist":
+                raise
+            # The CA forgot the account (or it was deactivated): register
+            # this key again and retry once.
+            self.client.account_url = None
+            await self._ensure_account(server_name)
+            chain = await self._order(server_name, key, deadline)
+        try:
+            return CertificateBundle.build(key, chain)
+        except InvalidBundle as e:
+            raise IssuanceFailed(server_name, f"the CA's certificate is unusable: {e.reason}") from None
+
+    def _order(self, server_name: str, key: Any, deadline: float) -> Any:
+        return self.client.order(
+            server_name, key, self.responder.challenge_type, self.responder.publish, self.responder.withdraw, deadline
+        )
+
+    async def _ensure_account(self, server_name: str) -> str:
+        if self.client.account_url is not None:
+            return self.client.account_url
+        return await self._account.run("account", lambda: Deferred.fromCoroutine(self._register(server_name)))
+
+    async def _register(self, server_name: str) -> str:
+        url = await self.client.register(self.email, self.eab, host=server_name)
+        if url != self.accounts.load_url():
+            self.accounts.save_url(url, self.client.directory_url)
+            self._log.info("ACME account {url} at {ca}", url=url, ca=self.client.directory_url)
+        return url
+
+    def prepare(self) -> None:
+        """
+        Load (or create) the account key and the remembered account URL.
+        Runs at start-up, after privileges are dropped.
+        """
+        self.client.key = self.accounts.load_or_create_key()
+        self.client.account_url = self.accounts.load_url()
+
+
+@implementer(IIssuer)
+@attrs.define
+class FallbackIssuer:
+    """
+    Tries each issuer in turn until one succeeds; fails with the last
+    error, whose detail lists what every issuer said.
+    """
+
+    issuers: Sequence[IIssuer]
+    _log = Logger()
+
+    @property
+    def name(self) -> str:
+        return " -> ".join(str(i.name) for i in self.issuers)
+
+    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+        return Deferred.fromCoroutine(self._issue(server_name))
+
+    async def _issue(self, server_name: str) -> CertificateBundle:
+        errors: list[IssuanceFailed] = []
+        for index, issuer in enumerate(self.issuers):
+            try:
+                return await issuer.issue(server_name)  # type: ignore[no-any-return]
+            except IssuanceFailed as e:
+                errors.append(e)
+                if index + 1 < len(self.issuers):
+                    self._log.warn(
+                        "{issuer} could not issue for {host} ({error}); trying {next}",
+                        issuer=issuer.name,
+                        host=server_name,
+                        error=e.detail,
+                        next=self.issuers[index + 1].name,
+                    )
+        last = errors[-1]
+        if len(errors) > 1:
+            detail = "; ".join(f"{i.name}: {e.detail}" for i, e in zip(self.issuers, errors))
+            raise FallbackFailed(server_name, detail, errors)
+        raise last
+
+
+@implementer(IIssuer)
+@attrs.define
+class BackoffIssuer:
+    """
+    Refuses, without contacting any CA, a name whose last attempts failed,
+    until its backoff ends (see L{tenantedge.backoff}).
+    """
+
+    wrapped: IIssuer
+    backoff: FailureBackoff
+    _log = Logger()
+
+    @property
+    def name(self) -> str:
+        return str(self.wrapped.name)
+
+    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+        until = self.backoff.blocked_until(server_name)
+        if until is not None:
+            return fail(BackedOff(server_name, until, self.backoff.failures(server_name)))
+        d: Deferred[CertificateBundle] = self.wrapped.issue(server_name)
+        d.addCallbacks(self._succeeded, self._failed, (server_name,), None, (server_name,))
+        return d
+
+    def _succeeded(self, bundle: CertificateBundle, server_name: str) -> CertificateBundle:
+        self.backoff.record_success(server_name)
+        return bundle
+
+    def _failed(self, failure: Any, server_name: str) -> Any:
+        if failure.check(IssuanceFailed):
+            retry_after = getattr(failure.value, "retry_after", None)
+            until = self.backoff.record_failure(server_name, retry_after)
+            self._log.warn(
+                "no new order for {host} for {wait:.0f}s (failure {count})",
+                host=server_name,
+                wait=until - self.backoff.clock.seconds(),
+                count=self.backoff.failures(server_name),
+            )
+        return failure
+
