@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
+import treq
 import josepy as jose
 from acme import jws as acme_jws
 from acme import messages
@@ -190,8 +191,10 @@ class AcmeClient:
     @ivar clock: for polling delays and deadlines.
     @ivar account_url: the account's URL (C{kid}), once known.
     @ivar request_timeout: deadline for one HTTP exchange.
-    @ivar poll_interval: delay between polls when the CA gives no
-        C{Retry-After}.
+    @ivar poll_interval: the longest delay between polls when the CA gives
+        no C{Retry-After}; polling starts at L{first_poll} and doubles up to
+        it, since most validations finish within a second and the first
+        handshake is waiting.
     @ivar max_nonce_retries: how often a C{badNonce} is retried with the
         fresh nonce the error carried.
     """
@@ -202,7 +205,8 @@ class AcmeClient:
     clock: IReactorTime
     account_url: str | None = None
     request_timeout: float = 30.0
-    poll_interval: float = 1.0
+    poll_interval: float = 2.0
+    first_poll: float = 0.2
     max_nonce_retries: int = 5
     user_agent: str = "tenantedge"
     _directory: messages.Directory | None = attrs.field(default=None, init=False)
@@ -217,7 +221,7 @@ class AcmeClient:
 
         async def go() -> _Reply:
             response = await self.http.request(method, url, headers=headers, **kwargs)
-            body = await self.http.content(response) if method != "HEAD" else b""
+            body = await treq.content(response) if method != "HEAD" else b""
             return _Reply(response.code, response.headers, body)
 
         d = defer.Deferred.fromCoroutine(go())
@@ -432,9 +436,9 @@ class AcmeClient:
             raise ValidationFailed(
                 server_name, PROBLEM_PREFIX + "unauthorized", f"authorization is {authz.status.name}", 0
             )
-        chosen = [c for c in authz.challenges if c.chall.typ == challenge_type]
+        chosen = [c for c in authz.challenges if _challenge_type(c) == challenge_type]
         if not chosen:
-            offered = ", ".join(c.chall.typ for c in authz.challenges)
+            offered = ", ".join(_challenge_type(c) for c in authz.challenges)
             raise ValidationFailed(
                 server_name,
                 PROBLEM_PREFIX + "unsupportedIdentifier",
@@ -472,6 +476,7 @@ class AcmeClient:
         error_class: type[AcmeProblem],
         challenge_type: str | None = None,
     ) -> Any:
+        interval = self.first_poll
         while True:
             reply = await self.post(host, url, None)
             resource = self._parse(host, message_class, reply)
@@ -481,7 +486,11 @@ class AcmeClient:
             if status == "invalid" or status in ("deactivated", "expired", "revoked"):
                 raise self._failure(host, resource, error_class, challenge_type, reply)
             delay = parse_retry_after(reply.header(b"retry-after"), self.clock.seconds())
-            delay = self.poll_interval if delay is None else min(max(delay, 0.1), 60.0)
+            if delay is None:
+                delay = interval
+                interval = min(interval * 2, self.poll_interval)
+            else:
+                delay = min(max(delay, 0.1), 60.0)
             if self.clock.seconds() + delay > deadline:
                 raise error_class(
                     host, PROBLEM_PREFIX + "serverInternal", f"still {status} at the deadline ({url})", 0
@@ -494,7 +503,7 @@ class AcmeClient:
         error = getattr(resource, "error", None)
         if error is None and challenge_type is not None:
             for challenge in getattr(resource, "challenges", ()):
-                if challenge.chall.typ == challenge_type and challenge.error is not None:
+                if _challenge_type(challenge) == challenge_type and challenge.error is not None:
                     error = challenge.error
         if error is None:
             return error_class(host, PROBLEM_PREFIX + "unauthorized", f"{resource.status.name} without a reason", 0)
@@ -506,6 +515,18 @@ class AcmeClient:
             parse_retry_after(reply.header(b"retry-after"), self.clock.seconds()),
             _subproblems(error),
         )
+
+
+def _challenge_type(challenge: messages.ChallengeBody) -> str:
+    """
+    The challenge's type; the acme package parses types it no longer
+    implements (tls-alpn-01 since acme 3) as UnrecognizedChallenge, whose
+    C{typ} is not a string.
+    """
+    typ = challenge.chall.typ
+    if isinstance(typ, str):
+        return typ
+    return str(challenge.chall.to_partial_json().get("type", "unknown"))
 
 
 def _subproblems(error: messages.Error) -> tuple[tuple[str, str, str], ...]:

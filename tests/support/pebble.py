@@ -1,0 +1,212 @@
+"""
+A real ACME server for tests: Debian's C{pebble}, started on run-time
+loopback ports, with a small C{twisted.names} DNS server that answers
+127.0.0.1 for every name (NXDOMAIN for names containing C{unvalidatable}),
+so Pebble's validation authority connects back to the edge under test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import signal
+import socket
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, protocol, reactor
+from twisted.names import dns, error, server
+from twisted.trial.unittest import TestCase
+
+from .processes import require_tool
+
+UNVALIDATABLE = "unvalidatable"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _LoopbackResolver:
+    """Every A query answers 127.0.0.1; other types answer nothing."""
+
+    def query(self, query: dns.Query, timeout: Any = None) -> defer.Deferred[Any]:
+        name = query.name.name.decode("ascii", "replace")
+        if UNVALIDATABLE in name:
+            return defer.fail(error.DomainError(name))
+        if query.type == dns.A:
+            answer = dns.RRHeader(name=query.name.name, type=dns.A, payload=dns.Record_A("127.0.0.1", ttl=0), ttl=0)
+            return defer.succeed(([answer], [], []))
+        return defer.succeed(([], [], []))
+
+
+def start_dns() -> Any:
+    """A UDP and TCP DNS server on loopback; returns (udp_port, tcp_port) listeners on one port number."""
+    factory = server.DNSServerFactory(clients=[_LoopbackResolver()])
+    factory.noisy = False
+    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+    port = udp.getHost().port
+    try:
+        tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
+    except Exception:
+        tcp = None
+    return udp, tcp
+
+
+def _https_material(directory: str) -> tuple[str, str, str]:
+    """A throwaway CA and a localhost certificate for Pebble's own HTTPS."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenantedge test CA for pebble")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = [os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem")]
+    with open(paths[0], "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(paths[1], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths[2], "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return paths[0], paths[1], paths[2]
+
+
+class _PebbleProcess(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"ACME directory available" in self.output and not self.ready.called:
+            self.ready.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.ready.called:
+            self.ready.errback(RuntimeError("pebble exited: " + self.output.decode("utf-8", "replace")[-2000:]))
+        self.ended.callback(None)
+
+
+class Pebble:
+    """
+    One Pebble instance for one test.
+
+    @ivar http_port: where Pebble's VA sends HTTP-01 requests (the edge's
+        --http port).
+    @ivar tls_port: where it sends TLS-ALPN-01 handshakes (the edge's
+        --https port).
+    """
+
+    def __init__(self, testcase: TestCase, env: dict[str, str] | None = None) -> None:
+        self.testcase = testcase
+        self.env = env or {}
+        self.http_port = free_port()
+        self.tls_port = free_port()
+        self.process: Any = None
+        self.proto: _PebbleProcess | None = None
+
+    async def start(self) -> None:
+        binary = require_tool(self.testcase, "pebble")
+        work = os.path.abspath(self.testcase.mktemp())
+        os.makedirs(work)
+        self.ca_root, cert, key = _https_material(work)
+        udp, tcp = start_dns()
+        self.testcase.addCleanup(udp.stopListening)
+        if tcp is not None:
+            self.testcase.addCleanup(tcp.stopListening)
+        self.port = free_port()
+        self.management_port = free_port()
+        config = {
+            "pebble": {
+                "listenAddress": f"127.0.0.1:{self.port}",
+                "managementListenAddress": f"127.0.0.1:{self.management_port}",
+                "certificate": cert,
+                "privateKey": key,
+                "httpPort": self.http_port,
+                "tlsPort": self.tls_port,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": False,
+            }
+        }
+        config_path = os.path.join(work, "pebble.json")
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", **self.env)
+        self.proto = _PebbleProcess()
+        self.process = reactor.spawnProcess(
+            self.proto, binary, [binary, "-config", config_path, "-dnsserver", f"127.0.0.1:{udp.getHost().port}"],
+            env=env,
+        )
+        self.testcase.addCleanup(self.stop)
+        self.proto.ready.addTimeout(30, reactor)
+        await self.proto.ready
+
+    @property
+    def directory_url(self) -> str:
+        return f"https://localhost:{self.port}/dir"
+
+    @property
+    def log(self) -> str:
+        return self.proto.output.decode("utf-8", "replace") if self.proto else ""
+
+    def count(self, pattern: str) -> int:
+        """How many requests Pebble logged whose line matches C{pattern}."""
+        return len(re.findall(pattern, self.log))
+
+    @property
+    def orders(self) -> int:
+        return self.count(r"POST /order-plz ")
+
+    @property
+    def new_accounts(self) -> int:
+        return self.count(r"POST /sign-me-up ")
+
+    async def root_pem(self, path: str) -> str:
+        """Fetch Pebble's issuing root (new each run) into C{path}, for curl --cacert."""
+        import treq
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent
+
+        from tenantedge.trust import https_policy
+
+        client = HTTPClient(Agent(reactor, contextFactory=https_policy([self.ca_root])))
+        response = await client.get(f"https://localhost:{self.management_port}/roots/0")
+        body = await treq.content(response)
+        with open(path, "wb") as f:
+            f.write(body)
+        return path
+
+    def stop(self) -> defer.Deferred[None]:
+        if self.process is not None and self.process.pid is not None:
+            try:
+                os.kill(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        return self.proto.ended if self.proto is not None else defer.succeed(None)

@@ -1,0 +1,176 @@
+"""
+End-to-end issuance against a real ACME server (Debian's Pebble): the edge
+obtains a certificate from Pebble at a never-seen name's first handshake,
+over HTTP-01 or TLS-ALPN-01, and curl checks it against Pebble's root.
+Under CI=true a missing pebble fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tenantedge.tap import Options, TenantEdgeService, makeService
+from tenantedge.testing import CountingIssuer
+
+from .support.pebble import UNVALIDATABLE, Pebble
+from .support.processes import Backend, require_tool, run
+
+
+class PebbleTestCase(TestCase):
+    timeout = 240
+    challenge = "http-01"
+    pebble_env: dict[str, str] = {}
+
+    async def _setUp(self) -> None:
+        self.curl = require_tool(self, "curl")
+        self.pebble = Pebble(self, self.pebble_env)
+        await self.pebble.start()
+        self.backend = Backend()
+        await self.backend.start()
+        self.addCleanup(self.backend.stop)
+        self.store = os.path.join(os.path.abspath(self.mktemp()), "store")
+        self.edge = await self.start_edge()
+        self.root = await self.pebble.root_pem(os.path.abspath(self.mktemp()))
+
+    def setUp(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._setUp())
+
+    async def start_edge(self, *extra: str) -> TenantEdgeService:
+        options = Options()
+        options.parseOptions(
+            [
+                "--https", f"tcp:{self.pebble.tls_port}:interface=127.0.0.1",
+                "--http", f"tcp:{self.pebble.http_port}:interface=127.0.0.1",
+                "--store", self.store,
+                "--ca", self.pebble.directory_url,
+                "--ca-root", self.pebble.ca_root,
+                "--email", "ops@saas.test",
+                "--challenge", self.challenge,
+                "--allow-suffix", ".test",
+                "--backend", self.backend.url,
+                *extra,
+            ]
+        )
+        edge = makeService(options)
+        edge.resolver.issuer = CountingIssuer(edge.resolver.issuer)
+        edge.startService()
+        self.addCleanup(edge.stopService)
+        await edge.listening_ports()
+        return edge
+
+    async def fetch(self, host: str, path: str = "/echo", *extra: str) -> tuple[bytes, bytes, int]:
+        port = self.pebble.tls_port
+        return await run(
+            self.curl,
+            ["--silent", "--show-error", "--max-time", "120", "--resolve", f"{host}:{port}:127.0.0.1",
+             "--cacert", self.root, *extra, f"https://{host}:{port}{path}"],
+        )
+
+
+class HTTP01Tests(PebbleTestCase):
+    async def test_first_request_gets_pebble_certificate(self) -> None:
+        """
+        A never-seen name gets a certificate from Pebble at its first
+        handshake, and the request goes through the proxy; curl verifies the
+        chain against Pebble's root.
+        """
+        out, err, code = await self.fetch("shop.acme-corp.test", "/echo/first")
+        self.assertEqual(code, 0, err + self.pebble.log[-3000:].encode())
+        self.assertEqual(json.loads(out)["path"], "/echo/first")
+        self.assertEqual(self.pebble.orders, 1)
+        self.assertEqual(self.pebble.new_accounts, 1)
+        bundle = await self.edge.store.get("shop.acme-corp.test")
+        self.assertIn("Pebble", bundle.issuer_name())
+        self.assertEqual(len(bundle.chain), 2)
+        # The HTTP-01 token was withdrawn when the order ended.
+        self.assertEqual(self.edge.http_root is not None, True)
+        out, err, code = await run(
+            self.curl,
+            ["--silent", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: shop.acme-corp.test",
+             f"http://127.0.0.1:{self.pebble.http_port}/.well-known/acme-challenge/anything"],
+        )
+        self.assertEqual(out, b"404")
+
+    async def test_restart_reuses_certificate_and_account(self) -> None:
+        """
+        After a restart on the same store, the stored certificate is served
+        (no new order) and the same ACME account is used.
+        """
+        out, err, code = await self.fetch("restart.test")
+        self.assertEqual(code, 0, err)
+        account_file = os.path.join(self.edge.acme_issuers[0].accounts.info_path)
+        with open(account_file) as f:
+            account_url = json.load(f)["url"]
+        await self.edge.stopService()
+        edge = await self.start_edge()
+        out, err, code = await self.fetch("restart.test")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.pebble.orders, 1)
+        self.assertEqual(sum(edge.resolver.issuer.counts.values()), 0)
+        # A new name after the restart orders on the same account, without
+        # registering again.
+        out, err, code = await self.fetch("second.test")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.pebble.orders, 2)
+        self.assertEqual(self.pebble.new_accounts, 1)
+        self.assertEqual(edge.acme_issuers[0].client.account_url, account_url)
+
+    async def test_concurrent_first_requests_one_order(self) -> None:
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self.fetch("burst.test", "/echo", "-o", "/dev/null", "-w", "%{http_code}"))
+             for _ in range(50)]
+        )
+        self.assertEqual([(out, code) for out, _, code in results], [(b"200", 0)] * 50)
+        self.assertEqual(self.pebble.orders, 1)
+
+    async def test_unvalidatable_name_fails_fast_and_backs_off(self) -> None:
+        """
+        A name Pebble cannot validate ends the handshake with an alert, the
+        log names the CA's problem, and the next handshakes are refused from
+        the backoff without a new order.
+        """
+        name = f"{UNVALIDATABLE}.test"
+        out, err, code = await self.fetch(name)
+        self.assertEqual(code, 35, err)
+        self.assertEqual(self.pebble.orders, 1)
+        self.assertIsNotNone(self.edge.backoff.blocked_until(name))
+        with open(os.path.join(self.store, "backoff.json")) as f:
+            self.assertIn(name, json.load(f))
+        for _ in range(3):
+            out, err, code = await self.fetch(name)
+            self.assertEqual(code, 35, err)
+        self.assertEqual(self.pebble.orders, 1)
+        # Other names are unaffected.
+        out, err, code = await self.fetch("fine.test")
+        self.assertEqual(code, 0, err)
+
+
+class TLSALPN01Tests(PebbleTestCase):
+    challenge = "tls-alpn-01"
+
+    async def test_first_request_via_tls_alpn(self) -> None:
+        """
+        With --challenge tls-alpn-01, Pebble validates on the HTTPS port
+        itself (acme-tls/1), and the first request still succeeds.
+        """
+        out, err, code = await self.fetch("alpn.test", "/echo/alpn")
+        self.assertEqual(code, 0, err + self.pebble.log[-3000:].encode())
+        self.assertEqual(json.loads(out)["path"], "/echo/alpn")
+        self.assertEqual(self.pebble.orders, 1)
+        # Pebble's validation handshakes (it validates from several
+        # "perspectives") were answered with the challenge certificate.
+        self.assertGreaterEqual(self.edge.tls_factory.events["acme-tls-challenge"], 1)
+        self.assertIsNone(self.edge.tls_alpn.context_for("alpn.test"))
+
+    async def test_concurrent_first_requests_one_order(self) -> None:
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self.fetch("burst-alpn.test", "/echo", "-o", "/dev/null", "-w", "%{http_code}"))
+             for _ in range(50)]
+        )
+        self.assertEqual([(out, code) for out, _, code in results], [(b"200", 0)] * 50)
+        self.assertEqual(self.pebble.orders, 1)
+
