@@ -13,10 +13,16 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
-# System tools the end-to-end tests drive: curl and openssl (real TLS clients).
+# System tools the end-to-end tests drive: curl and openssl (real TLS
+# clients) and pebble (a real ACME server), from Debian's archive.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
-	@command -v curl >/dev/null && command -v openssl >/dev/null || \
-	  { apt-get update && apt-get install -y curl openssl; }
+	@missing=""; for tool in curl openssl pebble; do \
+	  command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
 
 demo: $(VENV)/.installed
 	$(BIN)/twist --log-format=text tenantedge --demo

@@ -29,7 +29,8 @@ def account_directory(store: str, directory_url: str) -> str:
     """
     url = URL.from_text(directory_url)
     slug = f"{url.host}_{url.port}" + "_".join([""] + [p for p in url.path if p])
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", slug).strip(".") or "ca"
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", slug)
+    slug = re.sub(r"\.{2,}", "_", slug).strip(".") or "ca"
     return os.path.join(store, "accounts", slug)
 
 

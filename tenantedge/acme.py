@@ -37,6 +37,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .interfaces import IssuanceFailed
+from .timeouts import with_deadline
 
 __all__ = [
     "AcmeClient",
@@ -224,8 +225,7 @@ class AcmeClient:
             body = await treq.content(response) if method != "HEAD" else b""
             return _Reply(response.code, response.headers, body)
 
-        d = defer.Deferred.fromCoroutine(go())
-        d.addTimeout(self.request_timeout, self.clock)
+        d = with_deadline(defer.Deferred.fromCoroutine(go()), self.request_timeout, self.clock)
         try:
             reply: _Reply = await d
         except defer.TimeoutError:

@@ -23,6 +23,7 @@ __all__ = [
     "IChallengeStore",
     "PolicyRefusal",
     "IssuanceFailed",
+    "BackedOff",
 ]
 
 
@@ -57,6 +58,17 @@ class IssuanceFailed(Exception):
         super().__init__(f"{host}: {detail}")
         self.host = host
         self.detail = detail
+
+
+class BackedOff(IssuanceFailed):
+    """
+    The name failed recently; no new order is placed before C{until}.
+    """
+
+    def __init__(self, host: str, until: float, failures: int) -> None:
+        super().__init__(host, f"backing off after {failures} failed attempt(s)")
+        self.until = until
+        self.failures = failures
 
 
 class ICertificateStore(Interface):

@@ -23,7 +23,7 @@ from .accounts import AccountStore
 from .acme import AcmeClient, AcmeProblem
 from .backoff import FailureBackoff
 from .certificates import CertificateBundle, InvalidBundle
-from .interfaces import IIssuer, IssuanceFailed
+from .interfaces import BackedOff, IIssuer, IssuanceFailed
 from .singleflight import SingleFlight
 from .store import RunBlocking, run_inline
 
@@ -76,17 +76,6 @@ class FallbackFailed(IssuanceFailed):
         self.errors = tuple(errors)
         waits = [w for w in (getattr(e, "retry_after", None) for e in errors) if w is not None]
         self.retry_after = max(waits) if waits else None
-
-
-class BackedOff(IssuanceFailed):
-    """
-    The name failed recently; no new order is placed before C{until}.
-    """
-
-    def __init__(self, host: str, until: float, failures: int) -> None:
-        super().__init__(host, f"backing off after {failures} failed attempt(s)")
-        self.until = until
-        self.failures = failures
 
 
 @implementer(IIssuer)

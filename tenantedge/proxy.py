@@ -55,6 +55,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .hostnames import InvalidHostname, host_from_header
+from .timeouts import with_deadline
 from .tls import tls_server_name
 
 __all__ = [
@@ -283,11 +284,7 @@ class ProxyResource(Resource):
             response = self.agent.request(request.method, self.backend + path, headers, body)
         except Exception:
             return _error_page(request, 400, "Bad Request", "The request cannot be forwarded.")
-        # The Agent wraps a cancellation in its own errors; say plainly
-        # that the deadline passed, whatever the cancelled call failed with.
-        response.addTimeout(
-            self.timeout, self.clock, onTimeoutCancel=lambda result, timeout: Failure(defer.TimeoutError(timeout))
-        )
+        with_deadline(response, self.timeout, self.clock)
         relay_finished: defer.Deferred[None] = defer.Deferred()
         state: dict[str, Any] = {"relay": None}
 

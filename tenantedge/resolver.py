@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .certificates import CertificateBundle, make_server_context
-from .interfaces import ICertificateStore, IDomainPolicy, IIssuer, PolicyRefusal
+from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, IIssuer, PolicyRefusal
 from .singleflight import SingleFlight
 
 __all__ = ["CertificateResolver"]
@@ -133,13 +133,20 @@ class CertificateResolver:
         started = self.clock.seconds()
         try:
             bundle = await self.issuer.issue(server_name)
+        except BackedOff:
+            # Refused without contacting a CA; the failure that started the
+            # backoff was logged when it happened.
+            self.events["refused:backoff"] += 1
+            raise
         except Exception as e:
             self.events["failed"] += 1
             self._log.error(
-                "could not obtain a certificate for {host} from {issuer}: {error}",
+                "could not obtain a certificate for {host} from {issuer} after {duration:.3f}s: {error}",
                 host=server_name,
                 issuer=self.issuer.name,
-                error=str(e),
+                duration=self.clock.seconds() - started,
+                error=getattr(e, "detail", None) or str(e),
+                problem=getattr(e, "problem_type", None),
             )
             raise
         self.events["issued"] += 1

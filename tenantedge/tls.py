@@ -44,7 +44,7 @@ from .clienthello import (
     parse_client_hello,
 )
 from .hostnames import InvalidHostname, normalize
-from .interfaces import PolicyRefusal
+from .interfaces import BackedOff, PolicyRefusal
 from .resolver import CertificateResolver
 
 __all__ = [
@@ -318,6 +318,8 @@ class SniffingProtocol(Protocol):
             return None
         if failure.check(PolicyRefusal):
             self._refuse("refused", ALERT_UNRECOGNIZED_NAME)
+        elif failure.check(BackedOff):
+            self._refuse("backoff", ALERT_INTERNAL_ERROR)
         elif failure.check(defer.TimeoutError):
             self._log.warn(
                 "gave up waiting for a certificate for {host} after {timeout}s",

@@ -1,0 +1,34 @@
+"""
+One deadline for a whole asynchronous operation.
+
+C{Deferred.addTimeout} turns a plain cancellation into C{TimeoutError}, but
+many Deferreds (twisted.web's Agent, treq) fail their own way when
+cancelled (C{ResponseNeverReceived}, C{ResponseFailed}...). Callers that
+must tell "too slow" from "failed" (504 from 502, "CA did not answer" from
+"CA unreachable") use L{with_deadline}, which always reports a passed
+deadline as L{TimeoutError}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+__all__ = ["with_deadline", "TimeoutError"]
+
+T = TypeVar("T")
+
+
+def with_deadline(d: Deferred[T], seconds: float, clock: IReactorTime) -> Deferred[T]:
+    """
+    Cancel C{d} if it has not fired after C{seconds}, and fail it with
+    L{TimeoutError} whatever the cancelled operation failed with.
+    """
+
+    def timed_out(result: Any, timeout: float) -> Failure:
+        return Failure(TimeoutError(f"no result within {timeout:g}s"))
+
+    return d.addTimeout(seconds, clock, onTimeoutCancel=timed_out)
