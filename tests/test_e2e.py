@@ -153,6 +153,28 @@ class OnDemandTests(EdgeTestCase):
         self.assertEqual(sum(edge.resolver.issuer.counts.values()), 0)
         self.assertEqual(edge.resolver.events["store-hit"], 1)
 
+    async def test_issuer_fallback(self) -> None:
+        """
+        With --ca given twice, a CA that cannot be reached falls back to the
+        next one for the same name, within the same first handshake.
+        """
+        # start_edge already passes --ca internal; put an unreachable ACME CA first.
+        options = Options()
+        options.parseOptions([
+            "--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
+            "--store", os.path.join(self.mktemp(), "store"), "--allow-suffix", ".test",
+            "--backend", self.backend.url, "--ca", "https://localhost:1/directory", "--ca", "internal",
+        ])
+        edge = makeService(options)
+        edge.startService()
+        self.addCleanup(edge.stopService)
+        ports = await edge.listening_ports()
+        self.root = edge.local_ca.root_path
+        out, err, code = await self.fetch("fallback.test", "/echo", port=ports["https"].getHost().port)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(edge.resolver.events["issued"], 1)
+        self.assertEqual(edge.local_ca.issued, 1)
+
     async def test_port_80_redirect(self) -> None:
         out, err, code = await run(
             self.curl,

@@ -117,3 +117,13 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(parse_duration("7d"), 604800)
         for bad in ("", "0", "-1", "1w", "x"):
             self.assertRaises(ValueError, parse_duration, bad)
+
+
+class SampleConfigTests(SynchronousTestCase):
+    def test_sample_config_parses(self) -> None:
+        """etc/tenantedge.toml stays a valid configuration."""
+        sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "tenantedge.toml")
+        options = Options()
+        options.parseOptions(["--config", sample])
+        self.assertEqual(options["ca"], ["https://acme-staging-v02.api.letsencrypt.org/directory"])
+        self.assertEqual(options["policy"].allow_suffixes, (".tenants.example.net",))
