@@ -182,11 +182,13 @@ class Pebble:
 
     @property
     def orders(self) -> int:
-        return self.count(r"POST /order-plz ")
+        """Orders Pebble created (not requests: a badNonce retry is not an order)."""
+        return self.count(r"Added order \"")
 
     @property
     def new_accounts(self) -> int:
-        return self.count(r"POST /sign-me-up ")
+        """Accounts Pebble created (an existing account's lookup is not counted)."""
+        return self.count(r"There are now \d+ accounts in memory")
 
     async def root_pem(self, path: str) -> str:
         """Fetch Pebble's issuing root (new each run) into C{path}, for curl --cacert."""
