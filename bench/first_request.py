@@ -19,8 +19,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -39,10 +37,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from tenantedge.testing import listen_loopback_dns, write_https_material
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -78,41 +73,6 @@ def tail(path: str, size: int = 3000) -> str:
             return f.read()[-size:].decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def https_material(directory: str) -> tuple[str, str, str]:
-    """A throwaway CA and a localhost certificate for Pebble's own HTTPS."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenantedge bench CA for pebble")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = [os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem")]
-    with open(paths[0], "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(paths[1], "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(paths[2], "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return paths[0], paths[1], paths[2]
 
 
 class Processes:
@@ -163,25 +123,8 @@ class LoopbackDNS:
         self.port = 0
 
     def start(self) -> int:
-        from twisted.internet import defer
-        from twisted.names import dns, server
-
-        class Resolver:
-            def query(self, query: Any, timeout: Any = None) -> Any:
-                if query.type == dns.A:
-                    answer = dns.RRHeader(name=query.name.name, type=dns.A,
-                                          payload=dns.Record_A("127.0.0.1", ttl=0), ttl=0)
-                    return defer.succeed(([answer], [], []))
-                return defer.succeed(([], [], []))
-
-        factory = server.DNSServerFactory(clients=[Resolver()])
-        factory.noisy = False
-        udp = self.reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+        udp, _ = listen_loopback_dns(self.reactor)
         self.port = udp.getHost().port
-        try:
-            self.reactor.listenTCP(self.port, factory, interface="127.0.0.1")
-        except Exception:
-            pass  # UDP is enough for Pebble
         self.thread = threading.Thread(target=self.reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
         self.thread.start()
         return self.port
@@ -428,8 +371,8 @@ def run_server(kind: str, procs: Processes, root_work: str, dns_port: int, mater
         tag = secrets.token_hex(3)
         names = [f"t{i}-{tag}.test" if kind == "tenantedge" else f"c{i}-{tag}.test" for i in range(1, n + 1)]
         results = measure(kind, names, pebble.tls_port, root, timeout)
-        results["pebble_orders"] = pebble.count("POST /order-plz")
-        results["pebble_new_accounts"] = pebble.count("POST /sign-me-up")
+        results["pebble_orders"] = pebble.count("Added order \"")
+        results["pebble_new_accounts"] = pebble.count(" accounts in memory")
         results["work_dir"] = work
         return results
     finally:
@@ -468,7 +411,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     started = time.monotonic()
     try:
-        material = https_material(work)
+        material = write_https_material(work, "tenantedge bench CA for pebble")
         dns_port = dns.start()
         backend, backend_port = start_http_server()
         ask, ask_port = start_http_server()

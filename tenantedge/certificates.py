@@ -9,11 +9,13 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
@@ -22,6 +24,8 @@ __all__ = [
     "InvalidBundle",
     "HTTP_PROTOCOLS",
     "make_server_context",
+    "sign_certificate",
+    "common_name",
 ]
 
 #: ALPN protocols the HTTPS listener offers, in our order of preference.
@@ -177,6 +181,45 @@ def make_server_context(
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
     return options.getContext()
+
+
+def sign_certificate(
+    subject: x509.Name,
+    public_key: Any,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    signer: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    issuer: x509.Name | None = None,
+    dns_names: Sequence[str] = (),
+    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+) -> x509.Certificate:
+    """
+    One place that builds certificates (local CA root and leaves, TLS-ALPN
+    challenge certificates, test certificates): random serial, SHA-256,
+    the DNS names as subjectAltName, then any further (extension,
+    critical) pairs. Self-signed when C{issuer} is None.
+    """
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer if issuer is not None else subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    if dns_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False
+        )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def common_name(value: str) -> x509.Name:
+    """An X.509 name with just a common name."""
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value)])
 
 
 def utc_now(seconds: float) -> datetime.datetime:

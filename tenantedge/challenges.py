@@ -16,9 +16,7 @@ import hashlib
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.defer import Deferred, fail, succeed
@@ -27,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from .certificates import CertificateBundle, make_server_context, utc_now
+from .certificates import CertificateBundle, common_name, make_server_context, sign_certificate, utc_now
 from .hostnames import InvalidHostname, host_from_header
 from .interfaces import IChallengeStore
 
@@ -178,20 +176,14 @@ def tls_alpn_challenge_certificate(
     """
     key = ec.generate_private_key(ec.SECP256R1())
     digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
-        .add_extension(
-            x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True
-        )
-        .sign(key, hashes.SHA256())
+    cert = sign_certificate(
+        common_name(server_name),
+        key.public_key(),
+        now - datetime.timedelta(minutes=5),
+        now + datetime.timedelta(days=1),
+        key,
+        dns_names=[server_name],
+        extensions=[(x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), True)],
     )
     return key, cert
 

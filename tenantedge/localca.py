@@ -16,7 +16,7 @@ import secrets
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.defer import Deferred, fail, succeed
@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .certificates import CertificateBundle, InvalidBundle, utc_now
+from .certificates import CertificateBundle, InvalidBundle, common_name, sign_certificate, utc_now
 from .interfaces import IIssuer, IssuanceFailed
 from .store import StoreError, atomic_write, check_private_file, ensure_private_directory
 
@@ -133,19 +133,17 @@ class LocalCA:
                 ),
             ]
         )
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + _ROOT_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(ca=True), critical=True)
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256())
+        cert = sign_certificate(
+            name,
+            key.public_key(),
+            now - _BACKDATE,
+            now + _ROOT_VALIDITY,
+            key,
+            extensions=[
+                (x509.BasicConstraints(ca=True, path_length=0), True),
+                (_key_usage(ca=True), True),
+                (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+            ],
         )
         # Key first: if we crash between the two writes, prepare() finds a
         # key without a certificate and refuses, rather than a root whose
@@ -175,22 +173,19 @@ class LocalCA:
         key = _new_key()
         now = utc_now(self.clock.seconds())
         not_after = min(now + self.validity, root.not_valid_after_utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
-            .issuer_name(root.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(ca=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._root_key.public_key()),
-                critical=False,
-            )
-            .sign(self._root_key, hashes.SHA256())
+        cert = sign_certificate(
+            common_name(server_name),
+            key.public_key(),
+            now - _BACKDATE,
+            not_after,
+            self._root_key,
+            issuer=root.subject,
+            dns_names=[server_name],
+            extensions=[
+                (x509.BasicConstraints(ca=False, path_length=None), True),
+                (_key_usage(ca=False), True),
+                (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+                (x509.AuthorityKeyIdentifier.from_issuer_public_key(self._root_key.public_key()), False),
+            ],
         )
         return CertificateBundle.build(key, [cert])

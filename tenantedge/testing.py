@@ -9,21 +9,33 @@ against a fake means something for the real component.
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import os
 from collections import Counter
+from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from .certificates import CertificateBundle
+from .certificates import CertificateBundle, common_name, sign_certificate
 from .hostnames import InvalidHostname, normalize
 from .interfaces import ICertificateStore, IIssuer, IssuanceFailed
+from .store import atomic_write
 
-__all__ = ["MemoryStore", "ControlledIssuer", "CountingIssuer", "make_bundle"]
+__all__ = [
+    "MemoryStore",
+    "ControlledIssuer",
+    "CountingIssuer",
+    "make_bundle",
+    "write_https_material",
+    "LoopbackResolver",
+    "listen_loopback_dns",
+    "UNRESOLVABLE",
+]
 
 
 def make_bundle(
@@ -37,23 +49,14 @@ def make_bundle(
     times (by default: from 1970 to 2038, so any test clock is inside it).
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)])
     utc = datetime.timezone.utc
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.datetime.fromtimestamp(not_before, utc))
-        .not_valid_after(datetime.datetime.fromtimestamp(not_after, utc))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(n) for n in (names if names is not None else [server_name])]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
+    cert = sign_certificate(
+        common_name(server_name),
+        key.public_key(),
+        datetime.datetime.fromtimestamp(not_before, utc),
+        datetime.datetime.fromtimestamp(not_after, utc),
+        key,
+        dns_names=names if names is not None else [server_name],
     )
     return CertificateBundle.build(key, [cert])
 
@@ -155,3 +158,77 @@ class CountingIssuer:
     def issue(self, server_name: str) -> Deferred[CertificateBundle]:
         self.counts[server_name] += 1
         return self.wrapped.issue(server_name)  # type: ignore[no-any-return]
+
+
+# -- helpers for tests against a real ACME server (Pebble) -------------------
+
+
+def write_https_material(directory: str, ca_common_name: str = "tenantedge test CA") -> tuple[str, str, str]:
+    """
+    A throwaway CA and a C{localhost}/127.0.0.1 certificate it signed, for a
+    test server's own HTTPS (Pebble's API). Writes C{ca.pem}, C{cert.pem}
+    and C{key.pem} in C{directory}; returns their paths in that order. Give
+    C{ca.pem} to clients (C{--ca-root}).
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = common_name(ca_common_name)
+    ca = sign_certificate(
+        ca_name, ca_key.public_key(), now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2), ca_key,
+        extensions=[(x509.BasicConstraints(ca=True, path_length=0), True)],
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = sign_certificate(
+        common_name("localhost"), key.public_key(), now - datetime.timedelta(hours=1),
+        now + datetime.timedelta(days=2), ca_key, issuer=ca_name,
+        extensions=[(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)],
+    )
+    paths = tuple(os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    atomic_write(paths[0], ca.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    atomic_write(paths[1], cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    atomic_write(paths[2], key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths  # type: ignore[return-value]
+
+
+#: Names containing this label get NXDOMAIN from L{LoopbackResolver}, so a
+#: CA cannot validate them.
+UNRESOLVABLE = "unvalidatable"
+
+
+class LoopbackResolver:
+    """
+    A C{twisted.names} resolver for an ACME server's validation authority:
+    every A query answers 127.0.0.1 (where the edge under test listens),
+    other types answer nothing, names containing L{UNRESOLVABLE} are
+    NXDOMAIN.
+    """
+
+    def query(self, query: Any, timeout: Any = None) -> Deferred[Any]:
+        from twisted.names import dns, error
+
+        name = query.name.name.decode("ascii", "replace")
+        if UNRESOLVABLE in name:
+            return fail(error.DomainError(name))
+        if query.type == dns.A:
+            answer = dns.RRHeader(name=query.name.name, type=dns.A, payload=dns.Record_A("127.0.0.1", ttl=0), ttl=0)
+            return succeed(([answer], [], []))
+        return succeed(([], [], []))
+
+
+def listen_loopback_dns(reactor: Any) -> tuple[Any, Any]:
+    """
+    Serve L{LoopbackResolver} on 127.0.0.1 (UDP, and TCP on the same port
+    when free); returns the two listening ports (TCP may be None).
+    """
+    from twisted.names import dns, server
+
+    factory = server.DNSServerFactory(clients=[LoopbackResolver()])
+    factory.noisy = False
+    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+    try:
+        tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
+    except Exception:
+        tcp = None
+    return udp, tcp

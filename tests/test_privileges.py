@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 

@@ -7,7 +7,6 @@ so Pebble's validation authority connects back to the edge under test.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -15,84 +14,20 @@ import signal
 import socket
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor
-from twisted.names import dns, error, server
 from twisted.trial.unittest import TestCase
+
+from tenantedge.testing import UNRESOLVABLE, listen_loopback_dns, write_https_material
 
 from .processes import require_tool
 
-UNVALIDATABLE = "unvalidatable"
+UNVALIDATABLE = UNRESOLVABLE
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class _LoopbackResolver:
-    """Every A query answers 127.0.0.1; other types answer nothing."""
-
-    def query(self, query: dns.Query, timeout: Any = None) -> defer.Deferred[Any]:
-        name = query.name.name.decode("ascii", "replace")
-        if UNVALIDATABLE in name:
-            return defer.fail(error.DomainError(name))
-        if query.type == dns.A:
-            answer = dns.RRHeader(name=query.name.name, type=dns.A, payload=dns.Record_A("127.0.0.1", ttl=0), ttl=0)
-            return defer.succeed(([answer], [], []))
-        return defer.succeed(([], [], []))
-
-
-def start_dns() -> Any:
-    """A UDP and TCP DNS server on loopback; returns (udp_port, tcp_port) listeners on one port number."""
-    factory = server.DNSServerFactory(clients=[_LoopbackResolver()])
-    factory.noisy = False
-    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
-    port = udp.getHost().port
-    try:
-        tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
-    except Exception:
-        tcp = None
-    return udp, tcp
-
-
-def _https_material(directory: str) -> tuple[str, str, str]:
-    """A throwaway CA and a localhost certificate for Pebble's own HTTPS."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenantedge test CA for pebble")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = [os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem")]
-    with open(paths[0], "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(paths[1], "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(paths[2], "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return paths[0], paths[1], paths[2]
 
 
 class _PebbleProcess(protocol.ProcessProtocol):
@@ -136,8 +71,8 @@ class Pebble:
         binary = require_tool(self.testcase, "pebble")
         work = os.path.abspath(self.testcase.mktemp())
         os.makedirs(work)
-        self.ca_root, cert, key = _https_material(work)
-        udp, tcp = start_dns()
+        self.ca_root, cert, key = write_https_material(work, "tenantedge test CA for pebble")
+        udp, tcp = listen_loopback_dns(reactor)
         self.testcase.addCleanup(udp.stopListening)
         if tcp is not None:
             self.testcase.addCleanup(tcp.stopListening)
