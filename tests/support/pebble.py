@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 from typing import Any
 
@@ -19,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from tenantedge.testing import UNRESOLVABLE, listen_loopback_dns, write_https_material
 
-from .processes import require_tool
+from .processes import require_tool, terminate
 
 UNVALIDATABLE = UNRESOLVABLE
 
@@ -141,9 +140,6 @@ class Pebble:
         return path
 
     def stop(self) -> defer.Deferred[None]:
-        if self.process is not None and self.process.pid is not None:
-            try:
-                os.kill(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        return self.proto.ended if self.proto is not None else defer.succeed(None)
+        if self.proto is None:
+            return defer.succeed(None)
+        return terminate(self.process, self.proto.ended)

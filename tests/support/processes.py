@@ -32,6 +32,16 @@ def require_tool(testcase: Any, name: str) -> str:
     return path
 
 
+def terminate(process: Any, ended: defer.Deferred[None]) -> defer.Deferred[None]:
+    """SIGTERM a process we started (by its PID); fires when it has ended."""
+    if process is not None and process.pid is not None:
+        try:
+            os.kill(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return ended
+
+
 class _Collect(protocol.ProcessProtocol):
     def __init__(self, stdin: bytes | None, on_stdout: Any = None) -> None:
         self.stdin = stdin
@@ -122,9 +132,4 @@ class Backend:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> defer.Deferred[None]:
-        if self.process is not None and self.process.pid is not None:
-            try:
-                os.kill(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        return self._ended
+        return terminate(self.process, self._ended)
