@@ -30,14 +30,14 @@ from acme import messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from .certificates import common_name
 from .interfaces import IssuanceFailed
-from .timeouts import with_deadline
+from .timeouts import describe_error, with_deadline
 
 __all__ = [
     "AcmeClient",
@@ -130,7 +130,7 @@ def make_csr(server_name: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateK
     """
     return (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
+        .subject_name(common_name(server_name))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -231,7 +231,7 @@ class AcmeClient:
         except defer.TimeoutError:
             raise CAUnreachable(host, f"no answer from {url} within {self.request_timeout:g}s") from None
         except Exception as e:
-            raise CAUnreachable(host, f"cannot reach {url}: {_describe(e)}") from None
+            raise CAUnreachable(host, f"cannot reach {url}: {describe_error(e)}") from None
         if len(reply.body) > _MAX_BODY:
             raise AcmeProtocolError(host, f"CA sent an oversized response from {url}")
         nonce = reply.header(b"replay-nonce")
@@ -536,10 +536,4 @@ def _subproblems(error: messages.Error) -> tuple[tuple[str, str, str], ...]:
         out.append((identifier, sub.typ or "", sub.detail or ""))
     return tuple(out)
 
-
-def _describe(error: Exception) -> str:
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        return "; ".join(r.getErrorMessage() for r in reasons)
-    return str(error) or error.__class__.__name__
 

@@ -218,7 +218,13 @@ def sign_certificate(
 
 
 def common_name(value: str) -> x509.Name:
-    """An X.509 name with just a common name."""
+    """
+    An X.509 name with just a common name, or an empty name when the value
+    is longer than the 64 characters X.509 allows a CN (a valid host name
+    may have 253): the subjectAltName carries the name either way.
+    """
+    if len(value) > 64:
+        return x509.Name([])
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value)])
 
 

@@ -131,6 +131,10 @@ class HTTPRedirectRoot(Resource):
         return self
 
     def render(self, request: Request) -> bytes:
+        if not request.uri.startswith(b"/"):
+            # Only origin-form targets: "@evil.example/x" or an absolute
+            # URL appended to our host would redirect somewhere else.
+            return _plain(request, 400, b"only origin-form request targets are accepted\n")
         host = request.requestHeaders.getRawHeaders(b"host", [b""])[0]
         try:
             name = host_from_header(host)

@@ -29,7 +29,8 @@ __all__ = [
 MAX_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Used with fullmatch: "$" alone would accept a label ending in a newline.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class InvalidHostname(ValueError):
@@ -104,7 +105,7 @@ def normalize(raw: bytes | str, *, min_labels: int = 2) -> str:
             raise InvalidHostname("empty label in server name")
         if len(label) > MAX_LABEL_LENGTH:
             raise InvalidHostname("label longer than 63 characters")
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             raise InvalidHostname("invalid character or hyphen placement in label")
         if label[2:4] == "--":
             if not label.startswith("xn--"):

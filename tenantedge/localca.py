@@ -14,8 +14,11 @@ import datetime
 import os
 import secrets
 
+from collections.abc import Callable
+
 import attrs
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -28,7 +31,11 @@ from .certificates import CertificateBundle, InvalidBundle, common_name, sign_ce
 from .interfaces import IIssuer, IssuanceFailed
 from .store import StoreError, atomic_write, check_private_file, ensure_private_directory
 
-__all__ = ["LocalCA"]
+__all__ = ["LocalCA", "ROOT_NAME_PREFIX", "local_ca_check"]
+
+#: Every local root's common name starts with this, which is how a stored
+#: leaf is recognised as the local CA's.
+ROOT_NAME_PREFIX = "tenantedge local root"
 
 _ROOT_VALIDITY = datetime.timedelta(days=3650)
 _BACKDATE = datetime.timedelta(minutes=5)
@@ -129,7 +136,7 @@ class LocalCA:
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tenantedge"),
                 x509.NameAttribute(
-                    NameOID.COMMON_NAME, f"tenantedge local root {secrets.token_hex(4)}"
+                    NameOID.COMMON_NAME, f"{ROOT_NAME_PREFIX} {secrets.token_hex(4)}"
                 ),
             ]
         )
@@ -158,6 +165,14 @@ class LocalCA:
         )
         atomic_write(self.root_path, cert.public_bytes(serialization.Encoding.PEM))
         self._log.info("created local CA root {path}", path=self.root_path)
+
+    def signed(self, bundle: CertificateBundle) -> bool:
+        """Was this leaf signed by the current root?"""
+        try:
+            bundle.leaf.verify_directly_issued_by(self.root)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
     def issue(self, server_name: str) -> Deferred[CertificateBundle]:
         try:
@@ -189,3 +204,20 @@ class LocalCA:
             ],
         )
         return CertificateBundle.build(key, [cert])
+
+
+def local_ca_check(local_ca: LocalCA | None) -> Callable[[CertificateBundle], bool]:
+    """
+    For L{tenantedge.resolver.CertificateResolver.accepts}: a stored leaf
+    from a local CA is usable only if the local CA is configured and it is
+    this root's (after the root was replaced, or when moving from the demo
+    to Let's Encrypt on the same store, such leaves are obtained anew).
+    Leaves from other CAs are accepted.
+    """
+
+    def accepts(bundle: CertificateBundle) -> bool:
+        if not bundle.issuer_name().startswith(ROOT_NAME_PREFIX):
+            return True
+        return local_ca is not None and local_ca.signed(bundle)
+
+    return accepts

@@ -49,7 +49,7 @@ from twisted.web.client import (
 )
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -144,12 +144,19 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(backend_headers: Headers) -> Headers:
+def downstream_headers(backend_headers: Headers, connection_headers: Headers | None = None) -> Headers:
     """
-    The backend's response headers minus hop-by-hop ones; everything else
-    (several C{Set-Cookie} lines included) passes unchanged.
+    The backend's response headers minus hop-by-hop ones (and any the
+    backend named in its C{Connection} header); everything else (several
+    C{Set-Cookie} lines included) passes unchanged.
+
+    @param connection_headers: where Twisted's HTTP client keeps the
+        connection-control headers it took out of C{backend_headers}
+        (C{Connection}, C{Content-Length}...), if known.
     """
     extra = _connection_tokens(backend_headers)
+    if connection_headers is not None:
+        extra |= _connection_tokens(connection_headers)
     out = Headers()
     for name, values in backend_headers.getAllRawHeaders():
         if not _forwarding_blocked(name, extra):
@@ -189,6 +196,23 @@ def _error_page(request: Request, code: int, title: str, detail: str) -> bytes:
     return body
 
 
+def _connection_headers(upstream: IResponse) -> Headers | None:
+    """
+    The connection-control headers Twisted's HTTP/1.1 client parsed for
+    this response. There is no public API for them; this reaches the
+    parser through the pooled connection and gives up (None) if Twisted's
+    internals differ.
+    """
+    try:
+        protocol = upstream._transport._producer.protocol  # type: ignore[attr-defined]
+        while hasattr(protocol, "_wrappedProtocol"):  # endpoint wrappers
+            protocol = protocol._wrappedProtocol
+        headers = protocol._parser.connHeaders
+    except AttributeError:
+        return None
+    return headers if isinstance(headers, Headers) else None
+
+
 class _BodyRelay(Protocol):
     """
     Streams a backend response body to the client, pausing the backend
@@ -214,9 +238,12 @@ class _BodyRelay(Protocol):
                 self.request.finish()
             else:
                 # The backend broke off mid-body. The status line is gone,
-                # so the only honest signal left is to cut the connection
-                # (no final chunk), never to finish as if complete.
-                self.request.loseConnection()
+                # so the only honest signal left is to abort: no final
+                # chunk on HTTP/1.1, RST_STREAM on HTTP/2 (where a plain
+                # close would end the stream as if complete).
+                channel = self.request.channel
+                abort = getattr(channel, "abortConnection", None) or channel.transport.abortConnection
+                abort()
         self.finished.callback(None)
 
     def stop(self) -> None:
@@ -277,7 +304,7 @@ class ProxyResource(Resource):
         if not path.startswith(b"/"):
             return _error_page(request, 400, "Bad Request", "Only origin-form request targets are accepted.")
         headers = upstream_headers(
-            request.requestHeaders, host, request.getClientAddress().host or ""
+            request.requestHeaders, host, getattr(request.getClientAddress(), "host", "") or ""
         )
         body = self._body_producer(request)
         try:
@@ -286,9 +313,10 @@ class ProxyResource(Resource):
             return _error_page(request, 400, "Bad Request", "The request cannot be forwarded.")
         with_deadline(response, self.timeout, self.clock)
         relay_finished: defer.Deferred[None] = defer.Deferred()
-        state: dict[str, Any] = {"relay": None}
+        state: dict[str, Any] = {"relay": None, "gone": False}
 
         def client_gone(reason: Failure) -> None:
+            state["gone"] = True
             relay = state["relay"]
             if relay is not None:
                 relay.stop()
@@ -298,16 +326,24 @@ class ProxyResource(Resource):
         request.notifyFinish().addErrback(client_gone)
 
         def got_response(upstream: IResponse) -> None:
-            if request._disconnected:
+            if state["gone"]:
                 upstream.deliverBody(_Discard())
                 return
             request.setResponseCode(upstream.code, upstream.phrase)
-            request.responseHeaders = downstream_headers(upstream.headers)
+            request.responseHeaders = downstream_headers(upstream.headers, _connection_headers(upstream))
+            # Pass the backend's headers, not twisted.web's defaults: no
+            # Content-Type the backend did not send (an upload served
+            # without one must not turn into text/html), and the length
+            # when the backend gave one (Twisted's client keeps
+            # Content-Length out of the headers it hands over).
+            request.defaultContentType = None
+            if upstream.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+                request.setHeader(b"content-length", b"%d" % (upstream.length,))
             relay = state["relay"] = _BodyRelay(request, relay_finished)
             upstream.deliverBody(relay)
 
         def failed(reason: Failure) -> None:
-            if request._disconnected:
+            if state["gone"]:
                 return
             if reason.check(defer.TimeoutError):
                 code, title, detail = 504, "Gateway Timeout", "The application did not answer in time."

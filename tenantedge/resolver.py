@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from .certificates import CertificateBundle, make_server_context
 from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, IIssuer, PolicyRefusal
 from .singleflight import SingleFlight
+from .timeouts import with_deadline
 
 __all__ = ["CertificateResolver"]
 
@@ -45,6 +46,13 @@ class CertificateResolver:
     @ivar clock: for validity checks.
     @ivar cache_size: how many ready contexts to keep (least recently used
         are dropped first; a dropped one is re-read from the store).
+    @ivar work_timeout: deadline for the shared work of one lookup (store
+        read, policy, issuance, store write), so that a hung store or
+        issuer cannot keep a name in flight forever; each handshake also
+        has its own, shorter, limit.
+    @ivar accepts: whether a stored certificate comes from an issuer the
+        current configuration trusts (a leaf of a local CA root that was
+        replaced, or that is no longer configured, is obtained anew).
     @ivar events: counters by outcome (C{"cache-hit"}, C{"store-hit"},
         C{"issued"}, C{"refused:<reason>"}, C{"failed"}...), for metrics.
     """
@@ -54,6 +62,8 @@ class CertificateResolver:
     issuer: IIssuer
     clock: IReactorTime
     cache_size: int = 10000
+    work_timeout: float = 600.0
+    accepts: Callable[[CertificateBundle], bool] = lambda bundle: True
     make_context: Callable[[CertificateBundle], SSL.Context] = make_server_context
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _cache: OrderedDict[str, _Entry] = attrs.field(factory=OrderedDict, init=False)
@@ -94,7 +104,8 @@ class CertificateResolver:
             self.events[f"refused:{reason}"] += 1
             return fail(PolicyRefusal(server_name, reason))
         return self._flights.run(
-            server_name, lambda: Deferred.fromCoroutine(self._obtain(server_name))
+            server_name,
+            lambda: with_deadline(Deferred.fromCoroutine(self._obtain(server_name)), self.work_timeout, self.clock),
         )
 
     def forget(self, server_name: str) -> None:
@@ -179,6 +190,14 @@ class CertificateResolver:
                 "(not after {not_after}); obtaining a new one",
                 host=server_name,
                 not_after=bundle.leaf.not_valid_after_utc.isoformat(),
+            )
+            return False
+        if not self.accepts(bundle):
+            self._log.warn(
+                "stored certificate for {host} was issued by {issuer}, which this configuration does not "
+                "issue from; obtaining a new one",
+                host=server_name,
+                issuer=bundle.issuer_name(),
             )
             return False
         if server_name not in bundle.dns_names():

@@ -50,6 +50,9 @@ _SUFFIX = ".pem"
 #: A key, a leaf and a long chain are a few KiB; anything near this is not
 #: a certificate bundle, and reading it whole would only waste memory.
 _MAX_FILE = 1024 * 1024
+#: Read errors that say "this entry is unusable" (as opposed to a passing
+#: condition such as EMFILE or EIO): the entry counts as missing.
+_UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG})
 _TMP_PREFIX = "."
 
 
@@ -224,6 +227,17 @@ class DirectoryStore:
         if failure.check(FileNotFoundError):
             return Failure(KeyError(server_name))
         if failure.check(OSError):
+            if failure.value.errno not in _UNREADABLE:
+                # A passing condition (no file descriptors left, an I/O
+                # error): fail this lookup, but never conclude the file is
+                # bad, or a flood of handshakes would replace good
+                # certificates with new orders.
+                self._log.error(
+                    "cannot read stored certificate {file} right now: {error}",
+                    file=path,
+                    error=failure.value.strerror,
+                )
+                return failure
             self._log.error(
                 "cannot read stored certificate {file}: {error}; treating it as missing",
                 file=path,

@@ -30,7 +30,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import HTTPConnectionPool
+from treq.client import HTTPClient
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from . import __version__
@@ -41,9 +42,11 @@ from .challenges import HTTP01Responder, HTTPRedirectRoot, MemoryChallengeStore,
 from .demo import DemoBackendService
 from .hostnames import InvalidHostname
 from .issuer import KEY_TYPES, AcmeIssuer, BackoffIssuer, FallbackIssuer
-from .localca import LocalCA
-from .trust import acme_http_client
-from .policy import StaticPolicy
+from .localca import LocalCA, local_ca_check
+from .trust import acme_http_client, https_policy
+from .allow import AllowChecker
+from .limits import IssuanceLimits, LimitedIssuer
+from .policy import EdgePolicy, StaticPolicy, registered_domain
 from .proxy import ProxyResource, make_agent, make_backend_pool
 from .resolver import CertificateResolver
 from .store import DirectoryStore, StoreError
@@ -108,6 +111,29 @@ def _choice(choices: Sequence[str]) -> Callable[[str], str]:
     return coerce
 
 
+def _http_url(value: str, option: str) -> URL:
+    try:
+        url = URL.from_text(value)
+    except Exception:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    return url
+
+
+def _allow_url(value: str) -> str:
+    _http_url(value, "allow-url")
+    if "{domain}" not in value:
+        raise ValueError(f"{value!r} has no {{domain}} placeholder")
+    return value
+
+
+def _ask_url(value: str) -> str:
+    if _http_url(value, "ask").fragment:
+        raise ValueError(f"{value!r}: no fragment allowed")
+    return value
+
+
 class Options(usage.Options):
     """
     Options for C{twistd tenantedge}. See the README for the full story of
@@ -121,6 +147,8 @@ class Options(usage.Options):
     )
 
     optFlags = [
+        ["allow-private-suffix", None, "Also issue for names not under a public suffix (foo.internal): "
+         "for private ACME CAs and tests."],
         ["demo", None, "Demo mode: local CA, store in ./tenantedge-demo, every name under "
          ".localhost allowed, built-in demo backend, https on 127.0.0.1:8443 and http on 127.0.0.1:8080."],
     ]
@@ -138,6 +166,15 @@ class Options(usage.Options):
          _choice(("http-01", "tls-alpn-01"))],
         ["eab-kid", None, None, "External Account Binding key identifier (for CAs that require it)."],
         ["eab-hmac-key", None, None, "External Account Binding HMAC key (base64url)."],
+        ["allow-url", None, None, "Allow endpoint: 'https://api.example.com/check-domain/{domain}'; "
+         "200 allows, 4xx denies, errors and 5xx deny (fail closed).", _allow_url],
+        ["ask", None, None, "Caddy-style allow endpoint: GET URL?domain=NAME, any 2xx allows.", _ask_url],
+        ["allow-timeout", None, 3.0, "Deadline for one allow check.", parse_duration],
+        ["allow-ttl", None, 600.0, "How long an allow decision is cached.", parse_duration],
+        ["deny-ttl", None, 60.0, "How long a deny (or unknown) decision is cached.", parse_duration],
+        ["max-concurrent-issuance", None, 4, "ACME orders running at once (all CAs).", _positive_int],
+        ["max-new-orders", None, 300, "ACME orders per account per 3 hours.", _positive_int],
+        ["max-certs-per-domain", None, 50, "Certificates per registered domain per account per week.", _positive_int],
         ["cache-size", None, 10000, "Number of ready TLS contexts kept in memory.", _positive_int],
         ["backend-timeout", None, 60.0, "Seconds to wait for backend response headers before 504.", parse_duration],
         ["hello-timeout", None, 10.0, "Seconds a client has to send its ClientHello.", parse_duration],
@@ -146,7 +183,7 @@ class Options(usage.Options):
     ]
 
     #: Repeatable options.
-    _LISTS = ("allow-suffix", "deny", "ca", "ca-root")
+    _LISTS = ("allow-suffix", "deny", "ca", "ca-root", "allow-ca")
 
     def __init__(self) -> None:
         super().__init__()
@@ -154,6 +191,7 @@ class Options(usage.Options):
         self["deny"] = []
         self["ca"] = ["letsencrypt"]
         self["ca-root"] = []
+        self["allow-ca"] = []
         self.explicit: set[str] = set()
         self._from_cli: set[str] = set()
 
@@ -176,6 +214,10 @@ class Options(usage.Options):
     def opt_ca_root(self, value: str) -> None:
         """PEM file of extra trust anchors for the ACME server's HTTPS (private CA, Pebble); repeatable."""
         self._add_list_value("ca-root", value)
+
+    def opt_allow_ca(self, value: str) -> None:
+        """PEM file of extra trust anchors for the allow endpoint's HTTPS (repeatable)."""
+        self._add_list_value("allow-ca", value)
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -249,9 +291,12 @@ class Options(usage.Options):
             raise usage.UsageError("--ca: the same CA is given twice")
         if bool(self["eab-kid"]) != bool(self["eab-hmac-key"]):
             raise usage.UsageError("--eab-kid and --eab-hmac-key go together")
-        for path in self["ca-root"]:
-            _check_pem_certificates(path)
-        self["ca-root"] = [os.path.abspath(p) for p in self["ca-root"]]
+        for key in ("ca-root", "allow-ca"):
+            for path in self[key]:
+                _check_pem_certificates(key, path)
+            self[key] = [os.path.abspath(p) for p in self[key]]
+        if self["allow-url"] and self["ask"]:
+            raise usage.UsageError("give --allow-url or --ask, not both")
         from twisted.internet import reactor
 
         for key in ("https", "http"):
@@ -260,7 +305,12 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--{key} {self[key]!r} is not a valid endpoint: {e}") from None
         try:
-            self["policy"] = StaticPolicy.from_config(self["deny"], self["allow-suffix"])
+            self["static-policy"] = StaticPolicy.from_config(
+                self["deny"],
+                self["allow-suffix"],
+                # A public CA can only validate names under a public suffix.
+                require_public_suffix=not self["allow-private-suffix"] and self["ca"] != ["internal"],
+            )
         except InvalidHostname as e:
             raise usage.UsageError(f"invalid --deny or --allow-suffix value: {e.reason}") from None
         self["store"] = os.path.abspath(self["store"])
@@ -296,14 +346,14 @@ def _ca_url(value: str) -> str:
     return value
 
 
-def _check_pem_certificates(path: str) -> None:
+def _check_pem_certificates(option: str, path: str) -> None:
     try:
         with open(path, "rb") as f:
             x509.load_pem_x509_certificates(f.read())
     except OSError as e:
-        raise usage.UsageError(f"--ca-root {path}: {e.strerror}") from None
+        raise usage.UsageError(f"--{option} {path}: {e.strerror}") from None
     except ValueError:
-        raise usage.UsageError(f"--ca-root {path}: no PEM certificate in it") from None
+        raise usage.UsageError(f"--{option} {path}: no PEM certificate in it") from None
 
 
 def _find_config_argument(argv: Sequence[str]) -> str | None:
@@ -378,6 +428,7 @@ class TenantEdgeService(service.MultiService):
         self.backoff: FailureBackoff | None = None
         self.tls_alpn: TLSALPN01Responder | None = None
         self.acme_pool: HTTPConnectionPool | None = None
+        self.limits: IssuanceLimits | None = None
 
     def listening_ports(self) -> Deferred[dict[str, Any]]:
         """
@@ -415,7 +466,7 @@ class TenantEdgeService(service.MultiService):
             raise SystemExit(f"tenantedge: {e}") from None
         if self.backoff is not None:
             self.backoff.load()
-        policy: StaticPolicy = self.options["policy"]
+        policy: EdgePolicy = self.resolver.policy  # type: ignore[assignment]
         self._log.info(
             "tenantedge {version}: store {store}, issuer {issuer}, backend {backend}",
             version=__version__,
@@ -428,16 +479,21 @@ class TenantEdgeService(service.MultiService):
                 "local CA root certificate: {root} (give it to clients, e.g. curl --cacert {root})",
                 root=self.local_ca.root_path,
             )
-        if not policy.allow_suffixes:
+        if not policy.issues_anything:
             self._log.warn(
-                "no --allow-suffix is set: no certificate will ever be issued; "
+                "no --allow-url, --ask or --allow-suffix is set: no certificate will ever be issued; "
                 "only certificates already in the store are served"
             )
         else:
             self._log.info(
-                "certificates are issued on demand for names under {suffixes}",
-                suffixes=", ".join(policy.allow_suffixes),
+                "certificates are issued on demand for names {rules}",
+                rules=" or ".join(
+                    ([f"under {', '.join(policy.static.allow_suffixes)}"] if policy.static.allow_suffixes else [])
+                    + ([f"allowed by {policy.checker.template}"] if policy.checker is not None else [])
+                ),
             )
+        if self.limits is not None:
+            self.limits.load()
         with _one_line_listen_errors():
             super().startService()
         self._follow_https_port()
@@ -463,7 +519,15 @@ def makeService(options: Options) -> TenantEdgeService:
     tls_alpn = TLSALPN01Responder(reactor)
     responder = tls_alpn if options["challenge"] == "tls-alpn-01" else HTTP01Responder(challenges)
     local_ca = None
-    acme_pool = None
+    acme_pool = HTTPConnectionPool(reactor, persistent=True)
+    limits = IssuanceLimits(
+        os.path.join(options["store"], "limits.json"),
+        reactor,
+        registered_domain,
+        max_concurrent=options["max-concurrent-issuance"],
+        max_new_orders=options["max-new-orders"],
+        max_per_domain=options["max-certs-per-domain"],
+    )
     acme_issuers: list[AcmeIssuer] = []
     issuers: list[Any] = []
     for ca in options["ca"]:
@@ -475,8 +539,6 @@ def makeService(options: Options) -> TenantEdgeService:
             )
             issuers.append(local_ca)
             continue
-        if acme_pool is None:
-            acme_pool = HTTPConnectionPool(reactor, persistent=True)
         issuer = AcmeIssuer(
             AcmeClient(ca, None, acme_http_client(reactor, acme_pool, options["ca-root"]), reactor,
                        user_agent=f"tenantedge/{__version__}"),
@@ -489,11 +551,28 @@ def makeService(options: Options) -> TenantEdgeService:
             run_blocking=run_blocking,
         )
         acme_issuers.append(issuer)
-        issuers.append(issuer)
+        issuers.append(LimitedIssuer(issuer, limits))
     backoff = FailureBackoff(os.path.join(options["store"], "backoff.json"), reactor)
     chain = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
+    checker = None
+    if options["allow-url"] or options["ask"]:
+        checker = AllowChecker(
+            options["allow-url"] or options["ask"],
+            caddy_style=bool(options["ask"]),
+            http=HTTPClient(Agent(reactor, contextFactory=https_policy(options["allow-ca"]), pool=acme_pool)),
+            clock=reactor,
+            timeout=options["allow-timeout"],
+            allow_ttl=options["allow-ttl"],
+            deny_ttl=options["deny-ttl"],
+        )
+    policy = EdgePolicy(options["static-policy"], checker)
     resolver = CertificateResolver(
-        store, options["policy"], BackoffIssuer(chain, backoff), reactor, cache_size=options["cache-size"]
+        store,
+        policy,
+        BackoffIssuer(chain, backoff),
+        reactor,
+        cache_size=options["cache-size"],
+        accepts=local_ca_check(local_ca),
     )
     pool = make_backend_pool(reactor)
     proxy = ProxyResource(
@@ -516,6 +595,7 @@ def makeService(options: Options) -> TenantEdgeService:
     edge.acme_pool = acme_pool
     edge.acme_issuers = acme_issuers
     edge.backoff = backoff
+    edge.limits = limits
     edge.tls_alpn = tls_alpn
 
     https = StreamServerEndpointService(endpoints.serverFromString(reactor, options["https"]), tls_factory)

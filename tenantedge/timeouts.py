@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-__all__ = ["with_deadline", "TimeoutError"]
+__all__ = ["with_deadline", "describe_error", "TimeoutError"]
 
 T = TypeVar("T")
 
@@ -32,3 +32,15 @@ def with_deadline(d: Deferred[T], seconds: float, clock: IReactorTime) -> Deferr
         return Failure(TimeoutError(f"no result within {timeout:g}s"))
 
     return d.addTimeout(seconds, clock, onTimeoutCancel=timed_out)
+
+
+def describe_error(error: BaseException) -> str:
+    """
+    A one-line description of a network error for logs: twisted.web's
+    C{ResponseFailed}/C{ResponseNeverReceived} wrap their causes in
+    C{reasons}, which C{str()} would show as a list of Failure reprs.
+    """
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return str(error) or error.__class__.__name__

@@ -309,8 +309,15 @@ class SniffingProtocol(Protocol):
         if self._done:
             return
         self.factory.events["resolved"] += 1
-        self._start_tls(context)
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+        try:
+            self._start_tls(context)
+        except Exception:
+            # Never leave a paused connection behind with no timer running.
+            self._log.failure("starting TLS for {host} failed", host=self.server_name)
+            self._refuse("failed", ALERT_INTERNAL_ERROR)
+            return
+        if not self._done and not getattr(self.transport, "disconnecting", False):
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _resolve_failed(self, failure: Failure) -> None:
         self._pending = None

@@ -164,6 +164,7 @@ class OnDemandTests(EdgeTestCase):
             "--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
             "--store", os.path.join(self.mktemp(), "store"), "--allow-suffix", ".test",
             "--backend", self.backend.url, "--ca", "https://localhost:1/directory", "--ca", "internal",
+            "--allow-private-suffix",
         ])
         edge = makeService(options)
         edge.startService()
@@ -246,6 +247,37 @@ class ProxyTests(EdgeTestCase):
             self.assertEqual(info["method"], "POST")
             self.assertEqual(info["body_length"], len(body))
             self.assertEqual(info["body_sha256"], hashlib.sha256(body).hexdigest())
+
+    async def test_truncated_backend_response_is_cut(self) -> None:
+        """
+        A backend that breaks off mid-body: the client sees an error, never
+        a complete-looking response, over HTTP/1.1 and HTTP/2.
+        """
+        for version in ("--http1.1", "--http2"):
+            out, err, code = await self.fetch("tenant-a.test", "/truncate", version)
+            self.assertNotEqual(code, 0, version)
+            self.assertLess(len(out), 100000)
+
+    async def test_length_and_type_passed_unchanged(self) -> None:
+        """
+        The backend's Content-Length reaches the client, and no
+        Content-Type is invented for a body that had none.
+        """
+        for version in ("--http1.1", "--http2"):
+            out, err, code = await self.fetch("tenant-a.test", "/untyped", version, "-D", "-")
+            self.assertEqual(code, 0, err)
+            head = out.split(b"\r\n\r\n")[0].lower()
+            self.assertIn(b"content-length: 7", head)
+            self.assertNotIn(b"content-type", head)
+            self.assertNotIn(b"transfer-encoding", head)
+
+    async def test_backend_hop_by_hop_dropped(self) -> None:
+        """A header the backend names in Connection is not forwarded."""
+        for version in ("--http1.1", "--http2"):
+            out, err, code = await self.fetch("tenant-a.test", "/hop", version, "-D", "-")
+            self.assertEqual(code, 0, err)
+            self.assertNotIn(b"x-internal", out.lower())
+            self.assertNotIn(b"secret", out)
 
     async def test_status_passed(self) -> None:
         for status in (201, 304, 404, 503):

@@ -51,6 +51,10 @@ REFUSED = [
     (b"a b.example", "invalid character"),
     (b"example.123", "all-numeric"),
     (b"a.b..", "empty label"),
+    (b"a\n.b.test", "invalid character"),
+    (b"evil.test\n", "invalid character"),
+    (b"a\r.b.test", "invalid character"),
+    (b"a\t.b.test", "invalid character"),
 ]
 
 

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tenantedge.interfaces import IIssuer
-from tenantedge.localca import LocalCA
+from tenantedge.localca import LocalCA, local_ca_check
+from tenantedge.testing import make_bundle
 from tenantedge.store import StoreError
 
 
@@ -71,3 +72,35 @@ class LocalCATests(SynchronousTestCase):
         e = self.assertRaises(StoreError, LocalCA(self.dir, self.clock).prepare)
         self.assertIn("move", str(e))
         self.assertTrue(os.path.exists(self.ca.root_key_path))
+
+
+class LocalCACheckTests(SynchronousTestCase):
+    def test_accepts(self) -> None:
+        """
+        Leaves of the current local root are accepted; leaves of a replaced
+        root, or of a local CA that is no longer configured, are not;
+        leaves of other CAs are.
+        """
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        ca = LocalCA(os.path.join(self.mktemp(), "a"), clock)
+        ca.prepare()
+        old = LocalCA(os.path.join(self.mktemp(), "b"), clock)
+        old.prepare()
+        mine = self.successResultOf(ca.issue("x.test"))
+        theirs = self.successResultOf(old.issue("x.test"))
+        accepts = local_ca_check(ca)
+        self.assertTrue(accepts(mine))
+        self.assertFalse(accepts(theirs))
+        self.assertTrue(accepts(make_bundle("x.test")))
+        self.assertFalse(local_ca_check(None)(mine))
+
+    def test_long_name(self) -> None:
+        """A valid name longer than X.509's 64-character CN limit still gets a certificate."""
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        ca = LocalCA(os.path.join(self.mktemp(), "a"), clock)
+        ca.prepare()
+        name = ("a" * 60) + ".tenant.example.test"
+        bundle = self.successResultOf(ca.issue(name))
+        self.assertEqual(bundle.dns_names(), [name])

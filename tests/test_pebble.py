@@ -51,6 +51,7 @@ class PebbleTestCase(TestCase):
                 "--email", "ops@saas.test",
                 "--challenge", self.challenge,
                 "--allow-suffix", ".test",
+                "--allow-private-suffix",  # .test is reserved, not a public suffix
                 "--backend", self.backend.url,
                 *extra,
             ]

@@ -103,13 +103,16 @@ class _RecordingAgent:
 
     def __init__(self) -> None:
         self.requests: list[tuple[bytes, bytes, Headers, object, Deferred]] = []
+        self.cancelled: list[bytes] = []
 
     def request(self, method, uri, headers=None, bodyProducer=None):
         # Like the real Agent, a cancelled request fails with its own
         # wrapper, not a bare CancelledError.
-        d: Deferred = Deferred(
-            lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())]))
-        )
+        def cancel(d: Deferred) -> None:
+            self.cancelled.append(uri)
+            d.errback(ResponseNeverReceived([Failure(CancelledError())]))
+
+        d: Deferred = Deferred(cancel)
         self.requests.append((method, uri, headers, bodyProducer, d))
         return d
 
@@ -156,6 +159,57 @@ class ProxyResourceTests(SynchronousTestCase):
         self.clock.advance(5.1)
         self.client.flush()
         self.assertEqual(self.successResultOf(d).code, 504)
+
+    def test_client_gone_cancels_backend_request(self) -> None:
+        """A client that leaves before the backend answers cancels the backend request."""
+        self.resource.require_sni_match = False
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b""])
+        request.requestHeaders.setRawHeaders(b"host", [b"a.test"])
+        request.uri = b"/"
+        request.content = None
+        self.resource.render(request)
+        self.assertEqual(self.agent.cancelled, [])
+        request.processingFailed(Failure(ConnectionError("client gone")))
+        self.assertEqual(self.agent.cancelled, [b"http://127.0.0.1:3000/"])
+        self.assertEqual(request.written, [])
+
+    def test_relay_back_pressure(self) -> None:
+        """
+        The body relay registers the backend transport as a streaming
+        producer on the client request (so a slow client pauses the
+        backend socket), and stops it when the client leaves.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from tenantedge.proxy import _BodyRelay
+
+        class ClientRequest:
+            producer = streaming = None
+            written: list[bytes] = []
+
+            def registerProducer(self, producer, streaming):
+                self.producer, self.streaming = producer, streaming
+
+            def unregisterProducer(self):
+                self.producer = None
+
+            def write(self, data):
+                self.written.append(data)
+
+        request = ClientRequest()
+        relay = _BodyRelay(request, Deferred())  # type: ignore[arg-type]
+        backend = StringTransport()
+        relay.makeConnection(backend)
+        self.assertIs(request.producer, backend)
+        self.assertTrue(request.streaming)
+        relay.dataReceived(b"chunk")
+        self.assertEqual(request.written, [b"chunk"])
+        relay.stop()
+        self.assertEqual(backend.producerState, "stopped")
+        relay.dataReceived(b"late")
+        self.assertEqual(request.written, [b"chunk"])
 
     def test_backend_error_is_502(self) -> None:
         self.resource.require_sni_match = False

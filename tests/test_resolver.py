@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.certificates import CertificateBundle
 from tenantedge.interfaces import IssuanceFailed, PolicyRefusal
-from tenantedge.policy import StaticPolicy
+from tenantedge.policy import EdgePolicy, StaticPolicy
 from tenantedge.resolver import CertificateResolver
 from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle
 
@@ -24,7 +24,7 @@ class ResolverTests(SynchronousTestCase):
         self.clock.advance(1_000_000)
         self.store = MemoryStore()
         self.issuer = ControlledIssuer()
-        self.policy = StaticPolicy.from_config(deny=[".own.example"], allow_suffixes=[".tenants.test"])
+        self.policy = EdgePolicy(StaticPolicy.from_config(deny=[".own.example"], allow_suffixes=[".tenants.test"]))
         self.contexts: list[CertificateBundle] = []
         self.resolver = CertificateResolver(
             self.store, self.policy, self.issuer, self.clock, cache_size=3, make_context=self._context
@@ -64,13 +64,42 @@ class ResolverTests(SynchronousTestCase):
         self.assertEqual(self.issuer.requests, [])
 
     def test_lru_bound(self) -> None:
-        """Only C{cache_size} contexts are kept; the least recently used go."""
+        """
+        Only C{cache_size} contexts are kept; the least recently used go
+        (not the oldest: a name used since stays).
+        """
         for name in ("a", "b", "c", "d"):
             self.store.bundles[f"{name}.tenants.test"] = self.bundle(f"{name}.tenants.test")
+        for name in ("a", "b", "c"):
             self.successResultOf(self.resolver.context_for(f"{name}.tenants.test"))
+        self.assertIsNotNone(self.resolver.cached("a.tenants.test"))  # a is now the most recent
+        self.successResultOf(self.resolver.context_for("d.tenants.test"))
         self.assertEqual(self.resolver.cache_length(), 3)
-        self.assertIsNone(self.resolver.cached("a.tenants.test"))
+        self.assertIsNone(self.resolver.cached("b.tenants.test"))
+        self.assertIsNotNone(self.resolver.cached("a.tenants.test"))
         self.assertIsNotNone(self.resolver.cached("d.tenants.test"))
+
+    def test_untrusted_stored_certificate(self) -> None:
+        """
+        A stored certificate from an issuer the configuration no longer
+        trusts is obtained anew.
+        """
+        self.resolver.accepts = lambda bundle: False
+        self.store.bundles["a.tenants.test"] = self.bundle("a.tenants.test")
+        self.resolver.context_for("a.tenants.test")
+        self.assertEqual(self.issuer.requests, ["a.tenants.test"])
+
+    def test_stuck_work_abandoned(self) -> None:
+        """
+        An issuance that never ends is abandoned after C{work_timeout}, so
+        later handshakes start afresh instead of joining it forever.
+        """
+        first = self.resolver.context_for("a.tenants.test")
+        self.clock.advance(self.resolver.work_timeout + 1)
+        self.failureResultOf(first, TimeoutError)
+        self.assertFalse(self.resolver.in_flight("a.tenants.test"))
+        self.resolver.context_for("a.tenants.test")
+        self.assertEqual(self.issuer.requests, ["a.tenants.test", "a.tenants.test"])
 
     def test_cached_expiry(self) -> None:
         """

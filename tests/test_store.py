@@ -177,6 +177,31 @@ class DirectoryStoreTests(StoreContractMixin, SynchronousTestCase):
         os.mkdir(os.path.join(self.path, "a.example.pem"))  # EISDIR on read
         self.failureResultOf(self.store.get("a.example"), KeyError)
 
+    def test_passing_read_error_is_not_corruption(self) -> None:
+        """
+        Running out of file descriptors fails the lookup but does not make
+        the file count as corrupt: no new certificate replaces it, nothing
+        is quarantined.
+        """
+        bundle = make_bundle("a.example")
+        self.successResultOf(self.store.store("a.example", bundle))
+        real_open = open
+
+        def no_fds(path, *args, **kwargs):
+            if str(path).endswith("a.example.pem"):
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_open(path, *args, **kwargs)
+
+        import builtins
+
+        self.patch(builtins, "open", no_fds)
+        f = self.failureResultOf(self.store.get("a.example"), OSError)
+        self.assertEqual(f.value.errno, errno.EMFILE)
+        self.patch(builtins, "open", real_open)
+        self.successResultOf(self.store.store("a.example", make_bundle("a.example")))
+        self.assertFalse(os.path.exists(os.path.join(self.path, "quarantine")))
+        self.flushLoggedErrors()
+
     def test_prepare_refuses_readable_keys(self) -> None:
         """
         Start-up refuses a store whose key files others can read, naming

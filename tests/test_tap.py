@@ -35,12 +35,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(o["key-type"], "ecdsa-p256")
         self.assertEqual(o["challenge"], "http-01")
         self.assertEqual(o["allow-suffix"], [])
-        self.assertEqual(o["policy"].allow_suffixes, ())
+        self.assertEqual(o["static-policy"].allow_suffixes, ())
 
     def test_repeatable(self) -> None:
         o = self.parse("--allow-suffix", ".a.test", "--allow-suffix", "b.test", "--deny", ".own.test", "--deny", "www.x.test")
-        self.assertEqual(o["policy"].allow_suffixes, (".a.test", ".b.test"))
-        self.assertEqual(o["policy"].deny, (".own.test", "www.x.test"))
+        self.assertEqual(o["static-policy"].allow_suffixes, (".a.test", ".b.test"))
+        self.assertEqual(o["static-policy"].deny, (".own.test", "www.x.test"))
 
     def test_config_file(self) -> None:
         path = self.config(
@@ -69,7 +69,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(o["https"], "tcp:8443:interface=127.0.0.1")
         self.assertEqual(o["http"], "tcp:8080:interface=127.0.0.1")
         self.assertEqual(o["store"], os.path.abspath("tenantedge-demo"))
-        self.assertEqual(o["policy"].allow_suffixes, (".localhost",))
+        self.assertEqual(o["static-policy"].allow_suffixes, (".localhost",))
         self.assertEqual(o["ca"], ["internal"])
 
     def test_ca_list(self) -> None:
@@ -126,4 +126,4 @@ class SampleConfigTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["--config", sample])
         self.assertEqual(options["ca"], ["https://acme-staging-v02.api.letsencrypt.org/directory"])
-        self.assertEqual(options["policy"].allow_suffixes, (".tenants.example.net",))
+        self.assertEqual(options["static-policy"].allow_suffixes, (".tenants.example.net",))

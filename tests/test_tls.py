@@ -17,7 +17,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.localca import LocalCA
-from tenantedge.policy import StaticPolicy
+from tenantedge.policy import EdgePolicy, StaticPolicy
 from tenantedge.resolver import CertificateResolver
 from tenantedge.testing import ControlledIssuer, MemoryStore
 from tenantedge.tls import (
@@ -80,7 +80,7 @@ class SnifferTestsMixin:
         self.store = MemoryStore()
         self.resolver = CertificateResolver(
             self.store,
-            StaticPolicy.from_config(deny=["denied.test"], allow_suffixes=[".test"]),
+            EdgePolicy(StaticPolicy.from_config(deny=["denied.test"], allow_suffixes=[".test"])),
             self.issuer,
             self.clock,
         )
@@ -189,17 +189,36 @@ class RefusalTests(SnifferTestsMixin, SynchronousTestCase):
 
     def test_paused_while_resolving(self) -> None:
         """
-        The socket is paused while the certificate is obtained, and the
-        client's going away cancels only its own wait.
+        The socket is paused while the certificate is obtained and resumed
+        once TLS starts; a client going away cancels only its own wait.
         """
         proto, transport = self.connect()
         proto.dataReceived(captured("curl-http1"))
         self.assertEqual(transport.producerState, "paused")
-        other, _ = self.connect()
+        other, other_transport = self.connect()
         other.dataReceived(captured("curl-http1"))
         proto.connectionLost(iosim.Failure(ConnectionError()))
+        self.assertIsNone(proto._pending)
         self.assertTrue(self.resolver.in_flight("tenant-a.test"))
         self.assertEqual(self.issuer.requests, ["tenant-a.test"])
+        self.issuer.complete("tenant-a.test", self.successResultOf(self.ca.issue("tenant-a.test")))
+        # The survivor's handshake went on (ServerHello written), resumed.
+        self.assertTrue(other_transport.value().startswith(b"\x16\x03\x03"))
+        self.assertEqual(other_transport.producerState, "producing")
+        self.assertEqual(transport.value(), b"")
+
+    def test_tls_start_failure_ends_connection(self) -> None:
+        """
+        If starting TLS fails after the lookup, the connection gets an
+        alert and is closed, not left paused.
+        """
+        self.resolver.make_context = lambda bundle: "not a context"
+        proto, transport = self.connect()
+        proto.dataReceived(captured("curl-http1"))
+        self.issuer.complete("tenant-a.test", self.successResultOf(self.ca.issue("tenant-a.test")))
+        self.assertEqual(transport.value(), alert_record(ALERT_INTERNAL_ERROR))
+        self.assertTrue(transport.disconnecting)
+        self.flushLoggedErrors()
 
 
 class HandshakeTests(SnifferTestsMixin, SynchronousTestCase):

@@ -14,6 +14,9 @@ Routes:
   /release          lets a waiting /drip finish
   /slow?s=S         sleeps S seconds before answering
   /status/NNN       that status code
+  /truncate         promises 100000 bytes, sends 5000, closes
+  /untyped          a body without Content-Type
+  /hop              X-Internal named in Connection (must not be forwarded)
   /connections      how many TCP connections this server has accepted
 """
 
@@ -120,6 +123,24 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"slow", "text/plain")
         elif url.path.startswith("/status/"):
             self._send(int(url.path.rsplit("/", 1)[1]), b"status", "text/plain")
+        elif url.path == "/truncate":
+            # Promises 100000 bytes, sends 5000, then closes.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"t" * 5000)
+            self.wfile.flush()
+            self.close_connection = True
+        elif url.path == "/untyped":
+            # A body with a length but no Content-Type.
+            self.send_response(200)
+            self.send_header("Content-Length", "7")
+            self.end_headers()
+            self.wfile.write(b"untyped")
+        elif url.path == "/hop":
+            # X-Internal is hop-by-hop: named in Connection, never forwarded.
+            self._send(200, b"hop", "text/plain", [("Connection", "keep-alive, X-Internal"), ("X-Internal", "secret")])
         elif url.path == "/connections":
             self._send(200, str(_connections).encode(), "text/plain")
         else:

@@ -1,0 +1,159 @@
+"""
+The allow checker: asks the SaaS "is this one of your tenants?" over HTTPS.
+
+Two URL forms:
+  - C{--allow-url 'https://api.example.com/check-domain/{domain}'}: the name
+    is URL-encoded into the template (path or query); 200 allows, any
+    other 4xx or 3xx denies (lua-resty-auto-ssl's contract);
+  - C{--ask 'https://api.example.com/ask'}: Caddy's form,
+    C{GET URL?domain=NAME}, any 2xx allows; so an operator moving from
+    Caddy keeps the endpoint they have.
+
+A timeout, a connection error or a 5xx is "unknown", and unknown is
+treated as deny (fail closed) with a log line. The endpoint's certificate
+is always verified (C{--allow-ca} adds a private CA; nothing turns
+verification off).
+
+Unlike Caddy and lua-resty-auto-ssl, answers are cached: allows for
+C{--allow-ttl}, denies and unknowns for C{--deny-ttl}, in a bounded LRU;
+concurrent checks for one name share a single request.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter, OrderedDict
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+import treq
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .singleflight import SingleFlight
+from .timeouts import TimeoutError, describe_error, with_deadline
+
+__all__ = ["AllowChecker", "Decision", "build_check_url"]
+
+
+class Decision(enum.Enum):
+    """What the allow endpoint said about a name."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    UNKNOWN = "unknown"
+
+
+def build_check_url(template: str, server_name: str, caddy_style: bool) -> str:
+    """
+    The URL that asks about one name.
+
+    @param template: C{--allow-url} (with C{{domain}}) or C{--ask} (without).
+    """
+    encoded = quote(server_name, safe="")
+    if caddy_style:
+        return template + ("&" if "?" in template else "?") + "domain=" + encoded
+    return template.replace("{domain}", encoded)
+
+
+@attrs.define
+class AllowChecker:
+    """
+    @ivar template: the endpoint (see L{build_check_url}).
+    @ivar caddy_style: C{--ask} semantics (any 2xx allows) instead of
+        C{--allow-url} (only 200 allows).
+    @ivar http: a treq C{HTTPClient} (verifying TLS), or C{StubTreq} in tests.
+    @ivar clock: for deadlines and cache expiry.
+    @ivar timeout: deadline for one check (connect, headers and body).
+    @ivar allow_ttl: how long an allow is cached.
+    @ivar deny_ttl: how long a deny or an unknown is cached.
+    @ivar max_entries: bound on cached decisions (least recently used go).
+    @ivar results: checks by result, for metrics.
+    """
+
+    template: str
+    caddy_style: bool
+    http: Any
+    clock: IReactorTime
+    timeout: float = 3.0
+    allow_ttl: float = 600.0
+    deny_ttl: float = 60.0
+    max_entries: int = 100_000
+    results: Counter[str] = attrs.field(factory=Counter, init=False)
+    _cache: OrderedDict[str, tuple[Decision, float]] = attrs.field(factory=OrderedDict, init=False)
+    _flights: SingleFlight[Decision] = attrs.field(factory=SingleFlight, init=False)
+    _log = Logger()
+
+    def decide(self, server_name: str) -> Deferred[Decision]:
+        """
+        The (possibly cached) decision for a normalised name. Never fails:
+        every error is L{Decision.UNKNOWN}.
+        """
+        cached = self._cache.get(server_name)
+        if cached is not None:
+            decision, expires = cached
+            if expires > self.clock.seconds():
+                self._cache.move_to_end(server_name)
+                self.results["cached"] += 1
+                return succeed(decision)
+            del self._cache[server_name]
+        return self._flights.run(server_name, lambda: Deferred.fromCoroutine(self._ask_and_cache(server_name)))
+
+    def ask(self, server_name: str) -> Deferred[Decision]:
+        """
+        Ask the endpoint afresh, bypassing the cache (renewals re-ask), and
+        cache the answer.
+        """
+        return self._flights.run(server_name, lambda: Deferred.fromCoroutine(self._ask_and_cache(server_name)))
+
+    async def _ask_and_cache(self, server_name: str) -> Decision:
+        decision = await self._ask(server_name)
+        ttl = self.allow_ttl if decision is Decision.ALLOW else self.deny_ttl
+        self._cache[server_name] = (decision, self.clock.seconds() + ttl)
+        self._cache.move_to_end(server_name)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        self.results[decision.value] += 1
+        return decision
+
+    async def _ask(self, server_name: str) -> Decision:
+        url = build_check_url(self.template, server_name, self.caddy_style)
+
+        async def exchange() -> int:
+            response = await self.http.get(url, headers={b"Accept": [b"*/*"]})
+            # Read (and drop) the body so the connection can be reused.
+            await treq.collect(response, lambda chunk: None)
+            return int(response.code)
+
+        try:
+            code = await with_deadline(Deferred.fromCoroutine(exchange()), self.timeout, self.clock)
+        except TimeoutError:
+            self._log.warn(
+                "allow endpoint did not answer for {host} within {timeout}s; refusing (fail closed)",
+                host=server_name,
+                timeout=self.timeout,
+            )
+            return Decision.UNKNOWN
+        except Exception as e:
+            self._log.warn(
+                "allow endpoint unreachable for {host}: {error}; refusing (fail closed)",
+                host=server_name,
+                error=describe_error(e),
+            )
+            return Decision.UNKNOWN
+        if 500 <= code < 600:
+            self._log.warn(
+                "allow endpoint answered {code} for {host}; refusing (fail closed)", code=code, host=server_name
+            )
+            return Decision.UNKNOWN
+        allowed = 200 <= code < 300 if self.caddy_style else code == 200
+        return Decision.ALLOW if allowed else Decision.DENY
+
+    def forget(self, server_name: str) -> None:
+        self._cache.pop(server_name, None)
+
+    def cache_length(self) -> int:
+        return len(self._cache)
+

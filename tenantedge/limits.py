@@ -1,0 +1,234 @@
+"""
+Issuance limits that keep an ACME account inside its CA's published limits.
+
+Let's Encrypt's limits (2025): 300 new orders per account per 3 hours,
+50 certificates per registered domain per week, 5 failed validations per
+name per hour. Hitting them locks an account out for hours, so tenantedge
+stops short of them itself, per ACME account, and refuses a name over a
+limit at once (a fast TLS alert and a log line), never queueing it:
+
+  - at most C{max_concurrent} orders at once (all CAs together); a few more
+    may wait for a free slot (C{max_waiting}), the rest are refused;
+  - at most C{max_new_orders} orders per account per 3 hours;
+  - at most C{max_per_domain} certificates per registered domain per week
+    (renewals the CA's ARI marks exempt do not count);
+  - at most C{max_failed_validations} failed validations per name per hour.
+
+Windows are sliding and kept in C{<store>/limits.json}, so a restart does
+not reset them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .acme import ValidationFailed
+from .certificates import CertificateBundle
+from .interfaces import IIssuer, IssuanceFailed
+from .store import atomic_write
+
+__all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded"]
+
+HOUR = 3600.0
+ORDER_WINDOW = 3 * HOUR
+DOMAIN_WINDOW = 7 * 24 * HOUR
+FAILURE_WINDOW = HOUR
+
+
+class LimitExceeded(IssuanceFailed):
+    """
+    A limit of our own refused the order before it reached the CA.
+
+    @ivar limit: which (C{"concurrent"}, C{"new-orders"}, C{"domain-week"},
+        C{"failed-validations"}).
+    @ivar retry_after: seconds until the window has room, if known.
+    """
+
+    def __init__(self, host: str, limit: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(host, f"issuance limit {limit}: {detail}")
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+@attrs.define
+class IssuanceLimits:
+    """
+    Shared state of all limits.
+
+    @ivar path: JSON file for the sliding windows, or L{None} (memory only).
+    @ivar registered_domain: maps a name to the domain the per-domain limit
+        counts against.
+    """
+
+    path: str | None
+    clock: IReactorTime
+    registered_domain: Callable[[str], str]
+    max_concurrent: int = 4
+    max_waiting: int = 64
+    max_new_orders: int = 300
+    max_per_domain: int = 50
+    max_failed_validations: int = 5
+    running: int = attrs.field(default=0, init=False)
+    _waiting: deque[Deferred[None]] = attrs.field(factory=deque, init=False)
+    _orders: dict[str, list[float]] = attrs.field(factory=dict, init=False)
+    _domains: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
+    _failures: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
+    _log = Logger()
+
+    # -- persistence -----------------------------------------------------------
+
+    def load(self) -> None:
+        if self.path is None or not os.path.exists(self.path):
+            return
+        try:
+            with open(self.path, "rb") as f:
+                data = json.load(f)
+            self._orders = {str(k): [float(t) for t in v] for k, v in data.get("orders", {}).items()}
+            self._domains = _nested(data.get("domains", {}))
+            self._failures = _nested(data.get("failures", {}))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            self._log.error("ignoring unreadable limit state {file}: {error}", file=self.path, error=str(e))
+            self._orders, self._domains, self._failures = {}, {}, {}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self._prune()
+        data = {"orders": self._orders, "domains": self._domains, "failures": self._failures}
+        try:
+            atomic_write(self.path, json.dumps(data).encode())
+        except OSError as e:
+            self._log.error("cannot save limit state to {file}: {error}", file=self.path, error=str(e))
+
+    def _prune(self) -> None:
+        now = self.clock.seconds()
+        self._orders = {k: _recent(v, now, ORDER_WINDOW) for k, v in self._orders.items()}
+        self._orders = {k: v for k, v in self._orders.items() if v}
+        for table, window in ((self._domains, DOMAIN_WINDOW), (self._failures, FAILURE_WINDOW)):
+            for ca in list(table):
+                kept = {k: _recent(v, now, window) for k, v in table[ca].items()}
+                table[ca] = {k: v for k, v in kept.items() if v}
+                if not table[ca]:
+                    del table[ca]
+
+    # -- checks ------------------------------------------------------------------
+
+    def check(self, ca: str, server_name: str) -> None:
+        """
+        @raise LimitExceeded: if an order for this name at this CA now would
+            break a window limit.
+        """
+        now = self.clock.seconds()
+        orders = _recent(self._orders.get(ca, []), now, ORDER_WINDOW)
+        if len(orders) >= self.max_new_orders:
+            raise LimitExceeded(
+                server_name, "new-orders", f"{len(orders)} orders at {ca} in 3 hours",
+                orders[0] + ORDER_WINDOW - now,
+            )
+        domain = self.registered_domain(server_name)
+        issued = _recent(self._domains.get(ca, {}).get(domain, []), now, DOMAIN_WINDOW)
+        if len(issued) >= self.max_per_domain:
+            raise LimitExceeded(
+                server_name, "domain-week", f"{len(issued)} certificates for {domain} at {ca} this week",
+                issued[0] + DOMAIN_WINDOW - now,
+            )
+        failed = _recent(self._failures.get(ca, {}).get(server_name, []), now, FAILURE_WINDOW)
+        if len(failed) >= self.max_failed_validations:
+            raise LimitExceeded(
+                server_name, "failed-validations", f"{len(failed)} failed validations in the last hour",
+                failed[0] + FAILURE_WINDOW - now,
+            )
+
+    def record_order(self, ca: str) -> None:
+        self._orders.setdefault(ca, []).append(self.clock.seconds())
+        self._save()
+
+    def record_issued(self, ca: str, server_name: str, exempt: bool = False) -> None:
+        if not exempt:
+            domain = self.registered_domain(server_name)
+            self._domains.setdefault(ca, {}).setdefault(domain, []).append(self.clock.seconds())
+            self._save()
+
+    def record_failed_validation(self, ca: str, server_name: str) -> None:
+        self._failures.setdefault(ca, {}).setdefault(server_name, []).append(self.clock.seconds())
+        self._save()
+
+    # -- concurrency -------------------------------------------------------------
+
+    def acquire(self, server_name: str) -> Deferred[None]:
+        """
+        A slot for one order; waits (bounded) when all are busy.
+
+        @raise LimitExceeded: (as a failed Deferred) if too many are waiting.
+        """
+        if self.running < self.max_concurrent:
+            self.running += 1
+            d: Deferred[None] = Deferred()
+            d.callback(None)
+            return d
+        if len(self._waiting) >= self.max_waiting:
+            return fail(LimitExceeded(
+                server_name, "concurrent", f"{self.running} orders running and {len(self._waiting)} waiting"))
+        waiter: Deferred[None] = Deferred(self._waiting.remove)
+        self._waiting.append(waiter)
+        return waiter
+
+    def release(self) -> None:
+        if self._waiting:
+            self._waiting.popleft().callback(None)  # the slot passes on
+        else:
+            self.running -= 1
+
+
+def _recent(times: list[float], now: float, window: float) -> list[float]:
+    return [t for t in times if t > now - window]
+
+
+def _nested(data: Any) -> dict[str, dict[str, list[float]]]:
+    return {str(ca): {str(k): [float(t) for t in v] for k, v in names.items()} for ca, names in data.items()}
+
+
+@implementer(IIssuer)
+@attrs.define
+class LimitedIssuer:
+    """
+    Applies L{IssuanceLimits} to one ACME issuer (one account).
+    """
+
+    wrapped: IIssuer
+    limits: IssuanceLimits
+    _log = Logger()
+
+    @property
+    def name(self) -> str:
+        return str(self.wrapped.name)
+
+    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+        return Deferred.fromCoroutine(self._issue(server_name))
+
+    async def _issue(self, server_name: str) -> CertificateBundle:
+        ca = self.name
+        self.limits.check(ca, server_name)
+        await self.limits.acquire(server_name)
+        try:
+            self.limits.check(ca, server_name)  # the window may have filled while waiting
+            self.limits.record_order(ca)
+            try:
+                bundle: CertificateBundle = await self.wrapped.issue(server_name)
+            except ValidationFailed:
+                self.limits.record_failed_validation(ca, server_name)
+                raise
+            self.limits.record_issued(ca, server_name)
+            return bundle
+        finally:
+            self.limits.release()
