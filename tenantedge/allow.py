@@ -122,7 +122,9 @@ class AllowChecker:
         url = build_check_url(self.template, server_name, self.caddy_style)
 
         async def exchange() -> int:
-            response = await self.http.get(url, headers={b"Accept": [b"*/*"]})
+            # No redirects: a 3xx is an answer (deny), and following one
+            # could send the check somewhere the operator did not name.
+            response = await self.http.get(url, headers={b"Accept": [b"*/*"]}, allow_redirects=False)
             # Read (and drop) the body so the connection can be reused.
             await treq.collect(response, lambda chunk: None)
             return int(response.code)

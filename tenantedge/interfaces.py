@@ -24,6 +24,7 @@ __all__ = [
     "PolicyRefusal",
     "IssuanceFailed",
     "BackedOff",
+    "LimitExceeded",
 ]
 
 
@@ -69,6 +70,21 @@ class BackedOff(IssuanceFailed):
         super().__init__(host, f"backing off after {failures} failed attempt(s)")
         self.until = until
         self.failures = failures
+
+
+class LimitExceeded(IssuanceFailed):
+    """
+    A limit of our own refused the order before it reached the CA.
+
+    @ivar limit: which (C{"concurrent"}, C{"new-orders"}, C{"domain-week"},
+        C{"failed-validations"}).
+    @ivar retry_after: seconds until the window has room, if known.
+    """
+
+    def __init__(self, host: str, limit: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(host, f"issuance limit {limit}: {detail}")
+        self.limit = limit
+        self.retry_after = retry_after
 
 
 class ICertificateStore(Interface):

@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from .acme import ValidationFailed
 from .certificates import CertificateBundle
-from .interfaces import IIssuer, IssuanceFailed
+from .interfaces import IIssuer, LimitExceeded
 from .store import atomic_write
 
 __all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded"]
@@ -43,21 +43,6 @@ HOUR = 3600.0
 ORDER_WINDOW = 3 * HOUR
 DOMAIN_WINDOW = 7 * 24 * HOUR
 FAILURE_WINDOW = HOUR
-
-
-class LimitExceeded(IssuanceFailed):
-    """
-    A limit of our own refused the order before it reached the CA.
-
-    @ivar limit: which (C{"concurrent"}, C{"new-orders"}, C{"domain-week"},
-        C{"failed-validations"}).
-    @ivar retry_after: seconds until the window has room, if known.
-    """
-
-    def __init__(self, host: str, limit: str, detail: str, retry_after: float | None = None) -> None:
-        super().__init__(host, f"issuance limit {limit}: {detail}")
-        self.limit = limit
-        self.retry_after = retry_after
 
 
 @attrs.define

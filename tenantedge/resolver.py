@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .certificates import CertificateBundle, make_server_context
-from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, IIssuer, PolicyRefusal
+from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, IIssuer, LimitExceeded, PolicyRefusal
 from .singleflight import SingleFlight
 from .timeouts import with_deadline
 
@@ -148,6 +148,10 @@ class CertificateResolver:
             # Refused without contacting a CA; the failure that started the
             # backoff was logged when it happened.
             self.events["refused:backoff"] += 1
+            raise
+        except LimitExceeded as e:
+            self.events["refused:rate-limit"] += 1
+            self._log.warn("no order for {host}: {error}", host=server_name, error=e.detail)
             raise
         except Exception as e:
             self.events["failed"] += 1

@@ -20,8 +20,13 @@ from tenantedge.testing import CountingIssuer
 from .support.processes import Backend, require_tool, run
 
 
-async def start_edge(testcase: TestCase, *extra: str, backend: str) -> tuple[TenantEdgeService, int, int]:
-    """Start an edge on free loopback ports; stopped at test cleanup."""
+async def start_edge(
+    testcase: TestCase, *extra: str, backend: str, suffix: bool = True
+) -> tuple[TenantEdgeService, int, int]:
+    """
+    Start an edge (local CA) on free loopback ports; stopped at test
+    cleanup. With C{suffix}, every name under .test is allowed.
+    """
     options = Options()
     options.parseOptions(
         [
@@ -29,7 +34,7 @@ async def start_edge(testcase: TestCase, *extra: str, backend: str) -> tuple[Ten
             "--http", "tcp:0:interface=127.0.0.1",
             "--store", os.path.join(testcase.mktemp(), "store"),
             "--ca", "internal",
-            "--allow-suffix", ".test",
+            *(["--allow-suffix", ".test"] if suffix else []),
             "--deny", ".own.test",
             "--backend", backend,
             *extra,

@@ -17,6 +17,9 @@ Routes:
   /truncate         promises 100000 bytes, sends 5000, closes
   /untyped          a body without Content-Type
   /hop              X-Internal named in Connection (must not be forwarded)
+  /check-domain/N   allow endpoint: 200 for names starting with "ok-", else 404
+  /ask?domain=N     Caddy-style allow endpoint: 204 for "ok-" names, else 403
+  /allow-checks     JSON list of every name the allow endpoints were asked about
   /connections      how many TCP connections this server has accepted
 """
 
@@ -33,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 _connections = 0
 _lock = threading.Lock()
 _release = threading.Event()
+_allow_checks: list[str] = []
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -141,6 +145,22 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/hop":
             # X-Internal is hop-by-hop: named in Connection, never forwarded.
             self._send(200, b"hop", "text/plain", [("Connection", "keep-alive, X-Internal"), ("X-Internal", "secret")])
+        elif url.path.startswith("/check-domain/"):
+            # The allow endpoint (lua-resty-auto-ssl style): names starting
+            # with "ok-" are tenants.
+            name = url.path.rsplit("/", 1)[1]
+            with _lock:
+                _allow_checks.append(name)
+            self._send(200 if name.startswith("ok-") else 404, b"", "text/plain")
+        elif url.path == "/ask":
+            # Caddy's form: ?domain=NAME, any 2xx allows.
+            name = query.get("domain", [""])[0]
+            with _lock:
+                _allow_checks.append(name)
+            self._send(204 if name.startswith("ok-") else 403, b"", "text/plain")
+        elif url.path == "/allow-checks":
+            with _lock:
+                self._send(200, json.dumps(_allow_checks).encode())
         elif url.path == "/connections":
             self._send(200, str(_connections).encode(), "text/plain")
         else:

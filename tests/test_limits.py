@@ -1,0 +1,126 @@
+"""
+Tests for L{tenantedge.limits}: the limits that keep an ACME account inside
+its CA's published limits, with a Clock.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from tenantedge.acme import PROBLEM_PREFIX, ValidationFailed
+from tenantedge.interfaces import IIssuer, LimitExceeded
+from tenantedge.limits import DOMAIN_WINDOW, FAILURE_WINDOW, ORDER_WINDOW, IssuanceLimits, LimitedIssuer
+from tenantedge.policy import registered_domain
+from tenantedge.testing import ControlledIssuer, make_bundle
+
+CA = "controlled"
+
+
+class LimitsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.path = os.path.abspath(self.mktemp())
+        self.limits = IssuanceLimits(
+            self.path, self.clock, registered_domain,
+            max_concurrent=2, max_waiting=2, max_new_orders=5, max_per_domain=3, max_failed_validations=2,
+        )
+        self.issuer = ControlledIssuer()
+        self.limited = LimitedIssuer(self.issuer, self.limits)
+
+    def issue_ok(self, name: str) -> None:
+        d = self.limited.issue(name)
+        self.issuer.complete(name, make_bundle(name))
+        self.successResultOf(d)
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(IIssuer, self.limited))
+
+    def test_concurrency(self) -> None:
+        """
+        At most max_concurrent orders run; a few more wait for a slot, and
+        beyond that a name is refused at once (nothing queued without bound).
+        """
+        running = [self.limited.issue(f"r{i}.acme.com") for i in range(2)]
+        self.assertEqual(len(self.issuer.requests), 2)
+        waiting = [self.limited.issue(f"w{i}.acme.com") for i in range(2)]
+        self.assertEqual(len(self.issuer.requests), 2)
+        refused = self.limited.issue("x.acme.com")
+        f = self.failureResultOf(refused, LimitExceeded)
+        self.assertEqual(f.value.limit, "concurrent")
+        self.issuer.complete("r0.acme.com", make_bundle("r0.acme.com"))
+        self.successResultOf(running[0])
+        self.assertEqual(self.issuer.requests[-1], "w0.acme.com")
+        self.assertEqual(self.limits.running, 2)
+        for d in waiting:
+            self.assertNoResult(d)
+
+    def test_cancelled_waiter_leaves_the_queue(self) -> None:
+        for i in range(2):
+            self.limited.issue(f"r{i}.acme.com")
+        waiting = self.limited.issue("w.acme.com")
+        waiting.cancel()
+        self.failureResultOf(waiting)
+        self.issuer.complete("r0.acme.com", make_bundle("r0.acme.com"))
+        self.assertEqual(self.limits.running, 1)
+
+    def test_new_orders_window(self) -> None:
+        """At most max_new_orders orders per 3 hours; the window slides."""
+        for i in range(5):
+            self.issue_ok(f"n{i}.example{i}.com")
+        f = self.failureResultOf(self.limited.issue("n5.other.com"), LimitExceeded)
+        self.assertEqual(f.value.limit, "new-orders")
+        self.assertEqual(f.value.retry_after, ORDER_WINDOW)
+        self.assertEqual(len(self.issuer.requests), 5)
+        self.clock.advance(ORDER_WINDOW + 1)
+        self.issue_ok("n5.other.com")
+
+    def test_registered_domain_week(self) -> None:
+        """At most max_per_domain certificates per registered domain per week."""
+        for sub in ("a", "b", "c"):
+            self.issue_ok(f"{sub}.acme-corp.com")
+        f = self.failureResultOf(self.limited.issue("d.acme-corp.com"), LimitExceeded)
+        self.assertEqual(f.value.limit, "domain-week")
+        self.assertIn("acme-corp.com", str(f.value))
+        self.issue_ok("a.other-corp.com")  # other domains unaffected
+        self.clock.advance(DOMAIN_WINDOW + 1)
+        self.issue_ok("d.acme-corp.com")
+
+    def test_exempt_renewals_not_counted(self) -> None:
+        for _ in range(5):
+            self.limits.record_issued(CA, "a.acme-corp.com", exempt=True)
+        self.limits.check(CA, "b.acme-corp.com")
+
+    def test_failed_validations(self) -> None:
+        """At most max_failed_validations failed validations per name per hour."""
+        for _ in range(2):
+            d = self.limited.issue("bad.acme.com")
+            self.issuer._pending.pop("bad.acme.com")[0].errback(
+                ValidationFailed("bad.acme.com", PROBLEM_PREFIX + "dns", "NXDOMAIN", 400))
+            self.failureResultOf(d, ValidationFailed)
+        f = self.failureResultOf(self.limited.issue("bad.acme.com"), LimitExceeded)
+        self.assertEqual(f.value.limit, "failed-validations")
+        self.issue_ok("good.acme.com")
+        self.clock.advance(FAILURE_WINDOW + 1)
+        self.limited.issue("bad.acme.com")
+        self.assertEqual(self.issuer.requests.count("bad.acme.com"), 3)
+
+    def test_persisted(self) -> None:
+        """A restart keeps the windows (limits.json)."""
+        for sub in ("a", "b", "c"):
+            self.issue_ok(f"{sub}.acme-corp.com")
+        again = IssuanceLimits(self.path, self.clock, registered_domain, max_per_domain=3)
+        again.load()
+        self.assertRaises(LimitExceeded, again.check, CA, "d.acme-corp.com")
+
+    def test_corrupt_state_ignored(self) -> None:
+        with open(self.path, "w") as f:
+            f.write("[broken")
+        again = IssuanceLimits(self.path, self.clock, registered_domain)
+        again.load()
+        again.check(CA, "a.acme.com")
+        self.flushLoggedErrors()
