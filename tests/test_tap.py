@@ -72,6 +72,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(o["static-policy"].allow_suffixes, (".localhost",))
         self.assertEqual(o["ca"], ["internal"])
 
+    def test_public_suffix_rule(self) -> None:
+        """
+        The public-suffix rule is on whenever a public CA may be asked, off
+        for the local CA alone or with --allow-private-suffix.
+        """
+        self.assertTrue(self.parse()["static-policy"].require_public_suffix)
+        self.assertTrue(self.parse("--ca", "letsencrypt", "--ca", "internal")["static-policy"].require_public_suffix)
+        self.assertFalse(self.parse("--ca", "internal")["static-policy"].require_public_suffix)
+        self.assertFalse(self.parse("--allow-private-suffix")["static-policy"].require_public_suffix)
+
     def test_ca_list(self) -> None:
         """--ca repeats for fallback; aliases become directory URLs."""
         o = self.parse("--ca", "letsencrypt-staging", "--ca", "https://acme.zerossl.com/v2/DV90", "--ca", "internal")
@@ -99,6 +109,10 @@ class OptionsTests(SynchronousTestCase):
             (["--eab-kid", "x"], "go together"),
             (["--ca-root", "/nonexistent.pem"], "--ca-root"),
             (["--ca-root", self.config("not a pem")], "no PEM certificate"),
+            (["--allow-url", "https://api.test/check"], "{domain}"),
+            (["--allow-url", "ftp://api.test/{domain}"], "http"),
+            (["--allow-url", "https://a.test/{domain}", "--ask", "https://a.test/ask"], "not both"),
+            (["--allow-ca", "/nonexistent.pem"], "--allow-ca"),
             (["--config", "/nonexistent/x.toml"], "cannot read"),
             (["--config", self.config("nope = 1\n")], "unknown option 'nope'"),
             (["--config", self.config("https = [1]\n")], "single value"),
