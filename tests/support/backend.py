@@ -170,6 +170,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
+    # The default listen backlog (5) drops connections under the tests'
+    # bursts of 50 concurrent clients.
+    ThreadingHTTPServer.request_queue_size = 256
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     print(server.server_address[1], flush=True)
