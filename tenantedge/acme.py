@@ -17,6 +17,7 @@ has another.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,7 @@ __all__ = [
     "ValidationFailed",
     "OrderFailed",
     "key_authorization",
+    "ari_certificate_id",
     "make_csr",
     "PROBLEM_PREFIX",
 ]
@@ -136,6 +138,22 @@ def make_csr(server_name: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateK
     )
 
 
+def ari_certificate_id(cert: x509.Certificate) -> str | None:
+    """
+    RFC 9773 section 4.1: base64url(AKI keyIdentifier) "." base64url(DER
+    serial number content), or None without an Authority Key Identifier.
+    """
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        return None
+    if not aki:
+        return None
+    serial = cert.serial_number
+    serial_der = serial.to_bytes(serial.bit_length() // 8 + 1, "big")
+    return f"{jose.b64encode(aki).decode()}.{jose.b64encode(serial_der).decode()}"
+
+
 def parse_retry_after(value: bytes | None, now: float) -> float | None:
     """
     Seconds to wait from a C{Retry-After} header (delta-seconds or an HTTP
@@ -212,6 +230,7 @@ class AcmeClient:
     user_agent: str = "tenantedge"
     _directory: messages.Directory | None = attrs.field(default=None, init=False)
     _nonces: list[bytes] = attrs.field(factory=list, init=False)
+    _windows: dict[str, tuple[tuple[float, float], float]] = attrs.field(factory=dict, init=False)
     _log = Logger()
 
     # -- HTTP -----------------------------------------------------------------
@@ -336,6 +355,42 @@ class AcmeClient:
                 continue
             raise problem
         raise AssertionError("unreachable")
+
+    # -- renewal information (RFC 9773) -----------------------------------------
+
+    async def renewal_window(self, cert: x509.Certificate) -> tuple[float, float] | None:
+        """
+        The CA's suggested renewal window for a certificate, as POSIX
+        (start, end), or None if the CA offers no ACME Renewal Information
+        or the certificate has no Authority Key Identifier. Answers are
+        cached until the CA's C{Retry-After} (default 6 hours).
+        """
+        directory = await self.directory()
+        try:
+            base = directory["renewalInfo"]
+        except KeyError:
+            return None
+        cert_id = ari_certificate_id(cert)
+        if cert_id is None:
+            return None
+        cached = self._windows.get(cert_id)
+        now = self.clock.seconds()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        reply = await self._exchange("", "GET", f"{base.rstrip('/')}/{cert_id}")
+        if reply.code != 200:
+            raise self._problem("", reply)
+        try:
+            window = reply.json("")["suggestedWindow"]
+            start = datetime.datetime.fromisoformat(window["start"]).timestamp()
+            end = datetime.datetime.fromisoformat(window["end"]).timestamp()
+        except (KeyError, TypeError, ValueError) as e:
+            raise AcmeProtocolError("", f"invalid renewalInfo answer: {e}") from None
+        if end < start:
+            raise AcmeProtocolError("", "renewalInfo window ends before it starts")
+        retry_after = parse_retry_after(reply.header(b"retry-after"), now)
+        self._windows[cert_id] = ((start, end), now + (retry_after if retry_after is not None else 6 * 3600.0))
+        return (start, end)
 
     # -- account ----------------------------------------------------------------
 

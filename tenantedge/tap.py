@@ -48,6 +48,7 @@ from .allow import AllowChecker
 from .limits import IssuanceLimits, LimitedIssuer
 from .policy import EdgePolicy, StaticPolicy, registered_domain
 from .proxy import ProxyResource, make_agent, make_backend_pool
+from .renewal import RenewalService
 from .resolver import CertificateResolver
 from .store import DirectoryStore, StoreError
 from .tls import OnDemandTLSFactory
@@ -175,6 +176,10 @@ class Options(usage.Options):
         ["max-concurrent-issuance", None, 4, "ACME orders running at once (all CAs).", _positive_int],
         ["max-new-orders", None, 300, "ACME orders per account per 3 hours.", _positive_int],
         ["max-certs-per-domain", None, 50, "Certificates per registered domain per account per week.", _positive_int],
+        ["renew-check-interval", None, 43200.0, "Seconds between renewal checks (plus up to 10% jitter).",
+         parse_duration],
+        ["renew-before", None, 30 * 86400.0, "Renew when less than this (or a third of the lifetime, "
+         "whichever is shorter) is left, unless the CA suggests a window (ARI).", parse_duration],
         ["cache-size", None, 10000, "Number of ready TLS contexts kept in memory.", _positive_int],
         ["backend-timeout", None, 60.0, "Seconds to wait for backend response headers before 504.", parse_duration],
         ["hello-timeout", None, 10.0, "Seconds a client has to send its ClientHello.", parse_duration],
@@ -429,6 +434,7 @@ class TenantEdgeService(service.MultiService):
         self.tls_alpn: TLSALPN01Responder | None = None
         self.acme_pool: HTTPConnectionPool | None = None
         self.limits: IssuanceLimits | None = None
+        self.renewal: RenewalService | None = None
 
     def listening_ports(self) -> Deferred[dict[str, Any]]:
         """
@@ -590,7 +596,19 @@ def makeService(options: Options) -> TenantEdgeService:
         resolve_timeout=options["issue-timeout"],
         challenge_context=tls_alpn.context_for,
     )
+    renewal = RenewalService(
+        store,
+        resolver.issuer,
+        policy.recheck,
+        resolver.remember,
+        resolver.forget,
+        reactor,
+        interval=options["renew-check-interval"],
+        renew_before=options["renew-before"],
+        window=_ari_lookup(acme_issuers),
+    )
     edge = TenantEdgeService(options, store, local_ca, resolver, proxy, tls_factory)
+    edge.renewal = renewal
     edge.backend_pool = pool
     edge.acme_pool = acme_pool
     edge.acme_issuers = acme_issuers
@@ -612,6 +630,9 @@ def makeService(options: Options) -> TenantEdgeService:
     http.setServiceParent(edge)
     edge.http_service = http
 
+    renewal.setName("renewal")
+    renewal.setServiceParent(edge)
+
     if options["demo"]:
         demo = DemoBackendService(reactor, proxy)
         demo.setName("demo-backend")
@@ -621,6 +642,23 @@ def makeService(options: Options) -> TenantEdgeService:
         # Fail start-up (not just log) when a port cannot be bound.
         svc._raiseSynchronously = True
     return edge
+
+
+def _ari_lookup(acme_issuers: Sequence[AcmeIssuer]) -> Callable[[Any], Deferred[Any]] | None:
+    """
+    The renewal window lookup: the first ACME CA's renewalInfo (RFC 9773),
+    or None with no ACME CA. A CA without ARI, or an error, means "no
+    window" (the lifetime rule applies).
+    """
+    if not acme_issuers:
+        return None
+    client = acme_issuers[0].client
+
+    def window(bundle: Any) -> Deferred[Any]:
+        d = Deferred.fromCoroutine(client.renewal_window(bundle.leaf))
+        return d.addErrback(lambda failure: None)
+
+    return window
 
 
 class EdgeSite(Site):

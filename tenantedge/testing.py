@@ -62,7 +62,7 @@ def make_bundle(
 
 
 @implementer(ICertificateStore)
-@attrs.define
+@attrs.define(slots=False)  # tests may replace a method to inject a fault
 class MemoryStore:
     """
     An in-memory L{ICertificateStore}; C{archive} keeps deleted bundles, as

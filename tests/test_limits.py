@@ -58,6 +58,12 @@ class LimitsTests(SynchronousTestCase):
         self.assertEqual(self.limits.running, 2)
         for d in waiting:
             self.assertNoResult(d)
+        # Let everything finish: no order is left suspended.
+        for name in ("r1.acme.com", "w0.acme.com", "w1.acme.com"):
+            self.issuer.complete(name, make_bundle(name))
+        for d in [running[1], *waiting]:
+            self.successResultOf(d)
+        self.assertEqual(self.limits.running, 0)
 
     def test_cancelled_waiter_leaves_the_queue(self) -> None:
         for i in range(2):
@@ -67,6 +73,8 @@ class LimitsTests(SynchronousTestCase):
         self.failureResultOf(waiting)
         self.issuer.complete("r0.acme.com", make_bundle("r0.acme.com"))
         self.assertEqual(self.limits.running, 1)
+        self.issuer.complete("r1.acme.com", make_bundle("r1.acme.com"))
+        self.assertEqual(self.limits.running, 0)
 
     def test_new_orders_window(self) -> None:
         """At most max_new_orders orders per 3 hours; the window slides."""

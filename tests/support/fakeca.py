@@ -62,6 +62,8 @@ class FakeCA(Resource):
         self.retry_after: dict[str, int] = {}
         self.pending_polls = 0
         self.require_eab = False
+        #: ARI: certificate id -> renewalInfo body; None disables renewalInfo.
+        self.renewal_info: dict[str, dict] | None = None
         self.eab_keys: dict[str, bytes] = {}
         self._ids = itertools.count(1)
 
@@ -72,6 +74,8 @@ class FakeCA(Resource):
             "newOrder": f"{BASE}/order",
             "meta": {"termsOfService": f"{BASE}/tos", "externalAccountRequired": self.require_eab},
         }
+        if self.renewal_info is not None:
+            d["renewalInfo"] = f"{BASE}/renewal-info"
         return d
 
     def _nonce(self, request: Request) -> None:
@@ -106,6 +110,11 @@ class FakeCA(Resource):
             return self._answer(request, 200, self.directory())
         if path == "/nonce":
             return self._answer(request, 200, b"")
+        if path.startswith("/renewal-info/") and self.renewal_info is not None:
+            info = self.renewal_info.get(path.rsplit("/", 1)[1])
+            if info is None:
+                return self._answer_problem(request, problem(404, "malformed", "no such certificate"))
+            return self._answer(request, 200, info, {"Retry-After": "21600"})
         if method != "POST":
             return self._answer(request, 405, b"")
         try:
