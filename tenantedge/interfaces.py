@@ -128,6 +128,15 @@ class ICertificateStore(Interface):
             if nothing is stored for the name.
         """
 
+    def changed(server_names):
+        """
+        Which of the given names' entries changed (replaced or removed by
+        another process) since this store last read or wrote them; lets a
+        running server notice what the admin CLI or a fleet peer did.
+
+        @return: a Deferred firing with a list of names.
+        """
+
     def names():
         """
         List the names that have an entry.

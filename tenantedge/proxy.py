@@ -25,6 +25,7 @@ from __future__ import annotations
 import html
 import io
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -265,6 +266,8 @@ class ProxyResource(Resource):
         before answering 504.
     @ivar require_sni_match: refuse (421) a request whose C{Host} names
         another host than the TLS connection's certificate.
+    @ivar observe: called with (status, seconds to response headers) for
+        every proxied request, for metrics.
     """
 
     isLeaf = True
@@ -277,8 +280,10 @@ class ProxyResource(Resource):
         clock: IReactorTime,
         timeout: float = 60.0,
         require_sni_match: bool = True,
+        observe: Callable[[int, float], None] | None = None,
     ) -> None:
         super().__init__()
+        self.observe = observe
         self.backend = backend.rstrip(b"/")
         self.agent = agent
         self.clock = clock
@@ -325,7 +330,11 @@ class ProxyResource(Resource):
 
         request.notifyFinish().addErrback(client_gone)
 
+        started = self.clock.seconds()
+
         def got_response(upstream: IResponse) -> None:
+            if self.observe is not None:
+                self.observe(upstream.code, self.clock.seconds() - started)
             if state["gone"]:
                 upstream.deliverBody(_Discard())
                 return
@@ -349,6 +358,8 @@ class ProxyResource(Resource):
                 code, title, detail = 504, "Gateway Timeout", "The application did not answer in time."
             else:
                 code, title, detail = 502, "Bad Gateway", "The application is not reachable right now."
+            if self.observe is not None:
+                self.observe(code, self.clock.seconds() - started)
             self._log.warn(
                 "backend request for {host}{path} failed with {code}: {error}",
                 host=name,

@@ -105,6 +105,7 @@ class RenewalService(Service):
     concurrency: int = 4
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     soonest_expiry: float | None = attrs.field(default=None, init=False)
+    stored_count: int = attrs.field(default=0, init=False)
     _loop: LoopingCall | None = attrs.field(default=None, init=False)
     _running_check: Deferred[None] | None = attrs.field(default=None, init=False)
     _renewing: DeferredSemaphore = attrs.field(init=False)
@@ -164,6 +165,7 @@ class RenewalService(Service):
         if self._stopping:
             return
         names = await self.store.names()
+        self.stored_count = len(names)
         renewals: list[Deferred[float | None]] = []
         expiries: list[float] = []
         for start in range(0, len(names), self.batch):

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .certificates import CertificateBundle, make_server_context
@@ -25,7 +28,7 @@ from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, IIssuer, Li
 from .singleflight import SingleFlight
 from .timeouts import with_deadline
 
-__all__ = ["CertificateResolver"]
+__all__ = ["CertificateResolver", "CacheRefresher"]
 
 
 @attrs.frozen
@@ -64,6 +67,7 @@ class CertificateResolver:
     cache_size: int = 10000
     work_timeout: float = 600.0
     accepts: Callable[[CertificateBundle], bool] = lambda bundle: True
+    on_issuance: Callable[[float, bool], None] | None = None
     make_context: Callable[[CertificateBundle], SSL.Context] = make_server_context
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _cache: OrderedDict[str, _Entry] = attrs.field(factory=OrderedDict, init=False)
@@ -118,6 +122,22 @@ class CertificateResolver:
     def cache_length(self) -> int:
         return len(self._cache)
 
+    def cached_names(self) -> list[str]:
+        return list(self._cache)
+
+    async def refresh_changed(self) -> list[str]:
+        """
+        Forget cached names whose store entry someone else replaced or
+        removed (the admin CLI, a fleet peer): their next handshake reads
+        the store again. Run periodically by L{CacheRefresher}.
+        """
+        changed: list[str] = await self.store.changed(self.cached_names())
+        for name in changed:
+            self.forget(name)
+            self._log.info("the stored certificate for {host} changed; reloading it", host=name)
+        return changed
+
+
     def in_flight(self, server_name: str) -> bool:
         """Is a lookup or issuance for this name under way?"""
         return server_name in self._flights
@@ -155,6 +175,8 @@ class CertificateResolver:
             raise
         except Exception as e:
             self.events["failed"] += 1
+            if self.on_issuance is not None:
+                self.on_issuance(self.clock.seconds() - started, False)
             self._log.error(
                 "could not obtain a certificate for {host} from {issuer} after {duration:.3f}s: {error}",
                 host=server_name,
@@ -165,6 +187,8 @@ class CertificateResolver:
             )
             raise
         self.events["issued"] += 1
+        if self.on_issuance is not None:
+            self.on_issuance(self.clock.seconds() - started, True)
         self._log.info(
             "issued a certificate for {host} by {issuer} in {duration:.3f}s, valid until {not_after}",
             host=server_name,
@@ -223,3 +247,34 @@ class CertificateResolver:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return context
+
+
+@attrs.define(eq=False)
+class CacheRefresher(Service):
+    """
+    Every C{interval} seconds, lets the resolver notice store entries
+    changed by another process (see L{CertificateResolver.refresh_changed}).
+    """
+
+    resolver: CertificateResolver
+    clock: IReactorTime
+    interval: float = 5.0
+    _loop: LoopingCall | None = attrs.field(default=None, init=False)
+    _log = Logger()
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._refresh)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _refresh(self) -> Deferred[Any]:
+        d = Deferred.fromCoroutine(self.resolver.refresh_changed())
+        # A periodic call catches its own failures, or its LoopingCall stops.
+        d.addErrback(lambda f: self._log.failure("checking the store for changes failed", f))
+        return d

@@ -18,11 +18,13 @@ What it promises beyond txacme's store:
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import attrs
@@ -110,7 +112,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
-def _read_bundle(path: str) -> CertificateBundle:
+def _read_bundle(path: str) -> _Read:
     """
     Read and parse one store file (in whatever thread file work runs in).
 
@@ -120,7 +122,44 @@ def _read_bundle(path: str) -> CertificateBundle:
     """
     with open(path, "rb") as f:
         data = f.read(_MAX_FILE)
-    return CertificateBundle.from_pem(data)
+        identity = _identity(os.fstat(f.fileno()))
+    return _Read(CertificateBundle.from_pem(data), identity)
+
+
+@attrs.frozen
+class _Read:
+    bundle: CertificateBundle
+    identity: tuple[int, int, int]
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is replaced (inode) or rewritten (mtime, size)."""
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        return _identity(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+@contextmanager
+def name_lock(store_path: str, server_name: str) -> Iterator[None]:
+    """
+    An exclusive lock (fcntl) on one name's entry, held while it is
+    written, quarantined or archived, so that the server and the admin CLI
+    (or several servers sharing a store) never interleave changes to one
+    entry. Readers need no lock: every change is an atomic rename.
+    """
+    directory = os.path.join(store_path, "locks")
+    ensure_private_directory(directory)
+    fd = os.open(os.path.join(directory, server_name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_private_file(path: str) -> None:
@@ -168,6 +207,7 @@ class DirectoryStore:
     path: str
     run_blocking: RunBlocking = run_inline
     _corrupt: set[str] = attrs.field(factory=set, init=False)
+    _seen: dict[str, tuple[int, int, int]] = attrs.field(factory=dict, init=False)
     _log = Logger()
 
     def prepare(self) -> None:
@@ -219,9 +259,10 @@ class DirectoryStore:
         d.addCallbacks(self._read_ok, self._read_failed, (server_name,), None, (server_name, path))
         return d
 
-    def _read_ok(self, bundle: CertificateBundle, server_name: str) -> CertificateBundle:
+    def _read_ok(self, read: _Read, server_name: str) -> CertificateBundle:
         self._corrupt.discard(server_name)
-        return bundle
+        self._seen[server_name] = read.identity
+        return read.bundle
 
     def _read_failed(self, failure: Failure, server_name: str, path: str) -> Failure:
         if failure.check(FileNotFoundError):
@@ -262,15 +303,23 @@ class DirectoryStore:
         d.addCallbacks(self._stored, self._store_failed, (server_name, path), None, (server_name, path))
         return d
 
-    def _write(self, server_name: str, path: str, data: bytes, quarantine: bool) -> str | None:
-        moved = None
-        if quarantine and os.path.exists(path):
-            moved = self._move_aside(path, "quarantine", server_name)
-        atomic_write(path, data)
-        return moved
+    def _write(
+        self, server_name: str, path: str, data: bytes, quarantine: bool
+    ) -> tuple[str | None, tuple[int, int, int] | None]:
+        with name_lock(self.path, server_name):
+            moved = None
+            if quarantine and os.path.exists(path):
+                moved = self._move_aside(path, "quarantine", server_name)
+            atomic_write(path, data)
+            return moved, _file_identity(path)
 
-    def _stored(self, moved: str | None, server_name: str, path: str) -> None:
+    def _stored(
+        self, result: tuple[str | None, tuple[int, int, int] | None], server_name: str, path: str
+    ) -> None:
+        moved, identity = result
         self._corrupt.discard(server_name)
+        if identity is not None:
+            self._seen[server_name] = identity
         if moved is not None:
             self._log.warn(
                 "moved corrupt certificate file {file} to {moved} before replacing it",
@@ -306,13 +355,42 @@ class DirectoryStore:
         return d
 
     def _archive(self, server_name: str, path: str) -> str:
-        if not os.path.exists(path):
-            raise KeyError(server_name)
-        return self._move_aside(path, "archive", server_name)
+        with name_lock(self.path, server_name):
+            if not os.path.exists(path):
+                raise KeyError(server_name)
+            return self._move_aside(path, "archive", server_name)
 
     def _archived(self, moved: str, server_name: str) -> None:
         self._corrupt.discard(server_name)
+        self._seen.pop(server_name, None)
         self._log.info("archived {host} to {moved}", host=server_name, moved=moved)
+
+    def changed(self, server_names: Sequence[str]) -> Deferred[list[str]]:
+        """
+        Which of these names' entries were replaced or removed by someone
+        else (the admin CLI, another server on a shared store) since this
+        store last read or wrote them. One C{stat} per name, off the
+        reactor thread.
+        """
+        known = [(n, self._seen.get(n)) for n in server_names]
+
+        def compare() -> list[str]:
+            out = []
+            for name, seen in known:
+                if seen is None:
+                    continue
+                if _file_identity(os.path.join(self.path, name + _SUFFIX)) != seen:
+                    out.append(name)
+            return out
+
+        d = self.run_blocking(compare)
+        d.addCallback(self._forget_seen)
+        return d
+
+    def _forget_seen(self, names: list[str]) -> list[str]:
+        for name in names:
+            self._seen.pop(name, None)
+        return names
 
     def names(self) -> Deferred[list[str]]:
         return self.run_blocking(lambda: list(self._iter_names()))

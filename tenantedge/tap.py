@@ -36,6 +36,7 @@ from twisted.web.server import Site
 
 from . import __version__
 from .accounts import AccountStore, account_directory
+from .admin import AdminResource, EdgeMetrics
 from .acme import AcmeClient
 from .backoff import FailureBackoff
 from .challenges import HTTP01Responder, HTTPRedirectRoot, MemoryChallengeStore, TLSALPN01Responder
@@ -49,7 +50,7 @@ from .limits import IssuanceLimits, LimitedIssuer
 from .policy import EdgePolicy, StaticPolicy, registered_domain
 from .proxy import ProxyResource, make_agent, make_backend_pool
 from .renewal import RenewalService
-from .resolver import CertificateResolver
+from .resolver import CacheRefresher, CertificateResolver
 from .store import DirectoryStore, StoreError
 from .tls import OnDemandTLSFactory
 
@@ -180,6 +181,9 @@ class Options(usage.Options):
          parse_duration],
         ["renew-before", None, 30 * 86400.0, "Renew when less than this (or a third of the lifetime, "
          "whichever is shorter) is left, unless the CA suggests a window (ARI).", parse_duration],
+        ["admin", None, "tcp:9180:interface=127.0.0.1", "Admin endpoint (metrics, CLI actions); 'none' to disable."],
+        ["store-poll", None, 5.0, "How often cached certificates are checked for changes made by others "
+         "(the admin CLI, a fleet peer).", parse_duration],
         ["cache-size", None, 10000, "Number of ready TLS contexts kept in memory.", _positive_int],
         ["backend-timeout", None, 60.0, "Seconds to wait for backend response headers before 504.", parse_duration],
         ["hello-timeout", None, 10.0, "Seconds a client has to send its ClientHello.", parse_duration],
@@ -304,7 +308,8 @@ class Options(usage.Options):
             raise usage.UsageError("give --allow-url or --ask, not both")
         from twisted.internet import reactor
 
-        for key in ("https", "http"):
+        keys = ("https", "http") if self["admin"] == "none" else ("https", "http", "admin")
+        for key in keys:
             try:
                 endpoints.serverFromString(reactor, self[key])
             except (ValueError, TypeError, KeyError) as e:
@@ -435,14 +440,17 @@ class TenantEdgeService(service.MultiService):
         self.acme_pool: HTTPConnectionPool | None = None
         self.limits: IssuanceLimits | None = None
         self.renewal: RenewalService | None = None
+        self.metrics: EdgeMetrics | None = None
+        self.admin_service: StreamServerEndpointService | None = None
 
     def listening_ports(self) -> Deferred[dict[str, Any]]:
         """
         The bound HTTPS and HTTP ports, once listening (for tests and tools
         that start the edge on port 0).
         """
-        names = [("https", self.https_service), ("http", self.http_service)]
-        waiting = [svc._waitingForPort for _, svc in names if svc is not None]
+        names = [("https", self.https_service), ("http", self.http_service), ("admin", self.admin_service)]
+        names = [(name, svc) for name, svc in names if svc is not None]
+        waiting = [svc._waitingForPort for _, svc in names]
         return gatherResults(waiting).addCallback(
             lambda ports: {name: port for (name, _), port in zip(names, ports)}
         )
@@ -609,6 +617,22 @@ def makeService(options: Options) -> TenantEdgeService:
     )
     edge = TenantEdgeService(options, store, local_ca, resolver, proxy, tls_factory)
     edge.renewal = renewal
+    refresher = CacheRefresher(resolver, reactor, interval=options["store-poll"])
+    refresher.setName("store-refresher")
+    refresher.setServiceParent(edge)
+    metrics = EdgeMetrics(edge)
+    edge.metrics = metrics
+    resolver.on_issuance = metrics.observe_issuance
+    proxy.observe = metrics.observe_request
+    if options["admin"] != "none":
+        admin = StreamServerEndpointService(
+            endpoints.serverFromString(reactor, options["admin"]),
+            EdgeSite(AdminResource(metrics, _admin_actions(edge)), reactor=reactor),
+        )
+        admin.setName("admin")
+        admin._raiseSynchronously = True
+        admin.setServiceParent(edge)
+        edge.admin_service = admin
     edge.backend_pool = pool
     edge.acme_pool = acme_pool
     edge.acme_issuers = acme_issuers
@@ -642,6 +666,35 @@ def makeService(options: Options) -> TenantEdgeService:
         # Fail start-up (not just log) when a port cannot be bound.
         svc._raiseSynchronously = True
     return edge
+
+
+def _admin_actions(edge: TenantEdgeService) -> dict[str, Callable[[str], Deferred[Any]]]:
+    """What the admin endpoint's POST /certs/<host>/<action> does."""
+
+    async def issue(host: str) -> dict[str, Any]:
+        await edge.resolver.context_for(host)
+        bundle = await edge.store.get(host)
+        return {"not_after": bundle.leaf.not_valid_after_utc.isoformat()}
+
+    async def renew(host: str) -> dict[str, Any]:
+        bundle = await edge.store.get(host)
+        assert edge.renewal is not None
+        not_after = await edge.renewal.renew(host, bundle)
+        current = await edge.store.get(host)
+        if not_after is None:
+            return {"archived": True}
+        if current.leaf.serial_number == bundle.leaf.serial_number:
+            raise RuntimeError("renewal failed; see the server log")
+        return {"not_after": current.leaf.not_valid_after_utc.isoformat()}
+
+    async def forget(host: str) -> dict[str, Any]:
+        edge.resolver.forget(host)
+        return {}
+
+    return {
+        name: (lambda f: lambda host: Deferred.fromCoroutine(f(host)))(f)
+        for name, f in (("issue", issue), ("renew", renew), ("forget", forget))
+    }
 
 
 def _ari_lookup(acme_issuers: Sequence[AcmeIssuer]) -> Callable[[Any], Deferred[Any]] | None:

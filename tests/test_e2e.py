@@ -31,7 +31,7 @@ async def start_edge(
     options.parseOptions(
         [
             "--https", "tcp:0:interface=127.0.0.1",
-            "--http", "tcp:0:interface=127.0.0.1",
+            "--http", "tcp:0:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1",
             "--store", os.path.join(testcase.mktemp(), "store"),
             "--ca", "internal",
             *(["--allow-suffix", ".test"] if suffix else []),
@@ -145,7 +145,7 @@ class OnDemandTests(EdgeTestCase):
         options_store = self.edge.store.path
         await self.edge.stopService()
         options = Options()
-        options.parseOptions(["--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
+        options.parseOptions(["--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1",
                               "--store", options_store, "--allow-suffix", ".test", "--backend", self.backend.url,
                               "--ca", "internal"])
         edge = makeService(options)
@@ -166,7 +166,7 @@ class OnDemandTests(EdgeTestCase):
         # start_edge already passes --ca internal; put an unreachable ACME CA first.
         options = Options()
         options.parseOptions([
-            "--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
+            "--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1",
             "--store", os.path.join(self.mktemp(), "store"), "--allow-suffix", ".test",
             "--backend", self.backend.url, "--ca", "https://localhost:1/directory", "--ca", "internal",
             "--allow-private-suffix",

@@ -45,6 +45,7 @@ class PebbleTestCase(TestCase):
             [
                 "--https", f"tcp:{self.pebble.tls_port}:interface=127.0.0.1",
                 "--http", f"tcp:{self.pebble.http_port}:interface=127.0.0.1",
+                "--admin", "tcp:0:interface=127.0.0.1",
                 "--store", self.store,
                 "--ca", self.pebble.directory_url,
                 "--ca-root", self.pebble.ca_root,

@@ -55,7 +55,8 @@ class PrivilegeDropTests(TestCase):
             twistd,
             ["-n", "--pidfile=", "-u", "www-data", "-g", "www-data", "tenantedge",
              "--https", f"tcp:{https}:interface=127.0.0.1", "--http", f"tcp:{http}:interface=127.0.0.1",
-             "--store", store, "--allow-suffix", ".test", "--backend", backend.url, "--ca", "internal"],
+             "--store", store, "--allow-suffix", ".test", "--backend", backend.url, "--ca", "internal",
+             "--admin", "none"],
             timeout=100,
         )
         root = os.path.join(store, "localca", "root.pem")

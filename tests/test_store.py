@@ -80,6 +80,44 @@ class DirectoryStoreTests(StoreContractMixin, SynchronousTestCase):
         store.prepare()
         return store
 
+    def files(self) -> list[str]:
+        """The plain files in the store directory (no temporary file may linger)."""
+        return sorted(n for n in os.listdir(self.path) if os.path.isfile(os.path.join(self.path, n)))
+
+    def test_name_lock(self) -> None:
+        """
+        Writers hold an exclusive fcntl lock per name: another process (here,
+        another open file description) cannot take it meanwhile.
+        """
+        import fcntl
+
+        from tenantedge.store import name_lock
+
+        lock_file = os.path.join(self.path, "locks", "a.example.lock")
+        with name_lock(self.path, "a.example"):
+            fd = os.open(lock_file, os.O_RDWR)
+            self.addCleanup(os.close, fd)
+            self.assertRaises(BlockingIOError, fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def test_changed(self) -> None:
+        """
+        Entries replaced or removed by another process are reported; the
+        store's own writes are not.
+        """
+        for name in ("a.example", "b.example", "c.example"):
+            self.successResultOf(self.store.store(name, make_bundle(name)))
+        self.successResultOf(self.store.get("a.example"))
+        self.assertEqual(self.successResultOf(self.store.changed(["a.example", "b.example", "c.example"])), [])
+        other = DirectoryStore(self.path)  # another process, e.g. the admin CLI
+        self.successResultOf(other.store("a.example", make_bundle("a.example")))
+        self.successResultOf(other.delete("b.example"))
+        changed = self.successResultOf(self.store.changed(["a.example", "b.example", "c.example", "d.example"]))
+        self.assertEqual(sorted(changed), ["a.example", "b.example"])
+        # Reported once: after that the entry counts as unknown until read again.
+        self.assertEqual(self.successResultOf(self.store.changed(["a.example"])), [])
+
     def capture_logs(self) -> list[dict]:
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
@@ -122,7 +160,7 @@ class DirectoryStoreTests(StoreContractMixin, SynchronousTestCase):
 
         self.patch(os, "fsync", broken_fsync)
         self.failureResultOf(self.store.store("a.example", make_bundle("a.example")), OSError)
-        self.assertEqual(os.listdir(self.path), ["a.example.pem"])
+        self.assertEqual(self.files(), ["a.example.pem"])
         self.assertEqual(self.successResultOf(self.store.get("a.example")).to_pem(), old.to_pem())
 
     def test_disk_full(self) -> None:
@@ -140,7 +178,7 @@ class DirectoryStoreTests(StoreContractMixin, SynchronousTestCase):
         self.patch(os, "write", full)
         f = self.failureResultOf(self.store.store("a.example", make_bundle("a.example")), OSError)
         self.assertEqual(f.value.errno, errno.ENOSPC)
-        self.assertEqual(os.listdir(self.path), ["a.example.pem"])
+        self.assertEqual(self.files(), ["a.example.pem"])
         self.assertEqual(self.successResultOf(self.store.get("a.example")).to_pem(), old.to_pem())
         self.assertTrue(any(e.get("log_level") == LogLevel.critical for e in events))
 
