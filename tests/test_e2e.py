@@ -158,6 +158,28 @@ class OnDemandTests(EdgeTestCase):
         self.assertEqual(sum(edge.resolver.issuer.counts.values()), 0)
         self.assertEqual(edge.resolver.events["store-hit"], 1)
 
+    async def metric(self, name: str, labels: str = "") -> float:
+        ports = await self.edge.listening_ports()
+        out, err, code = await run(self.curl, ["--silent", f"http://127.0.0.1:{ports['admin'].getHost().port}/metrics"])
+        self.assertEqual(code, 0, err)
+        for line in out.decode().splitlines():
+            if line.startswith(name + (("{" + labels + "}") if labels else "") + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    async def test_metrics(self) -> None:
+        """A scrape of /metrics shows the counters moving."""
+        self.assertEqual(await self.metric("tenantedge_certificate_lookups_total", 'result="issued"'), 0)
+        await self.fetch_json("metrics.test")
+        await self.fetch_json("metrics.test")
+        await self.fetch("www.own.test")
+        self.assertEqual(await self.metric("tenantedge_certificate_lookups_total", 'result="issued"'), 1)
+        self.assertEqual(await self.metric("tenantedge_handshakes_total", 'outcome="cache-hit"'), 1)
+        self.assertEqual(await self.metric("tenantedge_refusals_total", 'reason="deny-list"'), 1)
+        self.assertEqual(await self.metric("tenantedge_issuance_seconds_count", 'result="issued"'), 1)
+        self.assertEqual(await self.metric("tenantedge_proxied_request_seconds_count", 'status_class="2xx"'), 2)
+        self.assertEqual(await self.metric("tenantedge_certificates_cached"), 1)
+
     async def test_issuer_fallback(self) -> None:
         """
         With --ca given twice, a CA that cannot be reached falls back to the

@@ -1,0 +1,8 @@
+"""C{python -m tenantedge}: the admin command line (see L{tenantedge.cli})."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
