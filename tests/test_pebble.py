@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 
-from twisted.internet import defer
+from cryptography import x509
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tenantedge.tap import Options, TenantEdgeService, makeService
@@ -24,16 +26,18 @@ class PebbleTestCase(TestCase):
     timeout = 240
     challenge = "http-01"
     pebble_env: dict[str, str] = {}
+    validity: int | None = None
+    edge_options: tuple[str, ...] = ()
 
     async def _setUp(self) -> None:
         self.curl = require_tool(self, "curl")
-        self.pebble = Pebble(self, self.pebble_env)
+        self.pebble = Pebble(self, self.pebble_env, self.validity)
         await self.pebble.start()
         self.backend = Backend()
         await self.backend.start()
         self.addCleanup(self.backend.stop)
         self.store = os.path.join(os.path.abspath(self.mktemp()), "store")
-        self.edge = await self.start_edge()
+        self.edge = await self.start_edge(*self.edge_options)
         self.root = await self.pebble.root_pem(os.path.abspath(self.mktemp()))
 
     def setUp(self) -> defer.Deferred[None]:
@@ -176,3 +180,36 @@ class TLSALPN01Tests(PebbleTestCase):
         self.assertEqual([(out, code) for out, _, code in results], [(b"200", 0)] * 50)
         self.assertEqual(self.pebble.orders, 1)
 
+
+
+class ShortLivedRenewalTests(PebbleTestCase):
+    """
+    Pebble issues 30-second certificates; the renewal service (checking
+    every second) renews at a third of the lifetime left, while a client
+    keeps connecting, and no request fails.
+    """
+
+    validity = 30
+    edge_options = ("--renew-check-interval", "1")
+    timeout = 120
+
+    async def test_renewed_while_serving(self) -> None:
+        out, err, code = await self.fetch("short.test", "/echo")
+        self.assertEqual(code, 0, err)
+        first = await self.edge.store.get("short.test")
+        lifetime = first.not_after - first.not_before
+        self.assertLessEqual(lifetime, 31)
+        served = set()
+        deadline = reactor.seconds() + 60
+        while reactor.seconds() < deadline:
+            out, err, code = await self.fetch("short.test", "/echo", "-w", "%{certs}", "-o", "/dev/null")
+            self.assertEqual(code, 0, err)
+            served.add(x509.load_pem_x509_certificates(out)[0].serial_number)
+            if len(served) >= 2:
+                break
+            await deferLater(reactor, 0.5, lambda: None)
+        self.assertGreaterEqual(len(served), 2, "the renewed certificate was never served")
+        self.assertGreaterEqual(self.edge.renewal.events["renewed"], 1)
+        renewed = await self.edge.store.get("short.test")
+        self.assertNotEqual(renewed.leaf.serial_number, first.leaf.serial_number)
+        self.assertGreaterEqual(self.pebble.orders, 2)

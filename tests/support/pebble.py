@@ -58,9 +58,10 @@ class Pebble:
         --https port).
     """
 
-    def __init__(self, testcase: TestCase, env: dict[str, str] | None = None) -> None:
+    def __init__(self, testcase: TestCase, env: dict[str, str] | None = None, validity: int | None = None) -> None:
         self.testcase = testcase
         self.env = env or {}
+        self.validity = validity
         self.http_port = free_port()
         self.tls_port = free_port()
         self.process: Any = None
@@ -89,6 +90,8 @@ class Pebble:
                 "externalAccountBindingRequired": False,
             }
         }
+        if self.validity is not None:
+            config["pebble"]["certificateValidityPeriod"] = self.validity
         config_path = os.path.join(work, "pebble.json")
         with open(config_path, "w") as f:
             json.dump(config, f)
