@@ -233,6 +233,7 @@ class RenewalService(Service):
             self.events["archived"] += 1
             self._log.info(
                 "not renewing {host}: the allow check now denies it; its certificate is archived",
+                event="archived",
                 host=name,
             )
             return None
@@ -248,6 +249,8 @@ class RenewalService(Service):
                 self.events["panic"] += 1
                 self._log.critical(
                     "PANIC: renewing {host} failed and its certificate expires in {days:.1f} days: {error}",
+                    event="renew-failed",
+                    panic=True,
                     host=name,
                     days=left / DAY,
                     error=getattr(e, "detail", None) or str(e),
@@ -255,6 +258,7 @@ class RenewalService(Service):
             else:
                 self._log.warn(
                     "renewing {host} failed ({days:.1f} days left); will retry: {error}",
+                    event="renew-failed",
                     host=name,
                     days=left / DAY,
                     error=getattr(e, "detail", None) or str(e),
@@ -275,6 +279,7 @@ class RenewalService(Service):
         self.events["renewed"] += 1
         self._log.info(
             "renewed {host} in {duration:.3f}s, valid until {not_after}",
+            event="renewed",
             host=name,
             duration=self.clock.seconds() - started,
             not_after=new.leaf.not_valid_after_utc.isoformat(),

@@ -157,6 +157,7 @@ class CertificateResolver:
             self.events[f"refused:{refusal.reason}"] += 1
             self._log.info(
                 "refused a certificate for {host}: {reason}",
+                event="refused",
                 host=server_name,
                 reason=refusal.reason,
             )
@@ -171,7 +172,8 @@ class CertificateResolver:
             raise
         except LimitExceeded as e:
             self.events["refused:rate-limit"] += 1
-            self._log.warn("no order for {host}: {error}", host=server_name, error=e.detail)
+            self._log.warn("no order for {host}: {error}", event="refused", reason="rate-limit",
+                           host=server_name, error=e.detail)
             raise
         except Exception as e:
             self.events["failed"] += 1
@@ -179,6 +181,7 @@ class CertificateResolver:
                 self.on_issuance(self.clock.seconds() - started, False)
             self._log.error(
                 "could not obtain a certificate for {host} from {issuer} after {duration:.3f}s: {error}",
+                event="issue-failed",
                 host=server_name,
                 issuer=self.issuer.name,
                 duration=self.clock.seconds() - started,
@@ -191,6 +194,7 @@ class CertificateResolver:
             self.on_issuance(self.clock.seconds() - started, True)
         self._log.info(
             "issued a certificate for {host} by {issuer} in {duration:.3f}s, valid until {not_after}",
+            event="issued",
             host=server_name,
             issuer=self.issuer.name,
             duration=self.clock.seconds() - started,
