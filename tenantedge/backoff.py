@@ -13,15 +13,13 @@ does not reset it.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .store import atomic_write
+from .store import read_state, write_state
 
 __all__ = ["FailureBackoff", "LADDER"]
 
@@ -48,11 +46,8 @@ class FailureBackoff:
 
     def load(self) -> None:
         """Read persisted state; a corrupt file is logged and ignored."""
-        if self.path is None or not os.path.exists(self.path):
-            return
         try:
-            with open(self.path, "rb") as f:
-                data = json.load(f)
+            data = read_state(self.path) or {}
             self._state = {
                 str(name): (int(entry["failures"]), float(entry["until"])) for name, entry in data.items()
             }
@@ -89,12 +84,7 @@ class FailureBackoff:
             self._save()
 
     def _save(self) -> None:
-        if self.path is None:
-            return
         now = self.clock.seconds()
         self._state = {n: e for n, e in self._state.items() if e[1] > now - _FORGET_AFTER}
         data = {n: {"failures": f, "until": u} for n, (f, u) in sorted(self._state.items())}
-        try:
-            atomic_write(self.path, json.dumps(data, indent=1).encode())
-        except OSError as e:
-            self._log.error("cannot save backoff state to {file}: {error}", file=self.path, error=str(e))
+        write_state(self.path, data, self._log)

@@ -20,8 +20,6 @@ not reset them.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +33,7 @@ from zope.interface import implementer
 from .acme import ValidationFailed
 from .certificates import CertificateBundle
 from .interfaces import IIssuer, LimitExceeded
-from .store import atomic_write
+from .store import read_state, write_state
 
 __all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded"]
 
@@ -73,11 +71,8 @@ class IssuanceLimits:
     # -- persistence -----------------------------------------------------------
 
     def load(self) -> None:
-        if self.path is None or not os.path.exists(self.path):
-            return
         try:
-            with open(self.path, "rb") as f:
-                data = json.load(f)
+            data = read_state(self.path) or {}
             self._orders = {str(k): [float(t) for t in v] for k, v in data.get("orders", {}).items()}
             self._domains = _nested(data.get("domains", {}))
             self._failures = _nested(data.get("failures", {}))
@@ -86,14 +81,9 @@ class IssuanceLimits:
             self._orders, self._domains, self._failures = {}, {}, {}
 
     def _save(self) -> None:
-        if self.path is None:
-            return
         self._prune()
-        data = {"orders": self._orders, "domains": self._domains, "failures": self._failures}
-        try:
-            atomic_write(self.path, json.dumps(data).encode())
-        except OSError as e:
-            self._log.error("cannot save limit state to {file}: {error}", file=self.path, error=str(e))
+        write_state(self.path, {"orders": self._orders, "domains": self._domains, "failures": self._failures},
+                    self._log)
 
     def _prune(self) -> None:
         now = self.clock.seconds()
