@@ -358,6 +358,15 @@ class AcmeClient:
 
     # -- renewal information (RFC 9773) -----------------------------------------
 
+    async def offers_renewal_info(self) -> bool:
+        """Does the CA's directory offer renewalInfo (RFC 9773)?"""
+        directory = await self.directory()
+        try:
+            directory["renewalInfo"]
+        except KeyError:
+            return False
+        return True
+
     async def renewal_window(self, cert: x509.Certificate) -> tuple[float, float] | None:
         """
         The CA's suggested renewal window for a certificate, as POSIX
@@ -435,9 +444,14 @@ class AcmeClient:
         publish: Callable[[str, str, str], Awaitable[None]],
         withdraw: Callable[[str, str], Awaitable[None]],
         deadline: float,
+        replaces: str | None = None,
     ) -> list[x509.Certificate]:
         """
         Order a certificate for one name and return its chain, leaf first.
+
+        @param replaces: the RFC 9773 identifier of the certificate this
+            order renews (sent as C{replaces}; a CA that refuses it is asked
+            again without).
 
         @param publish: C{publish(name, token, key_authorization)} makes the
             challenge answerable (HTTP-01 token or TLS-ALPN-01 certificate).
@@ -449,7 +463,23 @@ class AcmeClient:
         new_order = messages.NewOrder(
             identifiers=(messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=server_name),)
         )
-        reply = await self.post(server_name, directory["newOrder"], new_order)
+        if replaces is not None:
+            payload = {**new_order.to_json(), "replaces": replaces}
+            try:
+                reply = await self.post(server_name, directory["newOrder"], payload)
+            except AcmeProblem as problem:
+                if problem.status not in (400, 409) or problem.short_type not in (
+                    "alreadyReplaced", "conflict", "malformed"
+                ):
+                    raise
+                self._log.info(
+                    "the CA refused to mark the order for {host} as a renewal ({type}); ordering plainly",
+                    host=server_name,
+                    type=problem.short_type,
+                )
+                reply = await self.post(server_name, directory["newOrder"], new_order)
+        else:
+            reply = await self.post(server_name, directory["newOrder"], new_order)
         order_url = (reply.header(b"location") or b"").decode("ascii")
         if not order_url:
             raise AcmeProtocolError(server_name, "newOrder answered without a Location")

@@ -155,11 +155,15 @@ class IIssuer(Interface):
 
     name = Attribute("A short label for logs, e.g. C{'internal'} or a CA URL.")
 
-    def issue(server_name):
+    def issue(server_name, replaces=None):
         """
         Obtain a new certificate for one name.
 
         @param server_name: a normalised host name the policy has allowed.
+        @param replaces: the L{tenantedge.certificates.CertificateBundle}
+            this one renews, if any: an ACME CA with renewal information
+            (RFC 9773) is told which certificate is replaced, and such
+            renewals are exempt from its rate limits.
         @return: a Deferred firing with a
             L{tenantedge.certificates.CertificateBundle}, or failing with
             L{IssuanceFailed} (or a subclass carrying the CA's problem).

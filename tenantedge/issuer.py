@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .accounts import AccountStore
-from .acme import AcmeClient, AcmeProblem
+from .acme import AcmeClient, AcmeProblem, ari_certificate_id
 from .backoff import FailureBackoff
 from .certificates import CertificateBundle, InvalidBundle
 from .interfaces import BackedOff, IIssuer, IssuanceFailed
@@ -109,10 +109,23 @@ class AcmeIssuer:
     def name(self) -> str:
         return self.client.directory_url
 
-    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
-        return Deferred.fromCoroutine(self._issue(server_name))
+    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
+        return Deferred.fromCoroutine(self._issue(server_name, replaces))
 
-    async def _issue(self, server_name: str) -> CertificateBundle:
+    async def renewal_exempt(self, replaces: CertificateBundle | None) -> bool:
+        """
+        Will an order replacing this certificate be an ARI renewal (which
+        the CA exempts from its rate limits)?
+        """
+        if replaces is None or ari_certificate_id(replaces.leaf) is None:
+            return False
+        try:
+            return await self.client.offers_renewal_info()
+        except Exception:
+            return False
+
+    async def _issue(self, server_name: str, replaces: CertificateBundle | None = None) -> CertificateBundle:
+        replaces_id = ari_certificate_id(replaces.leaf) if await self.renewal_exempt(replaces) else None  # type: ignore[union-attr]
         await self._ensure_account(server_name)
         if self.key_type == "rsa2048":
             key = await self.run_blocking(new_private_key, self.key_type)
@@ -120,7 +133,7 @@ class AcmeIssuer:
             key = new_private_key(self.key_type)
         deadline = self.clock.seconds() + self.order_timeout
         try:
-            chain = await self._order(server_name, key, deadline)
+            chain = await self._order(server_name, key, deadline, replaces_id)
         except AcmeProblem as problem:
             if problem.short_type != "accountDoesNotExist":
                 raise
@@ -128,15 +141,21 @@ class AcmeIssuer:
             # this key again and retry once.
             self.client.account_url = None
             await self._ensure_account(server_name)
-            chain = await self._order(server_name, key, deadline)
+            chain = await self._order(server_name, key, deadline, replaces_id)
         try:
             return CertificateBundle.build(key, chain)
         except InvalidBundle as e:
             raise IssuanceFailed(server_name, f"the CA's certificate is unusable: {e.reason}") from None
 
-    def _order(self, server_name: str, key: Any, deadline: float) -> Any:
+    def _order(self, server_name: str, key: Any, deadline: float, replaces: str | None) -> Any:
         return self.client.order(
-            server_name, key, self.responder.challenge_type, self.responder.publish, self.responder.withdraw, deadline
+            server_name,
+            key,
+            self.responder.challenge_type,
+            self.responder.publish,
+            self.responder.withdraw,
+            deadline,
+            replaces=replaces,
         )
 
     async def _ensure_account(self, server_name: str) -> str:
@@ -175,14 +194,14 @@ class FallbackIssuer:
     def name(self) -> str:
         return " -> ".join(str(i.name) for i in self.issuers)
 
-    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
-        return Deferred.fromCoroutine(self._issue(server_name))
+    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
+        return Deferred.fromCoroutine(self._issue(server_name, replaces))
 
-    async def _issue(self, server_name: str) -> CertificateBundle:
+    async def _issue(self, server_name: str, replaces: CertificateBundle | None) -> CertificateBundle:
         errors: list[IssuanceFailed] = []
         for index, issuer in enumerate(self.issuers):
             try:
-                return await issuer.issue(server_name)  # type: ignore[no-any-return]
+                return await issuer.issue(server_name, replaces=replaces)  # type: ignore[no-any-return]
             except IssuanceFailed as e:
                 errors.append(e)
                 if index + 1 < len(self.issuers):
@@ -216,11 +235,11 @@ class BackoffIssuer:
     def name(self) -> str:
         return str(self.wrapped.name)
 
-    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
         until = self.backoff.blocked_until(server_name)
         if until is not None:
             return fail(BackedOff(server_name, until, self.backoff.failures(server_name)))
-        d: Deferred[CertificateBundle] = self.wrapped.issue(server_name)
+        d: Deferred[CertificateBundle] = self.wrapped.issue(server_name, replaces=replaces)
         d.addCallbacks(self._succeeded, self._failed, (server_name,), None, (server_name,))
         return d
 

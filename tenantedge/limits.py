@@ -98,12 +98,17 @@ class IssuanceLimits:
 
     # -- checks ------------------------------------------------------------------
 
-    def check(self, ca: str, server_name: str) -> None:
+    def check(self, ca: str, server_name: str, exempt: bool = False) -> None:
         """
+        @param exempt: an ARI renewal, which the CA does not count against
+            its order and per-domain limits.
         @raise LimitExceeded: if an order for this name at this CA now would
             break a window limit.
         """
         now = self.clock.seconds()
+        if exempt:
+            self._check_failures(ca, server_name, now)
+            return
         orders = _recent(self._orders.get(ca, []), now, ORDER_WINDOW)
         if len(orders) >= self.max_new_orders:
             raise LimitExceeded(
@@ -117,6 +122,9 @@ class IssuanceLimits:
                 server_name, "domain-week", f"{len(issued)} certificates for {domain} at {ca} this week",
                 issued[0] + DOMAIN_WINDOW - now,
             )
+        self._check_failures(ca, server_name, now)
+
+    def _check_failures(self, ca: str, server_name: str, now: float) -> None:
         failed = _recent(self._failures.get(ca, {}).get(server_name, []), now, FAILURE_WINDOW)
         if len(failed) >= self.max_failed_validations:
             raise LimitExceeded(
@@ -188,22 +196,28 @@ class LimitedIssuer:
     def name(self) -> str:
         return str(self.wrapped.name)
 
-    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
-        return Deferred.fromCoroutine(self._issue(server_name))
+    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
+        return Deferred.fromCoroutine(self._issue(server_name, replaces))
 
-    async def _issue(self, server_name: str) -> CertificateBundle:
+    async def _issue(self, server_name: str, replaces: CertificateBundle | None) -> CertificateBundle:
         ca = self.name
-        self.limits.check(ca, server_name)
+        # An ARI renewal (the CA's renewalInfo names the certificate it
+        # replaces) is exempt from the CA's order and per-domain limits,
+        # so it is from ours; concurrency and failed validations still count.
+        exempt_check = getattr(self.wrapped, "renewal_exempt", None)
+        exempt = bool(exempt_check is not None and await exempt_check(replaces))
+        self.limits.check(ca, server_name, exempt=exempt)
         await self.limits.acquire(server_name)
         try:
-            self.limits.check(ca, server_name)  # the window may have filled while waiting
-            self.limits.record_order(ca)
+            self.limits.check(ca, server_name, exempt=exempt)  # the window may have filled while waiting
+            if not exempt:
+                self.limits.record_order(ca)
             try:
-                bundle: CertificateBundle = await self.wrapped.issue(server_name)
+                bundle: CertificateBundle = await self.wrapped.issue(server_name, replaces=replaces)
             except ValidationFailed:
                 self.limits.record_failed_validation(ca, server_name)
                 raise
-            self.limits.record_issued(ca, server_name)
+            self.limits.record_issued(ca, server_name, exempt=exempt)
             return bundle
         finally:
             self.limits.release()

@@ -174,7 +174,7 @@ class LocalCA:
             return False
         return True
 
-    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
         try:
             bundle = self._sign(server_name)
         except Exception as e:

@@ -241,7 +241,7 @@ class RenewalService(Service):
             self._log.info("renewing {host} although the allow check could not answer", host=name)
         started = self.clock.seconds()
         try:
-            new = await self.issuer.issue(name)
+            new = await self.issuer.issue(name, replaces=bundle)
         except Exception as e:
             self.events["failed"] += 1
             left = bundle.not_after - self.clock.seconds()

@@ -127,10 +127,12 @@ class ControlledIssuer:
 
     name: str = "controlled"
     requests: list[str] = attrs.field(factory=list)
+    replaced: list[CertificateBundle | None] = attrs.field(factory=list)
     _pending: dict[str, list[Deferred[CertificateBundle]]] = attrs.field(factory=dict)
 
-    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
         self.requests.append(server_name)
+        self.replaced.append(replaces)
         d: Deferred[CertificateBundle] = Deferred()
         self._pending.setdefault(server_name, []).append(d)
         return d
@@ -159,9 +161,9 @@ class CountingIssuer:
     def name(self) -> str:
         return str(self.wrapped.name)
 
-    def issue(self, server_name: str) -> Deferred[CertificateBundle]:
+    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
         self.counts[server_name] += 1
-        return self.wrapped.issue(server_name)  # type: ignore[no-any-return]
+        return self.wrapped.issue(server_name, replaces=replaces)  # type: ignore[no-any-return]
 
 
 # -- helpers for tests against a real ACME server (Pebble) -------------------

@@ -359,6 +359,50 @@ class AcmeIssuerTests(AcmeTestCase):
         self.successResultOf(d)
         self.assertNotEqual(issuer.client.account_url, f"{BASE}/acct/999")
 
+    def test_ari_renewal_names_replaced_certificate(self) -> None:
+        """
+        Renewing at a CA that offers renewalInfo sends RFC 9773's
+        C{replaces}; a CA that refuses it is asked again without.
+        """
+        self.ca.renewal_info = {}
+        issuer = self.make_issuer(self.mktemp())
+        d = issuer.issue("a.test")
+        self.http.flush()
+        self.clock.advance(1)
+        old = self.successResultOf(d)
+        self.assertNotIn("replaces", self.ca.payloads["/order"][-1])
+        # The fake CA's leaves carry no AKI; give the old one an identifier.
+        from tenantedge.acme import ari_certificate_id
+
+        issuer_key = ec.generate_private_key(ec.SECP256R1())
+        utc = datetime.timezone.utc
+        from tenantedge.certificates import CertificateBundle, common_name, sign_certificate
+
+        leaf = sign_certificate(
+            common_name("a.test"), old.key.public_key(), datetime.datetime.fromtimestamp(NOW - 60, utc),
+            datetime.datetime.fromtimestamp(NOW + 86400, utc), issuer_key, issuer=common_name("Fake CA"),
+            dns_names=["a.test"],
+            extensions=[(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False)],
+        )
+        old = CertificateBundle.build(old.key, [leaf])
+        self.assertTrue(self.successResultOf(issuer.renewal_exempt(old)))
+        d = issuer.issue("a.test", replaces=old)
+        self.http.flush()
+        self.clock.advance(1)
+        self.successResultOf(d)
+        self.assertEqual(self.ca.payloads["/order"][-1]["replaces"], ari_certificate_id(leaf))
+        self.ca.script["/order"] = [problem(409, "alreadyReplaced", "already replaced")]
+        d = issuer.issue("a.test", replaces=old)
+        self.http.flush()
+        self.clock.advance(1)
+        self.successResultOf(d)
+        self.assertNotIn("replaces", self.ca.payloads["/order"][-1])
+
+    def test_no_ari_no_replaces(self) -> None:
+        issuer = self.make_issuer(self.mktemp())
+        self.assertFalse(self.successResultOf(issuer.renewal_exempt(make_bundle("a.test"))))
+        self.assertFalse(self.successResultOf(issuer.renewal_exempt(None)))
+
     def test_rsa_key_type(self) -> None:
         issuer = self.make_issuer(self.mktemp())
         issuer.key_type = "rsa2048"

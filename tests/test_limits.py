@@ -132,3 +132,37 @@ class LimitsTests(SynchronousTestCase):
         again.load()
         again.check(CA, "a.acme.com")
         self.flushLoggedErrors()
+
+
+class ExemptRenewalTests(SynchronousTestCase):
+    def test_ari_renewals_not_counted(self) -> None:
+        """
+        Renewals the CA's ARI marks exempt pass the order and per-domain
+        limits and are not counted against them.
+        """
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        limits = IssuanceLimits(None, clock, registered_domain, max_new_orders=1, max_per_domain=1)
+
+        class AriIssuer(ControlledIssuer):
+            def renewal_exempt(self, replaces):
+                from twisted.internet.defer import succeed
+
+                return succeed(replaces is not None)
+
+        issuer = AriIssuer()
+        limited = LimitedIssuer(issuer, limits)
+        old = make_bundle("a.acme.com")
+        d = limited.issue("a.acme.com")
+        issuer.complete("a.acme.com", old)
+        self.successResultOf(d)
+        self.assertRaises(LimitExceeded, limits.check, CA, "b.acme.com")
+        for _ in range(3):
+            d = limited.issue("a.acme.com", replaces=old)
+            issuer.complete("a.acme.com", make_bundle("a.acme.com"))
+            self.successResultOf(d)
+        self.assertEqual(issuer.replaced[-1], old)
+        self.assertEqual(len(limits._orders[CA]), 1)
+        self.assertEqual(len(limits._domains[CA]["acme.com"]), 1)
+        f = self.failureResultOf(limited.issue("b.acme.com"), LimitExceeded)
+        self.assertEqual(f.value.limit, "new-orders")

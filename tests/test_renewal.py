@@ -106,6 +106,7 @@ class RenewalServiceTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.resolver.context_for("a.test")), ("context", old))
         d = self.service.check()
         self.assertEqual(self.issuer.requests, ["a.test"])
+        self.assertEqual(self.issuer.replaced, [old])  # the CA is told what is renewed (ARI)
         self.assertEqual(self.resolver.cached("a.test"), ("context", old))
         new = bundle_aged("a.test", 90, 90)
         self.issuer.complete("a.test", new)
