@@ -32,7 +32,6 @@ from twisted.logger import Logger
 from twisted.python import usage
 from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from . import __version__
 from .accounts import AccountStore, account_directory
@@ -48,7 +47,7 @@ from .trust import acme_http_client, https_policy
 from .allow import AllowChecker
 from .limits import IssuanceLimits, LimitedIssuer
 from .policy import EdgePolicy, StaticPolicy, registered_domain
-from .proxy import ProxyResource, make_agent, make_backend_pool
+from .proxy import EdgeSite, ProxyResource, make_agent, make_backend_pool
 from .renewal import RenewalService
 from .resolver import CacheRefresher, CertificateResolver
 from .store import DirectoryStore, StoreError
@@ -85,6 +84,14 @@ def parse_duration(value: str) -> float:
     if seconds <= 0:
         raise ValueError(f"{value!r} must be more than zero")
     return seconds
+
+
+def parse_size(value: str) -> int:
+    """Bytes from C{"1048576"}, C{"512K"}, C{"64M"} or C{"2G"}; 0 means no limit."""
+    match = re.match(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", str(value), re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (examples: 1048576, 512K, 64M, 2G)")
+    return int(match.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[match.group(2).upper()]
 
 
 def _positive_int(value: str) -> int:
@@ -185,6 +192,8 @@ class Options(usage.Options):
         ["store-poll", None, 5.0, "How often cached certificates are checked for changes made by others "
          "(the admin CLI, a fleet peer).", parse_duration],
         ["cache-size", None, 10000, "Number of ready TLS contexts kept in memory.", _positive_int],
+        ["max-body-size", None, 64 * 1024 * 1024, "Largest request body accepted (bytes; K, M, G suffixes); "
+         "larger ones get 413 before they are spooled. 0: no limit.", parse_size],
         ["backend-timeout", None, 60.0, "Seconds to wait for backend response headers before 504.", parse_duration],
         ["hello-timeout", None, 10.0, "Seconds a client has to send its ClientHello.", parse_duration],
         ["issue-timeout", None, 90.0, "Longest a handshake waits for a certificate.", parse_duration],
@@ -596,6 +605,7 @@ def makeService(options: Options) -> TenantEdgeService:
         timeout=options["backend-timeout"],
     )
     site = EdgeSite(proxy, logPath=options["access-log"], reactor=reactor)
+    site.max_body_size = options["max-body-size"]
     tls_factory = OnDemandTLSFactory(
         resolver,
         site,
@@ -627,7 +637,7 @@ def makeService(options: Options) -> TenantEdgeService:
     if options["admin"] != "none":
         admin = StreamServerEndpointService(
             endpoints.serverFromString(reactor, options["admin"]),
-            EdgeSite(AdminResource(metrics, _admin_actions(edge)), reactor=reactor),
+            _small_bodies(EdgeSite(AdminResource(metrics, _admin_actions(edge)), reactor=reactor)),
         )
         admin.setName("admin")
         admin._raiseSynchronously = True
@@ -647,7 +657,7 @@ def makeService(options: Options) -> TenantEdgeService:
 
     http_root = HTTPRedirectRoot(challenges, https_port=_endpoint_port(options["https"]) or 443)
     http = StreamServerEndpointService(
-        endpoints.serverFromString(reactor, options["http"]), EdgeSite(http_root, reactor=reactor)
+        endpoints.serverFromString(reactor, options["http"]), _small_bodies(EdgeSite(http_root, reactor=reactor))
     )
     edge.http_root = http_root
     http.setName("http")
@@ -666,6 +676,12 @@ def makeService(options: Options) -> TenantEdgeService:
         # Fail start-up (not just log) when a port cannot be bound.
         svc._raiseSynchronously = True
     return edge
+
+
+def _small_bodies(site: EdgeSite) -> EdgeSite:
+    """Port 80 and the admin endpoint take no request bodies worth the name."""
+    site.max_body_size = 64 * 1024
+    return site
 
 
 def _admin_actions(edge: TenantEdgeService) -> dict[str, Callable[[str], Deferred[Any]]]:
@@ -712,18 +728,3 @@ def _ari_lookup(acme_issuers: Sequence[AcmeIssuer]) -> Callable[[Any], Deferred[
         return d.addErrback(lambda failure: None)
 
     return window
-
-
-class EdgeSite(Site):
-    """
-    A C{Site} that writes an access log only where C{--access-log} asks
-    (combined log format), never to the twistd log, where one line per
-    request would cost more than proxying a small response.
-    """
-
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        if self.logPath is not None:
-            super().log(request)
-

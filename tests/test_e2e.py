@@ -306,6 +306,32 @@ class ProxyTests(EdgeTestCase):
             self.assertNotIn(b"x-internal", out.lower())
             self.assertNotIn(b"secret", out)
 
+    async def test_body_size_limit(self) -> None:
+        """
+        A body over --max-body-size is refused (413 on HTTP/1.1, a reset
+        stream on HTTP/2) before it is spooled or forwarded; smaller bodies
+        pass.
+        """
+        edge, port, _ = await start_edge(self, "--max-body-size", "1M", backend=self.backend.url)
+        self.root = edge.local_ca.root_path
+        big = os.path.abspath(self.mktemp())
+        with open(big, "wb") as f:
+            f.write(b"x" * (2 * 1024 * 1024))
+        out, err, code = await self.fetch("upload.test", "/echo", "--http1.1", "--data-binary", f"@{big}",
+                                          "-o", "/dev/null", "-w", "%{http_code}", port=port)
+        self.assertEqual(out, b"413")
+        out, err, code = await self.fetch("upload.test", "/echo", "--http1.1", "-H", "Transfer-Encoding: chunked",
+                                          "--data-binary", f"@{big}", "-o", "/dev/null", "-w", "%{http_code}",
+                                          port=port)
+        self.assertEqual(out, b"413")
+        for extra in ((), ("-H", "Content-Length:")):  # with a declared length, then without one
+            out, err, code = await self.fetch("upload.test", "/echo", "--http2", *extra, "--data-binary", f"@{big}",
+                                              port=port)
+            self.assertNotEqual(code, 0, extra)
+            self.assertNotIn(b"body_length", out)
+        info = json.loads((await self.fetch("upload.test", "/echo", "--data-binary", "small", port=port))[0])
+        self.assertEqual(info["body_length"], 5)
+
     async def test_status_passed(self) -> None:
         for status in (201, 304, 404, 503):
             out, err, code = await self.fetch("tenant-a.test", f"/status/{status}", "-o", "/dev/null", "-w", "%{http_code}")

@@ -10,7 +10,7 @@ import os
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from tenantedge.tap import Options, parse_duration
+from tenantedge.tap import Options, parse_duration, parse_size
 
 
 class OptionsTests(SynchronousTestCase):
@@ -123,6 +123,16 @@ class OptionsTests(SynchronousTestCase):
             e = self.assertRaises(UsageError, self.parse, *argv)
             self.assertIn(needle, str(e), argv)
             self.assertNotIn("\n", str(e))
+
+    def test_sizes(self) -> None:
+        self.assertEqual(parse_size("1048576"), 1048576)
+        self.assertEqual(parse_size("512K"), 512 * 1024)
+        self.assertEqual(parse_size("64M"), 64 * 1024**2)
+        self.assertEqual(parse_size("2g"), 2 * 1024**3)
+        self.assertEqual(parse_size("0"), 0)
+        self.assertEqual(self.parse()["max-body-size"], 64 * 1024**2)
+        for bad in ("", "x", "1T", "-1"):
+            self.assertRaises(ValueError, parse_size, bad)
 
     def test_durations(self) -> None:
         self.assertEqual(parse_duration("90"), 90)
