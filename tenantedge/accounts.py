@@ -77,16 +77,28 @@ class AccountStore:
             return jose.JWKEC(key=key)
         return jose.JWKRSA(key=key)
 
-    def load_url(self) -> str | None:
+    def load_url(self, key: jose.JWK) -> str | None:
+        """
+        The remembered account URL, if it belongs to this key (an account
+        key that was replaced must register again, not reuse the old URL).
+        """
         try:
             with open(self.info_path, "rb") as f:
-                url = json.load(f).get("url")
+                info = json.load(f)
+            url, thumbprint = info.get("url"), info.get("key")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, AttributeError) as e:
             self._log.warn("ignoring unreadable {file}: {error}", file=self.info_path, error=str(e))
             return None
+        if thumbprint != _thumbprint(key):
+            return None
         return url if isinstance(url, str) and url else None
 
-    def save_url(self, url: str, directory_url: str) -> None:
-        atomic_write(self.info_path, json.dumps({"url": url, "directory": directory_url}, indent=1).encode())
+    def save_url(self, url: str, directory_url: str, key: jose.JWK) -> None:
+        info = {"url": url, "directory": directory_url, "key": _thumbprint(key)}
+        atomic_write(self.info_path, json.dumps(info, indent=1).encode())
+
+
+def _thumbprint(key: jose.JWK) -> str:
+    return jose.b64encode(key.thumbprint()).decode("ascii")

@@ -228,14 +228,16 @@ class AcmeClient:
     first_poll: float = 0.2
     max_nonce_retries: int = 5
     user_agent: str = "tenantedge"
+    ari_timeout: float = 5.0
     _directory: messages.Directory | None = attrs.field(default=None, init=False)
     _nonces: list[bytes] = attrs.field(factory=list, init=False)
-    _windows: dict[str, tuple[tuple[float, float], float]] = attrs.field(factory=dict, init=False)
+    _windows: dict[str, tuple[tuple[float, float] | None, float]] = attrs.field(factory=dict, init=False)
     _log = Logger()
 
     # -- HTTP -----------------------------------------------------------------
 
-    async def _exchange(self, host: str, method: str, url: str, **kwargs: Any) -> _Reply:
+    async def _exchange(self, host: str, method: str, url: str, timeout: float | None = None, **kwargs: Any) -> _Reply:
+        timeout = self.request_timeout if timeout is None else timeout
         headers = kwargs.pop("headers", {})
         headers.setdefault(b"User-Agent", [self.user_agent.encode()])
 
@@ -244,11 +246,11 @@ class AcmeClient:
             body = await treq.content(response) if method != "HEAD" else b""
             return _Reply(response.code, response.headers, body)
 
-        d = with_deadline(defer.Deferred.fromCoroutine(go()), self.request_timeout, self.clock)
+        d = with_deadline(defer.Deferred.fromCoroutine(go()), timeout, self.clock)
         try:
             reply: _Reply = await d
         except defer.TimeoutError:
-            raise CAUnreachable(host, f"no answer from {url} within {self.request_timeout:g}s") from None
+            raise CAUnreachable(host, f"no answer from {url} within {timeout:g}s") from None
         except Exception as e:
             raise CAUnreachable(host, f"cannot reach {url}: {describe_error(e)}") from None
         if len(reply.body) > _MAX_BODY:
@@ -385,9 +387,17 @@ class AcmeClient:
         cached = self._windows.get(cert_id)
         now = self.clock.seconds()
         if cached is not None and cached[1] > now:
-            return cached[0]
-        reply = await self._exchange("", "GET", f"{base.rstrip('/')}/{cert_id}")
+            return cached[0]  # may be None: a recent failure
+        try:
+            reply = await self._exchange("", "GET", f"{base.rstrip('/')}/{cert_id}", timeout=self.ari_timeout)
+        except AcmeError:
+            # Unreachable: no window for now (the lifetime rule applies),
+            # and not asked again for an hour, so a renewal walk over many
+            # certificates never waits on a dead endpoint name by name.
+            self._windows[cert_id] = (None, now + 3600.0)
+            raise
         if reply.code != 200:
+            self._windows[cert_id] = (None, now + 3600.0)
             raise self._problem("", reply)
         try:
             window = reply.json("")["suggestedWindow"]
@@ -445,6 +455,7 @@ class AcmeClient:
         withdraw: Callable[[str, str], Awaitable[None]],
         deadline: float,
         replaces: str | None = None,
+        on_replaces_refused: Callable[[str], None] | None = None,
     ) -> list[x509.Certificate]:
         """
         Order a certificate for one name and return its chain, leaf first.
@@ -452,6 +463,8 @@ class AcmeClient:
         @param replaces: the RFC 9773 identifier of the certificate this
             order renews (sent as C{replaces}; a CA that refuses it is asked
             again without).
+        @param on_replaces_refused: called before that plain order, which
+            the CA counts against its limits; it may raise to stop it.
 
         @param publish: C{publish(name, token, key_authorization)} makes the
             challenge answerable (HTTP-01 token or TLS-ALPN-01 certificate).
@@ -468,10 +481,14 @@ class AcmeClient:
             try:
                 reply = await self.post(server_name, directory["newOrder"], payload)
             except AcmeProblem as problem:
-                if problem.status not in (400, 409) or problem.short_type not in (
-                    "alreadyReplaced", "conflict", "malformed"
-                ):
+                # Whatever the CA objects to about "replaces" (another
+                # account's certificate, one it does not know, one already
+                # replaced), a plain order still renews; only a rate limit
+                # is final.
+                if problem.short_type == "rateLimited":
                     raise
+                if on_replaces_refused is not None:
+                    on_replaces_refused(server_name)
                 self._log.info(
                     "the CA refused to mark the order for {host} as a renewal ({type}); ordering plainly",
                     host=server_name,

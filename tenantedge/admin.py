@@ -30,7 +30,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from .hostnames import InvalidHostname, normalize
 from .interfaces import PolicyRefusal
 
-__all__ = ["AdminResource", "EdgeMetrics"]
+__all__ = ["AdminResource", "EdgeMetrics", "ADMIN_HEADER"]
+
+#: Required on every admin POST (a CSRF guard).
+ADMIN_HEADER = b"X-Tenantedge-Admin"
 
 
 class EdgeMetrics:
@@ -123,6 +126,11 @@ class _CertAction(Resource):
         self.actions = actions
 
     def render_POST(self, request: Request) -> bytes | int:
+        if request.getHeader(ADMIN_HEADER) != b"1":
+            # A browser on this host cannot set a custom header on a
+            # cross-origin POST without a preflight, which this endpoint
+            # never grants: web pages cannot trigger orders.
+            return _json(request, 403, {"error": f"send {ADMIN_HEADER.decode()}: 1 (the CLI does)"})
         parts = [p.decode("ascii", "replace") for p in request.postpath]
         if len(parts) != 2 or parts[1] not in self.actions:
             return _json(request, 404, {"error": "use POST /certs/<host>/(issue|renew|forget)"})
@@ -131,11 +139,18 @@ class _CertAction(Resource):
         except InvalidHostname as e:
             return _json(request, 400, {"error": f"invalid host name: {e.reason}"})
 
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda f: gone.append(True))
+
         def done(result: Any) -> None:
+            if gone:
+                return  # the CLI gave up; the action still happened
             request.write(_json(request, 200, {"host": host, "action": parts[1], **(result or {})}))
             request.finish()
 
         def failed(failure: Any) -> None:
+            if gone:
+                return
             if failure.check(PolicyRefusal):
                 code, message = 403, f"refused: {failure.value.reason}"
             elif failure.check(KeyError):

@@ -35,7 +35,10 @@ from twisted.logger import Logger
 from .singleflight import SingleFlight
 from .timeouts import TimeoutError, describe_error, with_deadline
 
-__all__ = ["AllowChecker", "Decision", "build_check_url"]
+__all__ = ["AllowChecker", "Decision", "build_check_url", "DEFINITE_DENY"]
+
+#: The answers that mean "not a tenant any more" when a renewal re-asks.
+DEFINITE_DENY = frozenset({403, 404, 410})
 
 
 class Decision(enum.Enum):
@@ -103,22 +106,37 @@ class AllowChecker:
 
     def ask(self, server_name: str) -> Deferred[Decision]:
         """
-        Ask the endpoint afresh, bypassing the cache (renewals re-ask), and
-        cache the answer.
+        Ask the endpoint afresh for a renewal, bypassing the cache.
+
+        Stricter than L{decide} about what counts as a no, since a no
+        archives a live certificate: only 403, 404 and 410 are
+        L{Decision.DENY}; any other refusal (a 429 from a busy API, a
+        redirect, a 204 under C{--allow-url}) is L{Decision.UNKNOWN}, and
+        the certificate is renewed anyway.
         """
-        return self._flights.run(server_name, lambda: Deferred.fromCoroutine(self._ask_and_cache(server_name)))
+        return Deferred.fromCoroutine(self._recheck(server_name))
+
+    async def _recheck(self, server_name: str) -> Decision:
+        decision, code = await self._ask(server_name)
+        self._remember(server_name, decision)
+        if decision is Decision.DENY and code not in DEFINITE_DENY:
+            return Decision.UNKNOWN
+        return decision
 
     async def _ask_and_cache(self, server_name: str) -> Decision:
-        decision = await self._ask(server_name)
+        decision, _ = await self._ask(server_name)
+        self._remember(server_name, decision)
+        return decision
+
+    def _remember(self, server_name: str, decision: Decision) -> None:
         ttl = self.allow_ttl if decision is Decision.ALLOW else self.deny_ttl
         self._cache[server_name] = (decision, self.clock.seconds() + ttl)
         self._cache.move_to_end(server_name)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         self.results[decision.value] += 1
-        return decision
 
-    async def _ask(self, server_name: str) -> Decision:
+    async def _ask(self, server_name: str) -> tuple[Decision, int | None]:
         url = build_check_url(self.template, server_name, self.caddy_style)
 
         async def exchange() -> int:
@@ -137,21 +155,21 @@ class AllowChecker:
                 host=server_name,
                 timeout=self.timeout,
             )
-            return Decision.UNKNOWN
+            return Decision.UNKNOWN, None
         except Exception as e:
             self._log.warn(
                 "allow endpoint unreachable for {host}: {error}; refusing (fail closed)",
                 host=server_name,
                 error=describe_error(e),
             )
-            return Decision.UNKNOWN
+            return Decision.UNKNOWN, None
         if 500 <= code < 600:
             self._log.warn(
                 "allow endpoint answered {code} for {host}; refusing (fail closed)", code=code, host=server_name
             )
-            return Decision.UNKNOWN
+            return Decision.UNKNOWN, code
         allowed = 200 <= code < 300 if self.caddy_style else code == 200
-        return Decision.ALLOW if allowed else Decision.DENY
+        return (Decision.ALLOW if allowed else Decision.DENY), code
 
     def forget(self, server_name: str) -> None:
         self._cache.pop(server_name, None)

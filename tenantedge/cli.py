@@ -96,6 +96,7 @@ def _become_store_owner(path: str) -> None:
     """
     st = os.stat(path)
     if os.geteuid() == 0 and st.st_uid != 0:
+        os.setgroups([])  # none of root's supplementary groups
         os.setgid(st.st_gid)
         os.setuid(st.st_uid)
 
@@ -127,7 +128,7 @@ def _admin_url(options: Any) -> str:
 
 def _ask_server(options: Any, host: str, action: str, timeout: float = 600.0) -> dict[str, Any]:
     url = f"{_admin_url(options)}/certs/{host}/{action}"
-    request = urllib.request.Request(url, data=b"", method="POST")
+    request = urllib.request.Request(url, data=b"", method="POST", headers={"X-Tenantedge-Admin": "1"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())  # type: ignore[no-any-return]

@@ -9,7 +9,7 @@ name at a time; these classes only decide how that one issuance goes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -23,7 +23,7 @@ from .accounts import AccountStore
 from .acme import AcmeClient, AcmeProblem, ari_certificate_id
 from .backoff import FailureBackoff
 from .certificates import CertificateBundle, InvalidBundle
-from .interfaces import BackedOff, IIssuer, IssuanceFailed
+from .interfaces import BackedOff, IIssuer, IssuanceFailed, LimitExceeded
 from .singleflight import SingleFlight
 from .store import RunBlocking, run_inline
 
@@ -35,6 +35,7 @@ __all__ = [
     "FallbackIssuer",
     "KEY_TYPES",
     "new_private_key",
+    "OneOrderPerName",
 ]
 
 KEY_TYPES = ("ecdsa-p256", "rsa2048")
@@ -102,6 +103,9 @@ class AcmeIssuer:
     key_type: str = "ecdsa-p256"
     run_blocking: RunBlocking = run_inline
     order_timeout: float = ORDER_TIMEOUT
+    #: Set by L{tenantedge.limits.LimitedIssuer}: told (and may refuse)
+    #: when the CA turns an ARI renewal into a plain, counted order.
+    on_replaces_refused: Callable[[str], None] | None = None
     _account: SingleFlight[str] = attrs.field(factory=SingleFlight, init=False)
     _log = Logger()
 
@@ -138,9 +142,9 @@ class AcmeIssuer:
             if problem.short_type != "accountDoesNotExist":
                 raise
             # The CA forgot the account (or it was deactivated): register
-            # this key again and retry once.
-            self.client.account_url = None
-            await self._ensure_account(server_name)
+            # this key again (once, for all concurrent orders; the shared
+            # account URL is replaced, never cleared) and retry once.
+            await self._account.run("account", lambda: Deferred.fromCoroutine(self._register(server_name)))
             chain = await self._order(server_name, key, deadline, replaces_id)
         try:
             return CertificateBundle.build(key, chain)
@@ -156,6 +160,7 @@ class AcmeIssuer:
             self.responder.withdraw,
             deadline,
             replaces=replaces,
+            on_replaces_refused=self.on_replaces_refused,
         )
 
     async def _ensure_account(self, server_name: str) -> str:
@@ -165,8 +170,8 @@ class AcmeIssuer:
 
     async def _register(self, server_name: str) -> str:
         url = await self.client.register(self.email, self.eab, host=server_name)
-        if url != self.accounts.load_url():
-            self.accounts.save_url(url, self.client.directory_url)
+        if url != self.accounts.load_url(self.client.key):
+            self.accounts.save_url(url, self.client.directory_url, self.client.key)
             self._log.info("ACME account {url} at {ca}", url=url, ca=self.client.directory_url)
         return url
 
@@ -176,7 +181,7 @@ class AcmeIssuer:
         Runs at start-up, after privileges are dropped.
         """
         self.client.key = self.accounts.load_or_create_key()
-        self.client.account_url = self.accounts.load_url()
+        self.client.account_url = self.accounts.load_url(self.client.key)
 
 
 @implementer(IIssuer)
@@ -248,6 +253,11 @@ class BackoffIssuer:
         return bundle
 
     def _failed(self, failure: Any, server_name: str) -> Any:
+        if failure.check(LimitExceeded):
+            # Our own limit refused it before any CA was asked: not a
+            # failure of the name (the limiter refuses cheaply until it
+            # has room).
+            return failure
         if failure.check(IssuanceFailed):
             retry_after = getattr(failure.value, "retry_after", None)
             until = self.backoff.record_failure(server_name, retry_after)
@@ -259,3 +269,24 @@ class BackoffIssuer:
             )
         return failure
 
+
+
+@implementer(IIssuer)
+@attrs.define
+class OneOrderPerName:
+    """
+    One issuance per name at a time, whoever asks (a first handshake, the
+    renewal walk, the admin CLI): concurrent requests share the order in
+    progress. Two orders for one name would fight over the same TLS-ALPN
+    challenge and over ARI's C{replaces}.
+    """
+
+    wrapped: IIssuer
+    _flights: SingleFlight[CertificateBundle] = attrs.field(factory=SingleFlight, init=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.wrapped.name)
+
+    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
+        return self._flights.run(server_name, lambda: self.wrapped.issue(server_name, replaces=replaces))

@@ -20,7 +20,7 @@ not reset them.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +63,7 @@ class IssuanceLimits:
     max_failed_validations: int = 5
     running: int = attrs.field(default=0, init=False)
     _waiting: deque[Deferred[None]] = attrs.field(factory=deque, init=False)
+    _inflight: Counter[tuple[str, str]] = attrs.field(factory=Counter, init=False)
     _orders: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     _domains: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
     _failures: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
@@ -117,10 +118,12 @@ class IssuanceLimits:
             )
         domain = self.registered_domain(server_name)
         issued = _recent(self._domains.get(ca, {}).get(domain, []), now, DOMAIN_WINDOW)
-        if len(issued) >= self.max_per_domain:
+        # Orders in flight for the domain count too, or concurrent orders
+        # would all pass the check.
+        if len(issued) + self._inflight[(ca, domain)] >= self.max_per_domain:
             raise LimitExceeded(
                 server_name, "domain-week", f"{len(issued)} certificates for {domain} at {ca} this week",
-                issued[0] + DOMAIN_WINDOW - now,
+                issued[0] + DOMAIN_WINDOW - now if issued else None,
             )
         self._check_failures(ca, server_name, now)
 
@@ -131,6 +134,16 @@ class IssuanceLimits:
                 server_name, "failed-validations", f"{len(failed)} failed validations in the last hour",
                 failed[0] + FAILURE_WINDOW - now,
             )
+
+    def reserve(self, ca: str, server_name: str) -> None:
+        """Count an order in flight against its registered domain."""
+        self._inflight[(ca, self.registered_domain(server_name))] += 1
+
+    def unreserve(self, ca: str, server_name: str) -> None:
+        key = (ca, self.registered_domain(server_name))
+        self._inflight[key] -= 1
+        if self._inflight[key] <= 0:
+            del self._inflight[key]
 
     def record_order(self, ca: str) -> None:
         self._orders.setdefault(ca, []).append(self.clock.seconds())
@@ -190,7 +203,12 @@ class LimitedIssuer:
 
     wrapped: IIssuer
     limits: IssuanceLimits
+    _downgraded: set[str] = attrs.field(factory=set, init=False)
     _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        if hasattr(self.wrapped, "on_replaces_refused"):
+            self.wrapped.on_replaces_refused = self._replaces_refused
 
     @property
     def name(self) -> str:
@@ -203,7 +221,9 @@ class LimitedIssuer:
         ca = self.name
         # An ARI renewal (the CA's renewalInfo names the certificate it
         # replaces) is exempt from the CA's order and per-domain limits,
-        # so it is from ours; concurrency and failed validations still count.
+        # so it is from ours; concurrency and failed validations still
+        # count. If the CA refuses the "replaces", the plain order it gets
+        # instead is checked and counted (see _replaces_refused).
         exempt_check = getattr(self.wrapped, "renewal_exempt", None)
         exempt = bool(exempt_check is not None and await exempt_check(replaces))
         self.limits.check(ca, server_name, exempt=exempt)
@@ -212,12 +232,24 @@ class LimitedIssuer:
             self.limits.check(ca, server_name, exempt=exempt)  # the window may have filled while waiting
             if not exempt:
                 self.limits.record_order(ca)
+                self.limits.reserve(ca, server_name)
             try:
                 bundle: CertificateBundle = await self.wrapped.issue(server_name, replaces=replaces)
             except ValidationFailed:
                 self.limits.record_failed_validation(ca, server_name)
                 raise
-            self.limits.record_issued(ca, server_name, exempt=exempt)
+            finally:
+                if not exempt:
+                    self.limits.unreserve(ca, server_name)
+            downgraded = server_name in self._downgraded
+            self.limits.record_issued(ca, server_name, exempt=exempt and not downgraded)
             return bundle
         finally:
+            self._downgraded.discard(server_name)
             self.limits.release()
+
+    def _replaces_refused(self, server_name: str) -> None:
+        """The CA turned an ARI renewal into a plain order: check and count it."""
+        self.limits.check(self.name, server_name)
+        self.limits.record_order(self.name)
+        self._downgraded.add(server_name)

@@ -56,17 +56,20 @@ def renewal_due(bundle: CertificateBundle, renew_before: float, window: Window =
     """
     When a certificate should be renewed (a POSIX time).
 
-    With an ARI window, a point inside it that is stable for this
-    certificate (derived from its serial, so repeated checks agree and a
-    fleet spreads out); otherwise C{not_after - min(renew_before,
-    lifetime / 3)}.
+    C{not_after - min(renew_before, lifetime / 3)}; with an ARI window, a
+    point inside it that is stable for this certificate (derived from its
+    serial, so repeated checks agree and a fleet spreads out), if that is
+    earlier.
     """
+    lifetime = bundle.not_after - bundle.not_before
+    by_lifetime = bundle.not_after - min(renew_before, lifetime / 3)
     if window is not None:
         start, end = window
         fraction = int.from_bytes(hashlib.sha256(str(bundle.leaf.serial_number).encode()).digest()[:4], "big")
-        return start + (end - start) * fraction / 2**32
-    lifetime = bundle.not_after - bundle.not_before
-    return bundle.not_after - min(renew_before, lifetime / 3)
+        # Never later than the lifetime rule: a window that a CA (or a
+        # clock problem) puts near or past expiry must not let it lapse.
+        return min(start + (end - start) * fraction / 2**32, by_lifetime)
+    return by_lifetime
 
 
 @attrs.define(eq=False)

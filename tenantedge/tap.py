@@ -25,7 +25,7 @@ from hyperlink import URL
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -41,8 +41,8 @@ from .backoff import FailureBackoff
 from .challenges import HTTP01Responder, HTTPRedirectRoot, MemoryChallengeStore, TLSALPN01Responder
 from .demo import DemoBackendService
 from .hostnames import InvalidHostname
-from .issuer import KEY_TYPES, AcmeIssuer, BackoffIssuer, FallbackIssuer
-from .localca import LocalCA, local_ca_check
+from .issuer import KEY_TYPES, AcmeIssuer, BackoffIssuer, FallbackIssuer, OneOrderPerName
+from .localca import ROOT_NAME_PREFIX, LocalCA, local_ca_check
 from .trust import acme_http_client, https_policy
 from .allow import AllowChecker
 from .limits import IssuanceLimits, LimitedIssuer
@@ -592,7 +592,7 @@ def makeService(options: Options) -> TenantEdgeService:
     resolver = CertificateResolver(
         store,
         policy,
-        BackoffIssuer(chain, backoff),
+        OneOrderPerName(BackoffIssuer(chain, backoff)),
         reactor,
         cache_size=options["cache-size"],
         accepts=local_ca_check(local_ca),
@@ -724,6 +724,8 @@ def _ari_lookup(acme_issuers: Sequence[AcmeIssuer]) -> Callable[[Any], Deferred[
     client = acme_issuers[0].client
 
     def window(bundle: Any) -> Deferred[Any]:
+        if bundle.issuer_name().startswith(ROOT_NAME_PREFIX):
+            return succeed(None)  # the local CA's: no CA to ask
         d = Deferred.fromCoroutine(client.renewal_window(bundle.leaf))
         return d.addErrback(lambda failure: None)
 

@@ -45,21 +45,21 @@ class LimitsTests(SynchronousTestCase):
         At most max_concurrent orders run; a few more wait for a slot, and
         beyond that a name is refused at once (nothing queued without bound).
         """
-        running = [self.limited.issue(f"r{i}.acme.com") for i in range(2)]
+        running = [self.limited.issue(f"r{i}.corp-r{i}.com") for i in range(2)]
         self.assertEqual(len(self.issuer.requests), 2)
-        waiting = [self.limited.issue(f"w{i}.acme.com") for i in range(2)]
+        waiting = [self.limited.issue(f"w{i}.corp-w{i}.com") for i in range(2)]
         self.assertEqual(len(self.issuer.requests), 2)
-        refused = self.limited.issue("x.acme.com")
+        refused = self.limited.issue("x.corp-x.com")
         f = self.failureResultOf(refused, LimitExceeded)
         self.assertEqual(f.value.limit, "concurrent")
-        self.issuer.complete("r0.acme.com", make_bundle("r0.acme.com"))
+        self.issuer.complete("r0.corp-r0.com", make_bundle("r0.corp-r0.com"))
         self.successResultOf(running[0])
-        self.assertEqual(self.issuer.requests[-1], "w0.acme.com")
+        self.assertEqual(self.issuer.requests[-1], "w0.corp-w0.com")
         self.assertEqual(self.limits.running, 2)
         for d in waiting:
             self.assertNoResult(d)
         # Let everything finish: no order is left suspended.
-        for name in ("r1.acme.com", "w0.acme.com", "w1.acme.com"):
+        for name in ("r1.corp-r1.com", "w0.corp-w0.com", "w1.corp-w1.com"):
             self.issuer.complete(name, make_bundle(name))
         for d in [running[1], *waiting]:
             self.successResultOf(d)
@@ -97,6 +97,36 @@ class LimitsTests(SynchronousTestCase):
         self.issue_ok("a.other-corp.com")  # other domains unaffected
         self.clock.advance(DOMAIN_WINDOW + 1)
         self.issue_ok("d.acme-corp.com")
+
+    def test_orders_in_flight_count_against_the_domain(self) -> None:
+        """
+        Concurrent orders for one registered domain cannot all pass the
+        per-domain check: those in flight are counted.
+        """
+        orders = [self.limited.issue(f"{sub}.same-corp.com") for sub in ("a", "b", "c", "d")]
+        self.assertEqual(len(self.issuer.requests), 2)  # the concurrency limit lets 2 run
+        for sub in ("a", "b"):
+            self.issuer.complete(f"{sub}.same-corp.com", make_bundle(f"{sub}.same-corp.com"))
+        # c started after a finished (1 issued + 1 in flight + ...); d is over the limit of 3.
+        self.assertEqual(self.issuer.requests, ["a.same-corp.com", "b.same-corp.com", "c.same-corp.com"])
+        f = self.failureResultOf(orders[3], LimitExceeded)
+        self.assertEqual(f.value.limit, "domain-week")
+        self.issuer.complete("c.same-corp.com", make_bundle("c.same-corp.com"))
+        for d in orders[:3]:
+            self.successResultOf(d)
+
+    def test_limit_rechecked_after_waiting(self) -> None:
+        """A name that waited for a slot is checked again: the window may have filled meanwhile."""
+        self.limits.max_new_orders = 3
+        first = [self.limited.issue(f"n{i}.corp{i}.com") for i in range(2)]
+        waiting = self.limited.issue("late.other.com")
+        self.limits.record_order(CA)  # another account user filled the window meanwhile
+        self.issuer.complete("n0.corp0.com", make_bundle("n0.corp0.com"))
+        f = self.failureResultOf(waiting, LimitExceeded)
+        self.assertEqual(f.value.limit, "new-orders")
+        self.issuer.complete("n1.corp1.com", make_bundle("n1.corp1.com"))
+        for d in first:
+            self.successResultOf(d)
 
     def test_exempt_renewals_not_counted(self) -> None:
         for _ in range(5):
