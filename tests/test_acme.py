@@ -391,12 +391,36 @@ class AcmeIssuerTests(AcmeTestCase):
         self.clock.advance(1)
         self.successResultOf(d)
         self.assertEqual(self.ca.payloads["/order"][-1]["replaces"], ari_certificate_id(leaf))
-        self.ca.script["/order"] = [problem(409, "alreadyReplaced", "already replaced")]
+        for status, kind in ((409, "alreadyReplaced"), (403, "unauthorized"), (404, "malformed")):
+            self.ca.script["/order"] = [problem(status, kind, "cannot replace that")]
+            refused: list[str] = []
+            issuer.on_replaces_refused = refused.append
+            d = issuer.issue("a.test", replaces=old)
+            self.http.flush()
+            self.clock.advance(1)
+            self.successResultOf(d)
+            self.assertNotIn("replaces", self.ca.payloads["/order"][-1])
+            self.assertEqual(refused, ["a.test"])
+        # A rate limit is final, with or without replaces.
+        self.ca.script["/order"] = [problem(429, "rateLimited", "slow down")]
         d = issuer.issue("a.test", replaces=old)
+        self.http.flush()
+        self.failureResultOf(d, AcmeProblem)
+
+    def test_replaced_account_key_registers_again(self) -> None:
+        """
+        A remembered account URL belongs to its key: with a new key (the
+        old file lost), the account is registered again, not reused.
+        """
+        store = self.mktemp()
+        first = self.make_issuer(store)
+        d = first.issue("a.test")
         self.http.flush()
         self.clock.advance(1)
         self.successResultOf(d)
-        self.assertNotIn("replaces", self.ca.payloads["/order"][-1])
+        os.unlink(first.accounts.key_path)
+        second = self.make_issuer(store)
+        self.assertIsNone(second.client.account_url)
 
     def test_no_ari_no_replaces(self) -> None:
         issuer = self.make_issuer(self.mktemp())
@@ -415,6 +439,21 @@ class AcmeIssuerTests(AcmeTestCase):
         path = account_directory("/store", "https://evil.test:8443/../../etc/dir")
         self.assertTrue(path.startswith("/store/accounts/"))
         self.assertNotIn("..", path[len("/store/accounts/"):].replace("_", ""))
+
+
+class OneOrderPerNameTests(SynchronousTestCase):
+    def test_shared(self) -> None:
+        """The renewal walk, the CLI and a handshake asking at once share one order."""
+        from tenantedge.issuer import OneOrderPerName
+
+        issuer = ControlledIssuer()
+        one = OneOrderPerName(issuer)
+        orders = [one.issue("a.test"), one.issue("a.test", replaces=make_bundle("a.test")), one.issue("b.test")]
+        self.assertEqual(issuer.requests, ["a.test", "b.test"])
+        bundle = make_bundle("a.test")
+        issuer.complete("a.test", bundle)
+        self.assertIs(self.successResultOf(orders[0]), bundle)
+        self.assertIs(self.successResultOf(orders[1]), bundle)
 
 
 class BackoffTests(SynchronousTestCase):
@@ -446,6 +485,17 @@ class BackoffTests(SynchronousTestCase):
             self.assertEqual(f.value.until, self.clock.seconds() + wait)
             self.clock.advance(wait)
         self.assertEqual(len(self.issuer.requests), len(LADDER) + 1)
+
+    def test_own_limits_are_not_failures(self) -> None:
+        """A refusal by our own issuance limits does not push the name up the ladder."""
+        from tenantedge.interfaces import LimitExceeded
+
+        for _ in range(4):
+            d = self.guarded.issue("a.test")
+            self.issuer._pending.pop("a.test")[0].errback(LimitExceeded("a.test", "concurrent", "queue full"))
+            self.failureResultOf(d, LimitExceeded)
+        self.assertIsNone(self.backoff.blocked_until("a.test"))
+        self.assertEqual(self.backoff.failures("a.test"), 0)
 
     def test_retry_after_longer_wins(self) -> None:
         self.fail_once(retry_after=7200)

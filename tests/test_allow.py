@@ -136,6 +136,22 @@ class AllowURLTests(CheckerTestCase):
         self.assertEqual(self.successResultOf(d), Decision.DENY)
         self.assertEqual(self.decide("a.tenant.test"), Decision.DENY)
 
+    def test_recheck_only_definite_denies(self) -> None:
+        """
+        Renewal re-asks archive a certificate only on 403, 404 or 410; a
+        429 from a busy API, a redirect or a 204 renews anyway.
+        """
+        cases = {403: Decision.DENY, 404: Decision.DENY, 410: Decision.DENY, 429: Decision.UNKNOWN,
+                 301: Decision.UNKNOWN, 204: Decision.UNKNOWN, 408: Decision.UNKNOWN, 503: Decision.UNKNOWN,
+                 200: Decision.ALLOW}
+        for status, expected in cases.items():
+            name = f"r{status}.tenant.test"
+            self.endpoint.status[name] = status
+            d = self.checker.ask(name)
+            self.http.flush()
+            self.assertEqual(self.successResultOf(d), expected, status)
+        self.flushLoggedErrors()
+
     def test_url_encoding(self) -> None:
         self.assertEqual(
             build_check_url("https://x.test/c/{domain}?k=1", "xn--bcher-kva.example", False),

@@ -112,6 +112,16 @@ class CLITests(EdgeTestCase):
             await deferLater(reactor, 0.1, lambda: None)
         self.assertIsNone(edge.resolver.cached("poll.test"))
 
+    async def test_admin_requires_header(self) -> None:
+        """Admin POSTs without the CLI's header are refused (no cross-site orders)."""
+        out, err, code = await run(self.curl, ["--silent", "-X", "POST", "-o", "/dev/null", "-w", "%{http_code}",
+                                               f"http://127.0.0.1:{self.admin_port}/certs/x.test/issue"])
+        self.assertEqual(out, b"403")
+        out, err, code = await run(self.curl, ["--silent", "-X", "POST", "-H", "X-Tenantedge-Admin: 1",
+                                               f"http://127.0.0.1:{self.admin_port}/certs/..%2Fetc/issue"])
+        self.assertIn(b"invalid host name", out)
+        self.assertEqual(sum(self.edge.resolver.issuer.counts.values()), 0)
+
     async def test_usage_errors(self) -> None:
         out, err, code = await run(sys.executable, ["-m", "tenantedge", "certs", "frobnicate"])
         self.assertEqual(code, 1)

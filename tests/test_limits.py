@@ -196,3 +196,38 @@ class ExemptRenewalTests(SynchronousTestCase):
         self.assertEqual(len(limits._domains[CA]["acme.com"]), 1)
         f = self.failureResultOf(limited.issue("b.acme.com"), LimitExceeded)
         self.assertEqual(f.value.limit, "new-orders")
+
+    def test_refused_replaces_is_counted(self) -> None:
+        """
+        When the CA refuses an ARI "replaces" and gets a plain order
+        instead, that order is checked and counted like any other.
+        """
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        limits = IssuanceLimits(None, clock, registered_domain, max_new_orders=2, max_per_domain=5)
+
+        class RefusingAriIssuer(ControlledIssuer):
+            on_replaces_refused = None
+
+            def renewal_exempt(self, replaces):
+                from twisted.internet.defer import succeed
+
+                return succeed(replaces is not None)
+
+            def issue(self, server_name, replaces=None):
+                if replaces is not None:
+                    self.on_replaces_refused(server_name)  # the CA said no to "replaces"
+                return super().issue(server_name, replaces)
+
+        issuer = RefusingAriIssuer()
+        limited = LimitedIssuer(issuer, limits)
+        old = make_bundle("a.acme.com")
+        for _ in range(2):
+            d = limited.issue("a.acme.com", replaces=old)
+            issuer.complete("a.acme.com", make_bundle("a.acme.com"))
+            self.successResultOf(d)
+        self.assertEqual(len(limits._orders[CA]), 2)
+        self.assertEqual(len(limits._domains[CA]["acme.com"]), 2)
+        # The window is now full: the next refused replacement is not ordered.
+        f = self.failureResultOf(limited.issue("a.acme.com", replaces=old), LimitExceeded)
+        self.assertEqual(f.value.limit, "new-orders")

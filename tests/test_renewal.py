@@ -43,6 +43,12 @@ class DueTests(SynchronousTestCase):
             bundle = bundle_aged("a.test", lifetime, lifetime)
             self.assertAlmostEqual(bundle.not_after - renewal_due(bundle, 30 * DAY), left_at_due * DAY, places=3)
 
+    def test_window_never_later_than_lifetime_rule(self) -> None:
+        """A CA window near or past expiry cannot delay renewal beyond the lifetime rule."""
+        bundle = bundle_aged("a.test", 90, 90)
+        late = (bundle.not_after - DAY, bundle.not_after + 10 * DAY)
+        self.assertEqual(renewal_due(bundle, 30 * DAY, late), bundle.not_after - 30 * DAY)
+
     def test_ari_window(self) -> None:
         """With a window, the due time lies in it and is stable for one certificate."""
         bundle = bundle_aged("a.test", 90, 90)
@@ -232,6 +238,29 @@ class ARITests(SynchronousTestCase):
         before = len(ca.requests)
         self.successResultOf(client.renewal_window(cert))
         self.assertEqual(len(ca.requests), before)
+
+    def test_unreachable_window_cached(self) -> None:
+        """A failed renewalInfo lookup is not retried for each walk (an hour's pause)."""
+        clock = Clock()
+        clock.advance(NOW)
+        ca = FakeCA(lambda csr: [])
+        ca.renewal_info = {}
+        http = StubTreq(ca)
+        client = AcmeClient(f"{BASE}/dir", None, http, clock)
+        key = ec.generate_private_key(ec.SECP256R1())
+        utc = datetime.timezone.utc
+        cert = sign_certificate(
+            common_name("a.test"), key.public_key(),
+            datetime.datetime.fromtimestamp(NOW - DAY, utc), datetime.datetime.fromtimestamp(NOW + 89 * DAY, utc),
+            key, dns_names=["a.test"],
+            extensions=[(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)],
+        )
+        d = client.renewal_window(cert)
+        http.flush()
+        self.failureResultOf(d)  # 404: unknown certificate
+        asked = len(ca.requests)
+        self.assertIsNone(self.successResultOf(client.renewal_window(cert)))
+        self.assertEqual(len(ca.requests), asked)
 
     def test_no_renewal_info(self) -> None:
         clock = Clock()
