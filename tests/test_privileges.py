@@ -91,3 +91,38 @@ class PrivilegeDropTests(TestCase):
             if pid is not None:
                 os.kill(pid, signal.SIGTERM)
             await ended
+
+
+class CLIOwnershipTests(TestCase):
+    timeout = 60
+
+    async def test_cli_as_root_keeps_store_files_the_servers(self) -> None:
+        """
+        Run as root against a store owned by www-data, the CLI becomes
+        www-data first: what it creates (archive, locks) stays the server's.
+        """
+        if os.getuid() != 0:
+            raise self.skipException("needs root")
+        try:
+            user = pwd.getpwnam("www-data")
+        except KeyError:
+            raise self.skipException("no www-data user on this machine") from None
+        from tenantedge.store import DirectoryStore
+        from tenantedge.testing import make_bundle
+
+        base = tempfile.mkdtemp(prefix="tenantedge-cli-")
+        self.addCleanup(shutil.rmtree, base, True)
+        os.chmod(base, 0o755)
+        store_path = os.path.join(base, "store")
+        store = DirectoryStore(store_path)
+        store.prepare()
+        self.successResultOf(store.store("a.test", make_bundle("a.test")))
+        for root, dirs, files in os.walk(store_path):
+            for name in [root, *(os.path.join(root, f) for f in files), *(os.path.join(root, d) for d in dirs)]:
+                os.chown(name, user.pw_uid, user.pw_gid)
+        out, err, code = await run(
+            sys.executable, ["-m", "tenantedge", "certs", "remove", "a.test", "--store", store_path, "--admin", "none"]
+        )
+        self.assertEqual(code, 0, err)
+        for sub in ("archive", "locks"):
+            self.assertEqual(os.stat(os.path.join(store_path, sub)).st_uid, user.pw_uid, sub)
