@@ -635,14 +635,10 @@ def makeService(options: Options) -> TenantEdgeService:
     resolver.on_issuance = metrics.observe_issuance
     proxy.observe = metrics.observe_request
     if options["admin"] != "none":
-        admin = StreamServerEndpointService(
-            endpoints.serverFromString(reactor, options["admin"]),
+        edge.admin_service = _listener(
+            edge, "admin", reactor, options["admin"],
             _small_bodies(EdgeSite(AdminResource(metrics, _admin_actions(edge)), reactor=reactor)),
         )
-        admin.setName("admin")
-        admin._raiseSynchronously = True
-        admin.setServiceParent(edge)
-        edge.admin_service = admin
     edge.backend_pool = pool
     edge.acme_pool = acme_pool
     edge.acme_issuers = acme_issuers
@@ -650,19 +646,12 @@ def makeService(options: Options) -> TenantEdgeService:
     edge.limits = limits
     edge.tls_alpn = tls_alpn
 
-    https = StreamServerEndpointService(endpoints.serverFromString(reactor, options["https"]), tls_factory)
-    https.setName("https")
-    https.setServiceParent(edge)
-    edge.https_service = https
-
+    edge.https_service = _listener(edge, "https", reactor, options["https"], tls_factory)
     http_root = HTTPRedirectRoot(challenges, https_port=_endpoint_port(options["https"]) or 443)
-    http = StreamServerEndpointService(
-        endpoints.serverFromString(reactor, options["http"]), _small_bodies(EdgeSite(http_root, reactor=reactor))
-    )
     edge.http_root = http_root
-    http.setName("http")
-    http.setServiceParent(edge)
-    edge.http_service = http
+    edge.http_service = _listener(
+        edge, "http", reactor, options["http"], _small_bodies(EdgeSite(http_root, reactor=reactor))
+    )
 
     renewal.setName("renewal")
     renewal.setServiceParent(edge)
@@ -672,10 +661,19 @@ def makeService(options: Options) -> TenantEdgeService:
         demo.setName("demo-backend")
         demo.setServiceParent(edge)
         edge.demo_backend = demo
-    for svc in (https, http):
-        # Fail start-up (not just log) when a port cannot be bound.
-        svc._raiseSynchronously = True
     return edge
+
+
+def _listener(
+    edge: TenantEdgeService, name: str, reactor: Any, description: str, factory: Any
+) -> StreamServerEndpointService:
+    """A named listening service under the edge; it binds in privilegedStartService."""
+    service = StreamServerEndpointService(endpoints.serverFromString(reactor, description), factory)
+    service.setName(name)
+    # Fail start-up (not just log) when the port cannot be bound.
+    service._raiseSynchronously = True
+    service.setServiceParent(edge)
+    return service
 
 
 def _small_bodies(site: EdgeSite) -> EdgeSite:
