@@ -37,6 +37,9 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, tail  # noqa: E402
+
 from tenantedge.testing import listen_loopback_dns, write_https_material
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,12 +49,6 @@ TWIST = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "twist")
 # --------------------------------------------------------------------------
 # small helpers (after tests/support/pebble.py)
 # --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: str, timeout: float = 30.0) -> None:
@@ -65,14 +62,6 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: str, timeout: f
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s:\n{tail(log)}")
-
-
-def tail(path: str, size: int = 3000) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read()[-size:].decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 class Processes:

@@ -45,6 +45,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, tail  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TWIST = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "twist")
@@ -64,20 +67,6 @@ class WallClock:
 
 def name_for(i: int) -> str:
     return f"t{i:06d}.test"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tail(path: str, size: int = 3000) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read()[-size:].decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def rss_mib(pid: int) -> float:
