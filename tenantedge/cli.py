@@ -115,8 +115,10 @@ def _admin_url(options: Any) -> str:
     description = options["admin"]
     if description == "none":
         raise CLIError("the admin endpoint is disabled (--admin none): the running server cannot be asked")
+    from .tap import endpoint_port
+
     parts = description.split(":")
-    port = next((p for p in parts[1:] if p.isdigit()), None)
+    port = endpoint_port(description)
     interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")), "127.0.0.1")
     if port is None or not parts[0].startswith("tcp"):
         raise CLIError(f"cannot reach the admin endpoint {description!r}: use a tcp:PORT endpoint")

@@ -101,10 +101,23 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _http_url(value: str, schemes: Sequence[str] = ("http", "https")) -> URL:
+    """
+    Parse an option's URL.
+
+    @raise ValueError: unless it is a URL with one of C{schemes} and a host.
+    """
+    try:
+        url = URL.from_text(value)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in schemes or not url.host:
+        raise ValueError(f"{value!r} is not a {' or '.join(s + '://' for s in schemes)} URL with a host")
+    return url
+
+
 def _backend_url(value: str) -> str:
-    url = URL.from_text(value)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    url = _http_url(value)
     if url.query or url.fragment:
         raise ValueError(f"{value!r}: a backend URL takes no query or fragment")
     return value
@@ -120,25 +133,15 @@ def _choice(choices: Sequence[str]) -> Callable[[str], str]:
     return coerce
 
 
-def _http_url(value: str, option: str) -> URL:
-    try:
-        url = URL.from_text(value)
-    except Exception:
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
-    return url
-
-
 def _allow_url(value: str) -> str:
-    _http_url(value, "allow-url")
+    _http_url(value)
     if "{domain}" not in value:
         raise ValueError(f"{value!r} has no {{domain}} placeholder")
     return value
 
 
 def _ask_url(value: str) -> str:
-    if _http_url(value, "ask").fragment:
+    if _http_url(value).fragment:
         raise ValueError(f"{value!r}: no fragment allowed")
     return value
 
@@ -355,13 +358,11 @@ def _ca_url(value: str) -> str:
         return value
     value = CA_ALIASES.get(value, value)
     try:
-        url = URL.from_text(value)
-    except Exception:
-        url = None
-    if url is None or url.scheme != "https" or not url.host:
+        _http_url(value, schemes=("https",))
+    except ValueError:
         raise usage.UsageError(
             f"--ca {value!r}: use internal, letsencrypt, letsencrypt-staging or an https:// ACME directory URL"
-        )
+        ) from None
     return value
 
 
@@ -384,7 +385,7 @@ def _find_config_argument(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _endpoint_port(description: str) -> int | None:
+def endpoint_port(description: str) -> int | None:
     """The port number of a C{tcp:PORT...}/C{ssl:PORT} style description."""
     parts = description.split(":")
     for part in parts[1:]:
@@ -647,7 +648,7 @@ def makeService(options: Options) -> TenantEdgeService:
     edge.tls_alpn = tls_alpn
 
     edge.https_service = _listener(edge, "https", reactor, options["https"], tls_factory)
-    http_root = HTTPRedirectRoot(challenges, https_port=_endpoint_port(options["https"]) or 443)
+    http_root = HTTPRedirectRoot(challenges, https_port=endpoint_port(options["https"]) or 443)
     edge.http_root = http_root
     edge.http_service = _listener(
         edge, "http", reactor, options["http"], _small_bodies(EdgeSite(http_root, reactor=reactor))
