@@ -171,9 +171,6 @@ class AllowChecker:
         allowed = 200 <= code < 300 if self.caddy_style else code == 200
         return (Decision.ALLOW if allowed else Decision.DENY), code
 
-    def forget(self, server_name: str) -> None:
-        self._cache.pop(server_name, None)
-
     def cache_length(self) -> int:
         return len(self._cache)
 

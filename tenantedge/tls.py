@@ -53,14 +53,12 @@ __all__ = [
     "ALERT_UNRECOGNIZED_NAME",
     "ALERT_INTERNAL_ERROR",
     "ALERT_DECODE_ERROR",
-    "ALERT_NO_APPLICATION_PROTOCOL",
     "tls_server_name",
 ]
 
 ALERT_DECODE_ERROR = 50
 ALERT_INTERNAL_ERROR = 80
 ALERT_UNRECOGNIZED_NAME = 112
-ALERT_NO_APPLICATION_PROTOCOL = 120
 
 
 #: Raw bytes buffered before the hello is complete: the hello itself plus
