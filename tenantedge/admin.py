@@ -5,6 +5,8 @@ and the actions the admin CLI asks the running server to take.
   GET  /metrics                 Prometheus text format
   POST /certs/<host>/issue      obtain a certificate now, through the
                                 server's policy, limits and issuers
+                                (nothing is ordered for a name that
+                                already has a valid one)
   POST /certs/<host>/renew      renew now (re-asks the policy first)
   POST /certs/<host>/forget     drop the cached context (the next
                                 handshake reads the store)
@@ -16,11 +18,11 @@ trigger issuance, so keep it on loopback or behind a firewall.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+import attrs
+from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -28,93 +30,65 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .hostnames import InvalidHostname, normalize
-from .interfaces import PolicyRefusal
+from .interfaces import ICertificateStore, PolicyRefusal
 
-__all__ = ["AdminResource", "EdgeMetrics", "ADMIN_HEADER"]
+__all__ = ["AdminResource", "AdminActions", "ADMIN_HEADER"]
 
 #: Required on every admin POST (a CSRF guard).
 ADMIN_HEADER = b"X-Tenantedge-Admin"
 
 
-class EdgeMetrics:
+@attrs.define
+class AdminActions:
     """
-    The metrics: counters read at scrape time from the components' own
-    counters (so nothing is counted twice), histograms observed as things
-    happen.
+    What C{POST /certs/<host>/<action>} does, given the pieces it acts on.
+
+    @ivar store: read before and after, to report what changed.
+    @ivar context_for: the resolver's lookup (policy, limits, issuance).
+    @ivar renew: the renewal service's C{renew(host, bundle)}.
+    @ivar forget: drops a name from the handshake cache.
     """
 
-    def __init__(self, edge: Any) -> None:
-        self.edge = edge
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.issuance_seconds = Histogram(
-            "tenantedge_issuance_seconds",
-            "Time to obtain a new certificate (store miss to certificate in hand).",
-            ["result"],
-            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 90, 180, 300),
-            registry=self.registry,
-        )
-        self.request_seconds = Histogram(
-            "tenantedge_proxied_request_seconds",
-            "Time from request to backend response headers, by status class.",
-            ["status_class"],
-            registry=self.registry,
-        )
-        self.registry.register(self)
+    store: ICertificateStore
+    context_for: Callable[[str], Deferred[Any]]
+    renew: Callable[[str, Any], Any]
+    forget: Callable[[str], None]
 
-    def observe_issuance(self, seconds: float, ok: bool) -> None:
-        self.issuance_seconds.labels("issued" if ok else "failed").observe(seconds)
+    def table(self) -> dict[str, Callable[[str], Deferred[Any]]]:
+        """The actions by name, each returning a Deferred of a JSON-able dict."""
+        return {
+            name: (lambda f: lambda host: Deferred.fromCoroutine(f(host)))(f)
+            for name, f in (("issue", self.issue), ("renew", self.renew_now), ("forget", self.forget_now))
+        }
 
-    def observe_request(self, status: int, seconds: float) -> None:
-        self.request_seconds.labels(f"{status // 100}xx").observe(seconds)
+    async def _current(self, host: str) -> Any:
+        try:
+            return await self.store.get(host)
+        except KeyError:
+            return None
 
-    def collect(self) -> Iterator[Any]:
-        edge = self.edge
-        resolver = edge.resolver
-        handshakes = CounterMetricFamily("tenantedge_handshakes", "TLS handshakes by outcome.", labels=["outcome"])
-        for outcome, count in sorted(edge.tls_factory.events.items()):
-            handshakes.add_metric([outcome], count)
-        yield handshakes
-        issuance = CounterMetricFamily(
-            "tenantedge_certificate_lookups", "Certificate lookups by result (cache, store, issuance).",
-            labels=["result"],
-        )
-        refusals = CounterMetricFamily(
-            "tenantedge_refusals", "Names refused a certificate, by reason.", labels=["reason"]
-        )
-        for key, count in sorted(resolver.events.items()):
-            if key.startswith("refused:"):
-                refusals.add_metric([key.split(":", 1)[1]], count)
-            else:
-                issuance.add_metric([key], count)
-        yield issuance
-        yield refusals
-        checker = getattr(resolver.policy, "checker", None)
-        allow = CounterMetricFamily("tenantedge_allow_checks", "Allow endpoint checks by result.", labels=["result"])
-        if checker is not None:
-            for result, count in sorted(checker.results.items()):
-                allow.add_metric([result], count)
-        yield allow
-        cached = GaugeMetricFamily("tenantedge_certificates_cached", "Ready TLS contexts in memory.")
-        cached.add_metric([], resolver.cache_length())
-        yield cached
-        renewal = edge.renewal
-        if renewal is not None:
-            renewals = CounterMetricFamily("tenantedge_renewals", "Renewal events.", labels=["event"])
-            for event, count in sorted(renewal.events.items()):
-                renewals.add_metric([event], count)
-            yield renewals
-            stored = GaugeMetricFamily(
-                "tenantedge_certificates_stored", "Certificates in the store at the last renewal walk."
-            )
-            stored.add_metric([], renewal.stored_count)
-            yield stored
-            if renewal.soonest_expiry is not None:
-                soonest = GaugeMetricFamily(
-                    "tenantedge_certificate_soonest_expiry_timestamp_seconds",
-                    "Not-after (POSIX time) of the certificate that expires first.",
-                )
-                soonest.add_metric([], renewal.soonest_expiry)
-                yield soonest
+    async def issue(self, host: str) -> dict[str, Any]:
+        before = await self._current(host)
+        await self.context_for(host)
+        after = await self._current(host)
+        if after is None:
+            raise RuntimeError("the certificate was obtained but could not be stored; see the server log")
+        issued = before is None or after.leaf.serial_number != before.leaf.serial_number
+        return {"issued": issued, "not_after": after.leaf.not_valid_after_utc.isoformat()}
+
+    async def renew_now(self, host: str) -> dict[str, Any]:
+        bundle = await self.store.get(host)
+        not_after = await self.renew(host, bundle)
+        if not_after is None:
+            return {"archived": True}
+        current = await self.store.get(host)
+        if current.leaf.serial_number == bundle.leaf.serial_number:
+            raise RuntimeError("renewal failed; see the server log")
+        return {"renewed": True, "not_after": current.leaf.not_valid_after_utc.isoformat()}
+
+    async def forget_now(self, host: str) -> dict[str, Any]:
+        self.forget(host)
+        return {}
 
 
 class _CertAction(Resource):
@@ -173,10 +147,15 @@ def _json(request: Request, code: int, body: dict[str, Any]) -> bytes:
 class AdminResource(Resource):
     """The admin site's root."""
 
-    def __init__(self, metrics: EdgeMetrics, actions: dict[str, Callable[[str], Deferred[Any]]]) -> None:
+    def __init__(self, registry: CollectorRegistry, actions: dict[str, Callable[[str], Deferred[Any]]]) -> None:
         super().__init__()
-        self.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+        self.putChild(b"metrics", MetricsResource(registry=registry))
         self.putChild(b"certs", _CertAction(actions))
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self  # GET / is the index below, not a 404
+        return super().getChild(path, request)
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain")

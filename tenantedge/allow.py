@@ -21,7 +21,6 @@ concurrent checks for one name share a single request.
 
 from __future__ import annotations
 
-import enum
 from collections import Counter, OrderedDict
 from typing import Any
 from urllib.parse import quote
@@ -32,6 +31,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .interfaces import Decision
 from .singleflight import SingleFlight
 from .timeouts import TimeoutError, describe_error, with_deadline
 
@@ -39,14 +39,6 @@ __all__ = ["AllowChecker", "Decision", "build_check_url", "DEFINITE_DENY"]
 
 #: The answers that mean "not a tenant any more" when a renewal re-asks.
 DEFINITE_DENY = frozenset({403, 404, 410})
-
-
-class Decision(enum.Enum):
-    """What the allow endpoint said about a name."""
-
-    ALLOW = "allow"
-    DENY = "deny"
-    UNKNOWN = "unknown"
 
 
 def build_check_url(template: str, server_name: str, caddy_style: bool) -> str:

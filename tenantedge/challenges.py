@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+from collections.abc import Callable
 
 import attrs
 from cryptography import x509
@@ -27,7 +28,7 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle, common_name, make_server_context, sign_certificate, utc_now
 from .hostnames import InvalidHostname, host_from_header
-from .interfaces import IChallengeStore
+from .interfaces import IChallengeResponder, IChallengeStore
 
 __all__ = [
     "MemoryChallengeStore",
@@ -115,10 +116,11 @@ class HTTPRedirectRoot(Resource):
     a 308 redirect to HTTPS for everything else.
 
     @ivar https_port: the public HTTPS port, left out of the redirect URL
-        when it is 443.
+        when it is 443; or a callable returning it (the port a listener
+        actually bound).
     """
 
-    def __init__(self, challenges: IChallengeStore, https_port: int = 443) -> None:
+    def __init__(self, challenges: IChallengeStore, https_port: int | Callable[[], int] = 443) -> None:
         super().__init__()
         self.https_port = https_port
         well_known = Resource()
@@ -140,13 +142,15 @@ class HTTPRedirectRoot(Resource):
             name = host_from_header(host)
         except InvalidHostname:
             return _plain(request, 400, b"a valid Host header is required\n")
-        port = b"" if self.https_port == 443 else b":%d" % (self.https_port,)
+        https_port = self.https_port() if callable(self.https_port) else self.https_port
+        port = b"" if https_port == 443 else b":%d" % (https_port,)
         target = b"https://" + name.encode("ascii") + port + request.uri
         request.setResponseCode(308)
         request.setHeader(b"location", target)
         return _plain(request, 308, b"moved to " + target + b"\n")
 
 
+@implementer(IChallengeResponder)
 class HTTP01Responder:
     """
     Publishes HTTP-01 answers (RFC 8555 section 8.3) through an
@@ -192,6 +196,7 @@ def tls_alpn_challenge_certificate(
     return key, cert
 
 
+@implementer(IChallengeResponder)
 class TLSALPN01Responder:
     """
     Publishes TLS-ALPN-01 answers (RFC 8737): while a challenge for a name

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import html
 import json
-
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.web.client import URI
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -58,30 +62,44 @@ class DemoBackend(Resource):
         ).encode()
 
 
+@implementer(IAgentEndpointFactory)
 class DemoBackendService(Service):
     """
-    Runs L{DemoBackend} on a free loopback port and points the proxy at it.
+    Runs L{DemoBackend} on a free loopback port, and is the proxy's way of
+    reaching it (an C{IAgentEndpointFactory} connecting to whatever port it
+    got), so nothing is rewired at start-up.
 
     A real listening socket, so the demo goes through the same proxy path
     (pooled HTTP client, header rules, streaming) as a real backend would.
     """
 
-    def __init__(self, reactor: Any, proxy: Any) -> None:
+    #: The URL the proxy is given; the host part is never resolved.
+    url = "http://demo-backend"
+
+    def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self.proxy = proxy
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
         if self.port is None:
-            self.port = self.reactor.listenTCP(
-                0, Site(DemoBackend(), reactor=self.reactor), interface="127.0.0.1"
-            )
-            self.proxy.backend = b"http://127.0.0.1:%d" % (self.port.getHost().port,)
+            site = Site(DemoBackend(), reactor=self.reactor)
+            site.noisy = False
+            site.log = lambda request: None  # the edge logs requests, if asked to
+            self.port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
         super().privilegedStartService()
 
     def startService(self) -> None:
         self.privilegedStartService()
         super().startService()
+
+    def address(self) -> str:
+        """Where the demo backend listens."""
+        return f"127.0.0.1:{self.port.getHost().port}" if self.port is not None else "(not started)"
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if self.port is None:
+            raise ConnectError("the demo backend is not running")
+        return TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port.getHost().port)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

@@ -14,6 +14,8 @@ fails.
 
 from __future__ import annotations
 
+import enum
+
 from zope.interface import Attribute, Interface
 
 __all__ = [
@@ -21,11 +23,24 @@ __all__ = [
     "IIssuer",
     "IDomainPolicy",
     "IChallengeStore",
+    "IChallengeResponder",
+    "IRenewalExemption",
+    "IReplacesRefused",
+    "INameLock",
+    "Decision",
     "PolicyRefusal",
     "IssuanceFailed",
     "BackedOff",
     "LimitExceeded",
 ]
+
+
+class Decision(enum.Enum):
+    """What the policy (or the allow endpoint) says about a name."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    UNKNOWN = "unknown"
 
 
 class PolicyRefusal(Exception):
@@ -192,6 +207,19 @@ class IDomainPolicy(Interface):
             certificate, or failing with L{PolicyRefusal}.
         """
 
+    def recheck(server_name):
+        """
+        Ask again before renewing a stored certificate, bypassing any
+        cached answer.
+
+        @param server_name: a normalised host name.
+        @return: a Deferred firing with a L{Decision}: C{DENY} only for a
+            definite no (renewal then archives the certificate), C{UNKNOWN}
+            when the answer could not be had (renewal goes ahead, so an
+            outage of the SaaS's API never takes tenants offline). Never
+            fails.
+        """
+
 
 class IChallengeStore(Interface):
     """
@@ -217,4 +245,78 @@ class IChallengeStore(Interface):
         """
         @return: a Deferred firing with the key authorisation for C{token},
             or failing with C{KeyError} if none is pending.
+        """
+
+
+class IChallengeResponder(Interface):
+    """
+    Makes one ACME challenge type answerable while an order is pending:
+    HTTP-01 through an L{IChallengeStore} read by the port-80 resource,
+    TLS-ALPN-01 through the HTTPS listener.
+    """
+
+    challenge_type = Attribute("The ACME challenge type answered, e.g. C{'http-01'}.")
+
+    def publish(server_name, token, key_authorization):
+        """
+        Start answering a challenge.
+
+        @return: an awaitable (a coroutine or a Deferred) that completes
+            once the CA may validate.
+        """
+
+    def withdraw(server_name, token):
+        """
+        Stop answering a challenge; called whatever the order's outcome.
+
+        @return: an awaitable completing once the answer is gone.
+        """
+
+
+class IRenewalExemption(Interface):
+    """
+    Knows whether an order replacing a certificate will be an ARI renewal
+    (RFC 9773 C{replaces}), which the CA exempts from its rate limits, so
+    our own limits exempt it too.
+    """
+
+    def renewal_exempt(replaces):
+        """
+        @param replaces: the L{tenantedge.certificates.CertificateBundle}
+            being renewed, or L{None} for a first issuance.
+        @return: an awaitable firing with C{bool}; never fails (an unknown
+            answer is C{False}: the order is counted).
+        """
+
+
+class IReplacesRefused(Interface):
+    """
+    Told when a CA refuses an ARI C{replaces} and the renewal goes on as a
+    plain order, which the CA counts against its limits.
+    """
+
+    def replaces_refused(ca, server_name):
+        """
+        Called synchronously, before the plain order is placed.
+
+        @param ca: the CA's directory URL.
+        @raise LimitExceeded: to stop the plain order (the limits are full).
+        """
+
+
+class INameLock(Interface):
+    """
+    Mutual exclusion per name for issuance and renewal, so that one order
+    per name runs at a time across everything sharing the lock: one
+    process (in memory), the workers of one box, or a fleet (a shared
+    store's lock). Whoever takes it re-reads the store before ordering.
+    """
+
+    def acquire(server_name):
+        """
+        Wait for the name's lock.
+
+        @return: a Deferred firing with a zero-argument callable that
+            releases the lock (calling it twice is harmless); cancelling
+            the Deferred abandons the wait.
         """

@@ -10,11 +10,11 @@ name at a time; these classes only decide how that one issuance goes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -23,7 +23,17 @@ from .accounts import AccountStore
 from .acme import AcmeClient, AcmeProblem, ari_certificate_id
 from .backoff import FailureBackoff
 from .certificates import CertificateBundle, InvalidBundle
-from .interfaces import BackedOff, IIssuer, IssuanceFailed, LimitExceeded
+from .config import KEY_TYPES
+from .interfaces import (
+    BackedOff,
+    IChallengeResponder,
+    IIssuer,
+    IRenewalExemption,
+    IReplacesRefused,
+    IssuanceFailed,
+    LimitExceeded,
+)
+from .localca import ROOT_NAME_PREFIX
 from .singleflight import SingleFlight
 from .store import RunBlocking, run_inline
 
@@ -35,10 +45,7 @@ __all__ = [
     "FallbackIssuer",
     "KEY_TYPES",
     "new_private_key",
-    "OneOrderPerName",
 ]
-
-KEY_TYPES = ("ecdsa-p256", "rsa2048")
 
 #: How long one ACME order may take in all, whether or not a handshake is
 #: still waiting for it (the handshake's own limit is --issue-timeout).
@@ -52,16 +59,6 @@ def new_private_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivat
     if key_type == "rsa2048":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     raise ValueError(f"unknown key type {key_type!r} (choose from {', '.join(KEY_TYPES)})")
-
-
-class ChallengeResponder(Protocol):
-    """What the ACME issuer needs from a challenge responder."""
-
-    challenge_type: str
-
-    async def publish(self, server_name: str, token: str, key_authorization: str) -> None: ...
-
-    async def withdraw(self, server_name: str, token: str) -> None: ...
 
 
 class FallbackFailed(IssuanceFailed):
@@ -79,33 +76,34 @@ class FallbackFailed(IssuanceFailed):
         self.retry_after = max(waits) if waits else None
 
 
-@implementer(IIssuer)
+@implementer(IIssuer, IRenewalExemption)
 @attrs.define
 class AcmeIssuer:
     """
     Issues through one ACME CA.
 
-    @ivar client: the protocol client (its key is the account key).
-    @ivar accounts: where the account URL is remembered.
+    @ivar client: the protocol client (its key is the account key, loaded
+        by L{prepare}).
+    @ivar accounts: where the account key and URL are kept.
     @ivar responder: answers the chosen challenge type.
     @ivar email: contact address for the account, if any.
     @ivar eab: External Account Binding (kid, HMAC key), if the CA needs it.
     @ivar key_type: certificate key type (see L{KEY_TYPES}).
     @ivar run_blocking: runs RSA key generation off the reactor thread.
+    @ivar on_replaces_refused: told (and may refuse) when the CA turns an
+        ARI renewal into a plain, counted order (the issuance limits).
     """
 
     client: AcmeClient
     accounts: AccountStore
-    responder: ChallengeResponder
+    responder: IChallengeResponder
     clock: IReactorTime
     email: str | None = None
     eab: tuple[str, str] | None = None
     key_type: str = "ecdsa-p256"
     run_blocking: RunBlocking = run_inline
     order_timeout: float = ORDER_TIMEOUT
-    #: Set by L{tenantedge.limits.LimitedIssuer}: told (and may refuse)
-    #: when the CA turns an ARI renewal into a plain, counted order.
-    on_replaces_refused: Callable[[str], None] | None = None
+    on_replaces_refused: IReplacesRefused | None = None
     _account: SingleFlight[str] = attrs.field(factory=SingleFlight, init=False)
     _log = Logger()
 
@@ -151,6 +149,21 @@ class AcmeIssuer:
         except InvalidBundle as e:
             raise IssuanceFailed(server_name, f"the CA's certificate is unusable: {e.reason}") from None
 
+    def renewal_window(self, bundle: CertificateBundle) -> Deferred[tuple[float, float] | None]:
+        """
+        The CA's suggested renewal window for a certificate (RFC 9773), or
+        None: for the local CA's certificates, at a CA without ARI, or on
+        any error (the lifetime rule then applies).
+        """
+        if bundle.issuer_name().startswith(ROOT_NAME_PREFIX):
+            return succeed(None)  # the local CA's: no CA to ask
+        d = Deferred.fromCoroutine(self.client.renewal_window(bundle.leaf))
+        return d.addErrback(lambda failure: None)
+
+    def _replaces_refused(self, server_name: str) -> None:
+        if self.on_replaces_refused is not None:
+            self.on_replaces_refused.replaces_refused(self.name, server_name)
+
     def _order(self, server_name: str, key: Any, deadline: float, replaces: str | None) -> Any:
         return self.client.order(
             server_name,
@@ -160,7 +173,7 @@ class AcmeIssuer:
             self.responder.withdraw,
             deadline,
             replaces=replaces,
-            on_replaces_refused=self.on_replaces_refused,
+            on_replaces_refused=self._replaces_refused,
         )
 
     async def _ensure_account(self, server_name: str) -> str:
@@ -268,25 +281,3 @@ class BackoffIssuer:
                 count=self.backoff.failures(server_name),
             )
         return failure
-
-
-
-@implementer(IIssuer)
-@attrs.define
-class OneOrderPerName:
-    """
-    One issuance per name at a time, whoever asks (a first handshake, the
-    renewal walk, the admin CLI): concurrent requests share the order in
-    progress. Two orders for one name would fight over the same TLS-ALPN
-    challenge and over ARI's C{replaces}.
-    """
-
-    wrapped: IIssuer
-    _flights: SingleFlight[CertificateBundle] = attrs.field(factory=SingleFlight, init=False)
-
-    @property
-    def name(self) -> str:
-        return str(self.wrapped.name)
-
-    def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
-        return self._flights.run(server_name, lambda: self.wrapped.issue(server_name, replaces=replaces))

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from .acme import ValidationFailed
 from .certificates import CertificateBundle
-from .interfaces import IIssuer, LimitExceeded
+from .interfaces import IIssuer, IRenewalExemption, IReplacesRefused, LimitExceeded
 from .store import read_state, write_state
 
 __all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded"]
@@ -43,6 +43,7 @@ DOMAIN_WINDOW = 7 * 24 * HOUR
 FAILURE_WINDOW = HOUR
 
 
+@implementer(IReplacesRefused)
 @attrs.define
 class IssuanceLimits:
     """
@@ -67,6 +68,7 @@ class IssuanceLimits:
     _orders: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     _domains: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
     _failures: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
+    _downgraded: set[tuple[str, str]] = attrs.field(factory=set, init=False)
     _log = Logger()
 
     # -- persistence -----------------------------------------------------------
@@ -159,6 +161,24 @@ class IssuanceLimits:
         self._failures.setdefault(ca, {}).setdefault(server_name, []).append(self.clock.seconds())
         self._save()
 
+    def replaces_refused(self, ca: str, server_name: str) -> None:
+        """
+        The CA turned an ARI renewal into a plain order: check and count it
+        (L{IReplacesRefused}).
+
+        @raise LimitExceeded: if the plain order would break a limit.
+        """
+        self.check(ca, server_name)
+        self.record_order(ca)
+        self._downgraded.add((ca, server_name))
+
+    def take_downgraded(self, ca: str, server_name: str) -> bool:
+        """Was this order downgraded from a renewal? (Forgets it.)"""
+        key = (ca, server_name)
+        found = key in self._downgraded
+        self._downgraded.discard(key)
+        return found
+
     # -- concurrency -------------------------------------------------------------
 
     def acquire(self, server_name: str) -> Deferred[None]:
@@ -199,16 +219,16 @@ def _nested(data: Any) -> dict[str, dict[str, list[float]]]:
 class LimitedIssuer:
     """
     Applies L{IssuanceLimits} to one ACME issuer (one account).
+
+    @ivar exemption: tells ARI renewals (exempt from the CA's order and
+        per-domain limits, so from ours) from plain orders; usually the
+        wrapped L{tenantedge.issuer.AcmeIssuer} itself.
     """
 
     wrapped: IIssuer
     limits: IssuanceLimits
-    _downgraded: set[str] = attrs.field(factory=set, init=False)
+    exemption: IRenewalExemption | None = None
     _log = Logger()
-
-    def __attrs_post_init__(self) -> None:
-        if hasattr(self.wrapped, "on_replaces_refused"):
-            self.wrapped.on_replaces_refused = self._replaces_refused
 
     @property
     def name(self) -> str:
@@ -219,13 +239,11 @@ class LimitedIssuer:
 
     async def _issue(self, server_name: str, replaces: CertificateBundle | None) -> CertificateBundle:
         ca = self.name
-        # An ARI renewal (the CA's renewalInfo names the certificate it
-        # replaces) is exempt from the CA's order and per-domain limits,
-        # so it is from ours; concurrency and failed validations still
-        # count. If the CA refuses the "replaces", the plain order it gets
-        # instead is checked and counted (see _replaces_refused).
-        exempt_check = getattr(self.wrapped, "renewal_exempt", None)
-        exempt = bool(exempt_check is not None and await exempt_check(replaces))
+        # An ARI renewal is exempt from the CA's order and per-domain
+        # limits, so it is from ours; concurrency and failed validations
+        # still count. If the CA refuses the "replaces", the plain order it
+        # gets instead is checked and counted (IssuanceLimits.replaces_refused).
+        exempt = bool(self.exemption is not None and await self.exemption.renewal_exempt(replaces))
         self.limits.check(ca, server_name, exempt=exempt)
         await self.limits.acquire(server_name)
         try:
@@ -241,15 +259,9 @@ class LimitedIssuer:
             finally:
                 if not exempt:
                     self.limits.unreserve(ca, server_name)
-            downgraded = server_name in self._downgraded
+            downgraded = self.limits.take_downgraded(ca, server_name)
             self.limits.record_issued(ca, server_name, exempt=exempt and not downgraded)
             return bundle
         finally:
-            self._downgraded.discard(server_name)
+            self.limits.take_downgraded(ca, server_name)
             self.limits.release()
-
-    def _replaces_refused(self, server_name: str) -> None:
-        """The CA turned an ARI renewal into a plain order: check and count it."""
-        self.limits.check(self.name, server_name)
-        self.limits.record_order(self.name)
-        self._downgraded.add(server_name)

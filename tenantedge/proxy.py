@@ -33,6 +33,7 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
+    UNIXClientEndpoint,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -48,7 +49,6 @@ from twisted.web.client import (
     PotentialDataLoss,
     ResponseDone,
 )
-from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
@@ -56,6 +56,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .hostnames import InvalidHostname, host_from_header
+from .pools import quiet_pool
 from .timeouts import with_deadline
 from .tls import tls_server_name
 
@@ -167,19 +168,12 @@ def downstream_headers(backend_headers: Headers, connection_headers: Headers | N
     return out
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Twisted's pool factory, without a log line per backend connection."""
-
-    noisy = False
-
-
 def make_backend_pool(reactor: Any, max_per_host: int = 64) -> HTTPConnectionPool:
     """
     A persistent pool for backend connections: requests reuse idle
     connections instead of opening one per request.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
+    pool = quiet_pool(HTTPConnectionPool(reactor, persistent=True))
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = BACKEND_IDLE_TIMEOUT
     pool.retryAutomatically = True
@@ -202,9 +196,11 @@ def _error_page(request: Request, code: int, title: str, detail: str) -> bytes:
 def _connection_headers(upstream: IResponse) -> Headers | None:
     """
     The connection-control headers Twisted's HTTP/1.1 client parsed for
-    this response. There is no public API for them; this reaches the
-    parser through the pooled connection and gives up (None) if Twisted's
-    internals differ.
+    this response (the backend's C{Connection: X-Foo} tokens, which must
+    not be forwarded). There is no public API for them; this reaches the
+    private parser through the pooled connection and gives up (None) if
+    Twisted's internals differ; C{tests.test_e2e.ProxyTests.
+    test_backend_hop_by_hop_dropped} then fails loudly.
     """
     try:
         protocol = upstream._transport._producer.protocol  # type: ignore[attr-defined]
@@ -405,14 +401,18 @@ class BackendEndpointFactory:
     Connects to the backend: straight to an IP literal (no resolver thread
     per new connection, the usual case of C{http://127.0.0.1:3000}), through
     the reactor's resolver for a host name, with verified TLS for an
-    C{https://} backend.
+    C{https://} backend, or to a UNIX socket (C{unix_path}) whatever the
+    URL says.
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
+    def __init__(self, reactor: Any, connect_timeout: float = 10.0, unix_path: str | None = None) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
+        self.unix_path = unix_path
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if self.unix_path is not None:
+            return UNIXClientEndpoint(self.reactor, self.unix_path, timeout=self.connect_timeout)
         host = uri.host.decode("ascii")
         try:
             address = ipaddress.ip_address(host.strip("[]"))
@@ -428,13 +428,23 @@ class BackendEndpointFactory:
         return endpoint
 
 
-def make_agent(reactor: Any, pool: HTTPConnectionPool | None = None) -> Agent:
-    """The backend agent: pooled, connecting through L{BackendEndpointFactory}."""
-    return Agent.usingEndpointFactory(
+def backend_agent(
+    reactor: Any, backend: str, pool: HTTPConnectionPool | None = None,
+    endpoints: IAgentEndpointFactory | None = None,
+) -> tuple[bytes, Agent]:
+    """
+    The base URL and the pooled agent for a C{--backend} value: an
+    C{http(s)://} URL, or C{unix:/path} (then requests go to
+    C{http://localhost} over that socket).
+    """
+    unix_path = backend[5:] if backend.startswith("unix:") else None
+    url = "http://localhost" if unix_path is not None else backend
+    agent = Agent.usingEndpointFactory(
         reactor,
-        BackendEndpointFactory(reactor),
+        endpoints if endpoints is not None else BackendEndpointFactory(reactor, unix_path=unix_path),
         pool=pool if pool is not None else make_backend_pool(reactor),
     )
+    return url.encode("ascii"), agent
 
 
 class EdgeRequest(Request):
@@ -513,7 +523,10 @@ class EdgeSite(Site):
 
     noisy = False
     requestFactory = EdgeRequest
-    max_body_size = 0
+
+    def __init__(self, resource: Resource, *args: Any, max_body_size: int = 0, **kwargs: Any) -> None:
+        super().__init__(resource, *args, **kwargs)
+        self.max_body_size = max_body_size
 
     def log(self, request: Any) -> None:
         if self.logPath is not None:

@@ -40,9 +40,9 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .allow import Decision
 from .certificates import CertificateBundle
-from .interfaces import ICertificateStore, IIssuer
+from .interfaces import Decision, ICertificateStore, IDomainPolicy
+from .pipeline import RENEW, IssuancePipeline
 
 __all__ = ["RenewalService", "renewal_due", "DAY"]
 
@@ -76,8 +76,9 @@ def renewal_due(bundle: CertificateBundle, renew_before: float, window: Window =
 class RenewalService(Service):
     """
     @ivar store: where certificates live.
-    @ivar issuer: where renewals come from (the same chain as first issuance).
-    @ivar recheck: the policy's re-ask (L{tenantedge.policy.EdgePolicy.recheck}).
+    @ivar pipeline: where renewals come from (the same pipeline, issuer
+        chain and metrics as first issuance).
+    @ivar policy: re-asked before each renewal (L{IDomainPolicy.recheck}).
     @ivar remember: puts a renewed bundle in the handshake cache (hot swap).
     @ivar forget: drops a name from the handshake cache (after archiving).
     @ivar clock: the reactor.
@@ -93,8 +94,8 @@ class RenewalService(Service):
     """
 
     store: ICertificateStore
-    issuer: IIssuer
-    recheck: Callable[[str], Deferred[Decision]]
+    pipeline: IssuancePipeline
+    policy: IDomainPolicy
     remember: Callable[[str, CertificateBundle], Any]
     forget: Callable[[str], None]
     clock: IReactorTime
@@ -114,6 +115,7 @@ class RenewalService(Service):
     _renewing: DeferredSemaphore = attrs.field(init=False)
     _sleep: Deferred[None] | None = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
+    _first: bool = attrs.field(default=False, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -124,8 +126,10 @@ class RenewalService(Service):
         self._stopping = False
         self._loop = LoopingCall(self.check)
         self._loop.clock = self.clock
-        # The first walk runs right away (a certificate may have come due
-        # while the server was down), jittered like the others.
+        # The first walk runs right away and without jitter: a certificate
+        # may have come due while the server was down, and the stored-count
+        # and soonest-expiry metrics should exist from start-up.
+        self._first = True
         self._loop.start(self.interval, now=True)
 
     def stopService(self) -> Deferred[None] | None:
@@ -158,7 +162,8 @@ class RenewalService(Service):
         return d
 
     async def _check(self) -> None:
-        delay = self.interval * self.jitter * self.random()
+        delay = 0.0 if self._first else self.interval * self.jitter * self.random()
+        self._first = False
         if delay > 0:
             self._sleep = deferLater(self.clock, delay, lambda: None)
             try:
@@ -229,7 +234,7 @@ class RenewalService(Service):
             return bundle.not_after
 
     async def _renew(self, name: str, bundle: CertificateBundle) -> float | None:
-        decision = await self.recheck(name)
+        decision = await self.policy.recheck(name)
         if decision is Decision.DENY:
             await self.store.delete(name)
             self.forget(name)
@@ -242,9 +247,8 @@ class RenewalService(Service):
             return None
         if decision is Decision.UNKNOWN:
             self._log.info("renewing {host} although the allow check could not answer", host=name)
-        started = self.clock.seconds()
         try:
-            new = await self.issuer.issue(name, replaces=bundle)
+            new = await self.pipeline.obtain(name, RENEW, replaces=bundle)
         except Exception as e:
             self.events["failed"] += 1
             left = bundle.not_after - self.clock.seconds()
@@ -267,24 +271,6 @@ class RenewalService(Service):
                     error=getattr(e, "detail", None) or str(e),
                 )
             return bundle.not_after
-        try:
-            await self.store.store(name, new)
-        except Exception as e:
-            # Serve the renewed certificate anyway; the next check retries
-            # (the stored one is still the old one).
-            self.events["store-failed"] += 1
-            self._log.critical(
-                "could not store the renewed certificate for {host}: {error}; serving it from memory",
-                host=name,
-                error=str(e),
-            )
         self.remember(name, new)
         self.events["renewed"] += 1
-        self._log.info(
-            "renewed {host} in {duration:.3f}s, valid until {not_after}",
-            event="renewed",
-            host=name,
-            duration=self.clock.seconds() - started,
-            not_after=new.leaf.not_valid_after_utc.isoformat(),
-        )
         return new.not_after

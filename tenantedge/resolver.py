@@ -24,11 +24,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .certificates import CertificateBundle, make_server_context
-from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, IIssuer, LimitExceeded, PolicyRefusal
+from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal
+from .pipeline import ISSUE, CertificateCheck, IssuancePipeline
 from .singleflight import SingleFlight
 from .timeouts import with_deadline
 
-__all__ = ["CertificateResolver", "CacheRefresher"]
+__all__ = ["CertificateResolver", "CacheRefresher", "RefusalSummary"]
 
 
 @attrs.frozen
@@ -45,29 +46,28 @@ class CertificateResolver:
 
     @ivar store: where certificates persist.
     @ivar policy: who may get a new certificate.
-    @ivar issuer: where new certificates come from.
+    @ivar pipeline: how a new certificate is obtained (shared with
+        renewal and the admin API).
     @ivar clock: for validity checks.
+    @ivar check: whether a stored certificate can serve as is.
     @ivar cache_size: how many ready contexts to keep (least recently used
         are dropped first; a dropped one is re-read from the store).
     @ivar work_timeout: deadline for the shared work of one lookup (store
         read, policy, issuance, store write), so that a hung store or
         issuer cannot keep a name in flight forever; each handshake also
         has its own, shorter, limit.
-    @ivar accepts: whether a stored certificate comes from an issuer the
-        current configuration trusts (a leaf of a local CA root that was
-        replaced, or that is no longer configured, is obtained anew).
+    @ivar make_context: builds the TLS context for a bundle.
     @ivar events: counters by outcome (C{"cache-hit"}, C{"store-hit"},
         C{"issued"}, C{"refused:<reason>"}, C{"failed"}...), for metrics.
     """
 
     store: ICertificateStore
     policy: IDomainPolicy
-    issuer: IIssuer
+    pipeline: IssuancePipeline
     clock: IReactorTime
+    check: CertificateCheck
     cache_size: int = 10000
     work_timeout: float = 600.0
-    accepts: Callable[[CertificateBundle], bool] = lambda bundle: True
-    on_issuance: Callable[[float, bool], None] | None = None
     make_context: Callable[[CertificateBundle], SSL.Context] = make_server_context
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _cache: OrderedDict[str, _Entry] = attrs.field(factory=OrderedDict, init=False)
@@ -140,7 +140,7 @@ class CertificateResolver:
 
     def in_flight(self, server_name: str) -> bool:
         """Is a lookup or issuance for this name under way?"""
-        return server_name in self._flights
+        return server_name in self._flights or self.pipeline.in_flight(server_name)
 
     async def _obtain(self, server_name: str) -> SSL.Context:
         try:
@@ -148,97 +148,33 @@ class CertificateResolver:
         except KeyError:
             pass
         else:
-            if self._usable(server_name, bundle):
+            if self.check(server_name, bundle):
                 self.events["store-hit"] += 1
                 return self.remember(server_name, bundle)
         try:
             await self.policy.check(server_name)
         except PolicyRefusal as refusal:
             self.events[f"refused:{refusal.reason}"] += 1
-            self._log.info(
+            self._log.debug(
                 "refused a certificate for {host}: {reason}",
                 event="refused",
                 host=server_name,
                 reason=refusal.reason,
             )
             raise
-        started = self.clock.seconds()
         try:
-            bundle = await self.issuer.issue(server_name)
+            bundle = await self.pipeline.obtain(server_name, ISSUE)
         except BackedOff:
-            # Refused without contacting a CA; the failure that started the
-            # backoff was logged when it happened.
             self.events["refused:backoff"] += 1
             raise
-        except LimitExceeded as e:
+        except LimitExceeded:
             self.events["refused:rate-limit"] += 1
-            self._log.warn("no order for {host}: {error}", event="refused", reason="rate-limit",
-                           host=server_name, error=e.detail)
             raise
-        except Exception as e:
+        except Exception:
             self.events["failed"] += 1
-            if self.on_issuance is not None:
-                self.on_issuance(self.clock.seconds() - started, False)
-            self._log.error(
-                "could not obtain a certificate for {host} from {issuer} after {duration:.3f}s: {error}",
-                event="issue-failed",
-                host=server_name,
-                issuer=self.issuer.name,
-                duration=self.clock.seconds() - started,
-                error=getattr(e, "detail", None) or str(e),
-                problem=getattr(e, "problem_type", None),
-            )
             raise
         self.events["issued"] += 1
-        if self.on_issuance is not None:
-            self.on_issuance(self.clock.seconds() - started, True)
-        self._log.info(
-            "issued a certificate for {host} by {issuer} in {duration:.3f}s, valid until {not_after}",
-            event="issued",
-            host=server_name,
-            issuer=self.issuer.name,
-            duration=self.clock.seconds() - started,
-            not_after=bundle.leaf.not_valid_after_utc.isoformat(),
-        )
-        try:
-            await self.store.store(server_name, bundle)
-        except Exception as e:
-            # The certificate is good and in memory: serve it rather than
-            # fail the handshake, but shout, since a restart would need a
-            # new order.
-            self.events["store-failed"] += 1
-            self._log.critical(
-                "could not store the new certificate for {host}: {error}; "
-                "serving it from memory only",
-                host=server_name,
-                error=str(e),
-            )
         return self.remember(server_name, bundle)
-
-    def _usable(self, server_name: str, bundle: CertificateBundle) -> bool:
-        if not bundle.is_valid_at(self.clock.seconds()):
-            self._log.warn(
-                "stored certificate for {host} is outside its validity period "
-                "(not after {not_after}); obtaining a new one",
-                host=server_name,
-                not_after=bundle.leaf.not_valid_after_utc.isoformat(),
-            )
-            return False
-        if not self.accepts(bundle):
-            self._log.warn(
-                "stored certificate for {host} was issued by {issuer}, which this configuration does not "
-                "issue from; obtaining a new one",
-                host=server_name,
-                issuer=bundle.issuer_name(),
-            )
-            return False
-        if server_name not in bundle.dns_names():
-            self._log.warn(
-                "stored certificate for {host} does not name it; obtaining a new one",
-                host=server_name,
-            )
-            return False
-        return True
 
     def remember(self, server_name: str, bundle: CertificateBundle) -> SSL.Context:
         """
@@ -282,3 +218,49 @@ class CacheRefresher(Service):
         # A periodic call catches its own failures, or its LoopingCall stops.
         d.addErrback(lambda f: self._log.failure("checking the store for changes failed", f))
         return d
+
+
+@attrs.define(eq=False)
+class RefusalSummary(Service):
+    """
+    Every C{interval} seconds, one log line with the names refused since
+    the last one, counted by reason: a flood of random names costs one
+    line a minute, not one per handshake (each refusal is logged at debug
+    level).
+    """
+
+    events: Counter[str]
+    clock: IReactorTime
+    interval: float = 60.0
+    _last: Counter[str] = attrs.field(factory=Counter, init=False)
+    _loop: LoopingCall | None = attrs.field(default=None, init=False)
+    _log = Logger()
+
+    def startService(self) -> None:
+        super().startService()
+        self._last = Counter(self._refusals())
+        self._loop = LoopingCall(self.summarise)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _refusals(self) -> dict[str, int]:
+        return {k.split(":", 1)[1]: v for k, v in self.events.items() if k.startswith("refused:")}
+
+    def summarise(self) -> None:
+        """Log what was refused since the last call, if anything."""
+        now = Counter(self._refusals())
+        delta = now - self._last
+        self._last = now
+        if delta:
+            self._log.info(
+                "refused a certificate to {count} name(s) in the last {interval:g}s: {reasons}",
+                event="refused-summary",
+                count=sum(delta.values()),
+                interval=self.interval,
+                reasons=", ".join(f"{reason} {n}" for reason, n in delta.most_common()),
+            )

@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -19,11 +20,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from .certificates import CertificateBundle, common_name, sign_certificate
 from .hostnames import InvalidHostname, normalize
-from .interfaces import ICertificateStore, IIssuer, IssuanceFailed
+from .interfaces import ICertificateStore, IDomainPolicy, IIssuer, IssuanceFailed
+from .pipeline import CertificateCheck, IssuancePipeline
+from .resolver import CertificateResolver
 from .store import atomic_write
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "ControlledIssuer",
     "CountingIssuer",
     "make_bundle",
+    "memory_resolver",
     "write_https_material",
     "LoopbackResolver",
     "listen_loopback_dns",
@@ -164,6 +169,23 @@ class CountingIssuer:
     def issue(self, server_name: str, replaces: CertificateBundle | None = None) -> Deferred[CertificateBundle]:
         self.counts[server_name] += 1
         return self.wrapped.issue(server_name, replaces=replaces)  # type: ignore[no-any-return]
+
+
+def memory_resolver(
+    store: ICertificateStore,
+    policy: IDomainPolicy,
+    issuer: IIssuer,
+    clock: IReactorTime,
+    accepts: Callable[[CertificateBundle], bool] = lambda bundle: True,
+    **kwargs: Any,
+) -> CertificateResolver:
+    """
+    A resolver over its own L{IssuancePipeline} (in-process lock), for
+    tests that drive the issuer by hand; C{kwargs} go to the resolver.
+    """
+    check = CertificateCheck(clock, accepts)
+    pipeline = IssuancePipeline(store, issuer, clock, check)
+    return CertificateResolver(store, policy, pipeline, clock, check, **kwargs)
 
 
 # -- helpers for tests against a real ACME server (Pebble) -------------------

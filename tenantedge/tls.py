@@ -135,7 +135,8 @@ class OnDemandTLSFactory(Factory):
     @ivar resolve_timeout: seconds a handshake may wait for a certificate.
     @ivar challenge_context: given a name, the TLS-ALPN-01 challenge context
         to answer an C{acme-tls/1}-only hello with, or L{None}.
-    @ivar events: handshake outcomes by kind, for metrics and tests.
+    @ivar events: handshake outcomes by kind, for metrics and tests
+        (several factories may share one counter).
     """
 
     noisy = False
@@ -149,6 +150,7 @@ class OnDemandTLSFactory(Factory):
         hello_timeout: float = 10.0,
         resolve_timeout: float = 90.0,
         challenge_context: Callable[[str], SSL.Context | None] | None = None,
+        events: Counter[str] | None = None,
     ) -> None:
         self.resolver = resolver
         self.wrapped_factory = wrapped_factory
@@ -156,7 +158,7 @@ class OnDemandTLSFactory(Factory):
         self.hello_timeout = hello_timeout
         self.resolve_timeout = resolve_timeout
         self.challenge_context = challenge_context
-        self.events: Counter[str] = Counter()
+        self.events: Counter[str] = events if events is not None else Counter()
         self._tls_factory = TLSMemoryBIOFactory(
             _ChosenContextCreator(), False, wrapped_factory, clock=clock
         )

@@ -22,6 +22,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from tenantedge.accounts import AccountStore, account_directory
 from tenantedge.acme import (
@@ -42,6 +43,7 @@ from tenantedge.challenges import (
     TLSALPN01Responder,
 )
 from tenantedge.interfaces import BackedOff, IIssuer, IssuanceFailed
+from tenantedge.interfaces import IRenewalExemption, IReplacesRefused
 from tenantedge.issuer import AcmeIssuer, BackoffIssuer, FallbackFailed, FallbackIssuer
 from tenantedge.testing import ControlledIssuer, make_bundle
 from zope.interface.verify import verifyObject
@@ -323,7 +325,10 @@ class AcmeIssuerTests(AcmeTestCase):
         return issuer
 
     def test_interface(self) -> None:
-        self.assertTrue(verifyObject(IIssuer, self.make_issuer(self.mktemp())))
+        issuer = self.make_issuer(self.mktemp())
+        self.assertTrue(verifyObject(IIssuer, issuer))
+        self.assertTrue(verifyObject(IRenewalExemption, issuer))
+        self.assertTrue(verifyObject(IReplacesRefused, _Refusals()))
 
     def test_account_kept_across_restarts(self) -> None:
         """
@@ -393,14 +398,14 @@ class AcmeIssuerTests(AcmeTestCase):
         self.assertEqual(self.ca.payloads["/order"][-1]["replaces"], ari_certificate_id(leaf))
         for status, kind in ((409, "alreadyReplaced"), (403, "unauthorized"), (404, "malformed")):
             self.ca.script["/order"] = [problem(status, kind, "cannot replace that")]
-            refused: list[str] = []
-            issuer.on_replaces_refused = refused.append
+            refused = _Refusals()
+            issuer.on_replaces_refused = refused
             d = issuer.issue("a.test", replaces=old)
             self.http.flush()
             self.clock.advance(1)
             self.successResultOf(d)
             self.assertNotIn("replaces", self.ca.payloads["/order"][-1])
-            self.assertEqual(refused, ["a.test"])
+            self.assertEqual(refused.names, [(issuer.name, "a.test")])
         # A rate limit is final, with or without replaces.
         self.ca.script["/order"] = [problem(429, "rateLimited", "slow down")]
         d = issuer.issue("a.test", replaces=old)
@@ -441,19 +446,15 @@ class AcmeIssuerTests(AcmeTestCase):
         self.assertNotIn("..", path[len("/store/accounts/"):].replace("_", ""))
 
 
-class OneOrderPerNameTests(SynchronousTestCase):
-    def test_shared(self) -> None:
-        """The renewal walk, the CLI and a handshake asking at once share one order."""
-        from tenantedge.issuer import OneOrderPerName
+@implementer(IReplacesRefused)
+class _Refusals:
+    """Records the renewals whose ARI replaces the CA refused."""
 
-        issuer = ControlledIssuer()
-        one = OneOrderPerName(issuer)
-        orders = [one.issue("a.test"), one.issue("a.test", replaces=make_bundle("a.test")), one.issue("b.test")]
-        self.assertEqual(issuer.requests, ["a.test", "b.test"])
-        bundle = make_bundle("a.test")
-        issuer.complete("a.test", bundle)
-        self.assertIs(self.successResultOf(orders[0]), bundle)
-        self.assertIs(self.successResultOf(orders[1]), bundle)
+    def __init__(self) -> None:
+        self.names: list[tuple[str, str]] = []
+
+    def replaces_refused(self, ca: str, server_name: str) -> None:
+        self.names.append((ca, server_name))
 
 
 class BackoffTests(SynchronousTestCase):

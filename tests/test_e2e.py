@@ -1,5 +1,5 @@
 """
-End-to-end tests on loopback: the service built by L{makeService}, real
+End-to-end tests on loopback: the service built by L{build_edge}, real
 sockets on run-time ports, real TLS clients (curl, openssl s_client) and a
 real backend HTTP server in its own process.
 """
@@ -12,17 +12,18 @@ import os
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tenantedge.tap import Options, TenantEdgeService, makeService
-from tenantedge.testing import CountingIssuer
+from tenantedge.options import Options
+from tenantedge.tap import EdgeService, build_edge
 
 from .support.processes import Backend, require_tool, run
 
 
 async def start_edge(
     testcase: TestCase, *extra: str, backend: str, suffix: bool = True
-) -> tuple[TenantEdgeService, int, int]:
+) -> tuple[EdgeService, int, int]:
     """
     Start an edge (local CA) on free loopback ports; stopped at test
     cleanup. With C{suffix}, every name under .test is allowed.
@@ -40,8 +41,7 @@ async def start_edge(
             *extra,
         ]
     )
-    edge = makeService(options)
-    edge.resolver.issuer = CountingIssuer(edge.resolver.issuer)
+    edge = build_edge(options.config, reactor)
     edge.startService()
     testcase.addCleanup(edge.stopService)
     ports = await edge.listening_ports()
@@ -58,14 +58,15 @@ class EdgeTestCase(TestCase):
         await self.backend.start()
         self.addCleanup(self.backend.stop)
         self.edge, self.https_port, self.http_port = await start_edge(self, backend=self.backend.url)
-        self.root = self.edge.local_ca.root_path
+        self.root = self.edge.on_demand.local_ca.root_path
 
     def setUp(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._setUp())
 
     @property
-    def issued(self) -> Any:
-        return self.edge.resolver.issuer.counts
+    def issued(self) -> int:
+        """Certificates obtained from the issuer chain so far."""
+        return self.edge.on_demand.pipeline.events["issue:issued"]
 
     def curl_args(self, host: str, path: str = "/", *extra: str, port: int | None = None) -> list[str]:
         port = port or self.https_port
@@ -98,11 +99,11 @@ class OnDemandTests(EdgeTestCase):
         self.assertEqual(headers["host"], f"tenant-a.test:{self.https_port}")
         self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
         self.assertEqual(headers["x-forwarded-proto"], "https")
-        self.assertEqual(self.issued["tenant-a.test"], 1)
-        self.assertTrue(os.path.exists(os.path.join(self.edge.store.path, "tenant-a.test.pem")))
+        self.assertEqual(self.issued, 1)
+        self.assertTrue(os.path.exists(os.path.join(self.edge.on_demand.store.path, "tenant-a.test.pem")))
         # The second request is served from the cache: no new issuance.
         await self.fetch_json("tenant-a.test")
-        self.assertEqual(self.issued["tenant-a.test"], 1)
+        self.assertEqual(self.issued, 1)
 
     async def test_concurrent_first_requests(self) -> None:
         """
@@ -114,7 +115,7 @@ class OnDemandTests(EdgeTestCase):
              for _ in range(50)]
         )
         self.assertEqual([(out, code) for out, _, code in results], [(b"200", 0)] * 50)
-        self.assertEqual(self.issued["burst.test"], 1)
+        self.assertEqual(self.issued, 1)
 
     async def test_http2(self) -> None:
         out, err, code = await self.fetch("h2.test", "/echo", "--http2", "-o", "/dev/null", "-w", "%{http_version}")
@@ -129,7 +130,7 @@ class OnDemandTests(EdgeTestCase):
         )
         self.assertNotEqual(code, 0)
         self.assertIn(b"alert number 112", out + err)
-        self.assertEqual(sum(self.issued.values()), 0)
+        self.assertEqual(self.issued, 0)
 
     async def test_denied_name(self) -> None:
         out, err, code = await self.fetch("www.own.test")
@@ -137,26 +138,49 @@ class OnDemandTests(EdgeTestCase):
         self.assertIn(b"unrecognized name", err)
         out, err, code = await self.fetch("not-a-tenant.example")
         self.assertEqual(code, 35, err)
-        self.assertEqual(sum(self.issued.values()), 0)
+        self.assertEqual(self.issued, 0)
 
     async def test_restart_reuses_store(self) -> None:
         """A new edge on the same store serves the stored certificate."""
         await self.fetch_json("keep.test")
-        options_store = self.edge.store.path
+        options_store = self.edge.on_demand.store.path
         await self.edge.stopService()
         options = Options()
         options.parseOptions(["--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1",
                               "--store", options_store, "--allow-suffix", ".test", "--backend", self.backend.url,
                               "--ca", "internal"])
-        edge = makeService(options)
-        edge.resolver.issuer = CountingIssuer(edge.resolver.issuer)
+        edge = build_edge(options.config, reactor)
         edge.startService()
         self.addCleanup(edge.stopService)
         ports = await edge.listening_ports()
         out, err, code = await self.fetch("keep.test", "/echo", port=ports["https"].getHost().port)
         self.assertEqual(code, 0, err)
-        self.assertEqual(sum(edge.resolver.issuer.counts.values()), 0)
-        self.assertEqual(edge.resolver.events["store-hit"], 1)
+        self.assertEqual(edge.on_demand.pipeline.events["issue:issued"], 0)
+        self.assertEqual(edge.on_demand.resolver.events["store-hit"], 1)
+
+    async def test_store_gauges_from_start_up(self) -> None:
+        """
+        After a restart the stored-certificate gauges exist at once (the
+        first renewal walk runs at start-up, without jitter), not after the
+        first jittered walk up to 72 minutes later.
+        """
+        await self.fetch_json("gauge.test")
+        store = self.edge.on_demand.store.path
+        await self.edge.stopService()
+        options = Options()
+        options.parseOptions(["--https", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1",
+                              "--admin", "tcp:0:interface=127.0.0.1", "--store", store, "--allow-suffix", ".test",
+                              "--backend", self.backend.url, "--ca", "internal"])
+        self.edge = build_edge(options.config, reactor)
+        self.edge.startService()
+        self.addCleanup(self.edge.stopService)
+        for _ in range(100):
+            if await self.metric("tenantedge_certificate_soonest_expiry_timestamp_seconds"):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(await self.metric("tenantedge_certificates_stored"), 1)
+        bundle = await self.edge.on_demand.store.get("gauge.test")
+        self.assertEqual(await self.metric("tenantedge_certificate_soonest_expiry_timestamp_seconds"), bundle.not_after)
 
     async def metric(self, name: str, labels: str = "") -> float:
         ports = await self.edge.listening_ports()
@@ -176,7 +200,10 @@ class OnDemandTests(EdgeTestCase):
         self.assertEqual(await self.metric("tenantedge_certificate_lookups_total", 'result="issued"'), 1)
         self.assertEqual(await self.metric("tenantedge_handshakes_total", 'outcome="cache-hit"'), 1)
         self.assertEqual(await self.metric("tenantedge_refusals_total", 'reason="deny-list"'), 1)
-        self.assertEqual(await self.metric("tenantedge_issuance_seconds_count", 'result="issued"'), 1)
+        self.assertEqual(
+            await self.metric("tenantedge_issuance_seconds_count", 'purpose="issue",result="issued"'), 1
+        )
+        self.assertEqual(await self.metric("tenantedge_issuance_total", 'purpose="issue",result="issued"'), 1)
         self.assertEqual(await self.metric("tenantedge_proxied_request_seconds_count", 'status_class="2xx"'), 2)
         self.assertEqual(await self.metric("tenantedge_certificates_cached"), 1)
 
@@ -193,15 +220,15 @@ class OnDemandTests(EdgeTestCase):
             "--backend", self.backend.url, "--ca", "https://localhost:1/directory", "--ca", "internal",
             "--allow-private-suffix",
         ])
-        edge = makeService(options)
+        edge = build_edge(options.config, reactor)
         edge.startService()
         self.addCleanup(edge.stopService)
         ports = await edge.listening_ports()
-        self.root = edge.local_ca.root_path
+        self.root = edge.on_demand.local_ca.root_path
         out, err, code = await self.fetch("fallback.test", "/echo", port=ports["https"].getHost().port)
         self.assertEqual(code, 0, err)
-        self.assertEqual(edge.resolver.events["issued"], 1)
-        self.assertEqual(edge.local_ca.issued, 1)
+        self.assertEqual(edge.on_demand.resolver.events["issued"], 1)
+        self.assertEqual(edge.on_demand.local_ca.issued, 1)
 
     async def test_port_80_redirect(self) -> None:
         out, err, code = await run(
@@ -313,7 +340,7 @@ class ProxyTests(EdgeTestCase):
         pass.
         """
         edge, port, _ = await start_edge(self, "--max-body-size", "1M", backend=self.backend.url)
-        self.root = edge.local_ca.root_path
+        self.root = edge.on_demand.local_ca.root_path
         big = os.path.abspath(self.mktemp())
         with open(big, "wb") as f:
             f.write(b"x" * (2 * 1024 * 1024))
@@ -366,7 +393,7 @@ class ProxyTests(EdgeTestCase):
 
     async def test_backend_slow(self) -> None:
         edge, https_port, _ = await start_edge(self, "--backend-timeout", "1", backend=self.backend.url)
-        self.root = edge.local_ca.root_path
+        self.root = edge.on_demand.local_ca.root_path
         out, err, code = await self.fetch("slow.test", "/slow?s=3", "-o", "/dev/null", "-w", "%{http_code}", port=https_port)
         self.assertEqual(out, b"504")
 
@@ -374,7 +401,7 @@ class ProxyTests(EdgeTestCase):
         """--access-log writes one combined-format line per request."""
         log = os.path.abspath(self.mktemp())
         edge, https_port, _ = await start_edge(self, "--access-log", log, backend=self.backend.url)
-        self.root = edge.local_ca.root_path
+        self.root = edge.on_demand.local_ca.root_path
         await self.fetch("logged.test", "/echo/logged?x=1", "-o", "/dev/null", port=https_port)
         await self.fetch("logged.test", "/echo/h1", "--http1.1", "-o", "/dev/null", port=https_port)
         await edge.stopService()
@@ -386,7 +413,7 @@ class ProxyTests(EdgeTestCase):
 
     async def test_backend_down(self) -> None:
         edge, https_port, _ = await start_edge(self, backend="http://127.0.0.1:1")
-        self.root = edge.local_ca.root_path
+        self.root = edge.on_demand.local_ca.root_path
         out, err, code = await self.fetch("down.test", "/", "-D", "-", port=https_port)
         self.assertIn(b" 502 ", out.split(b"\r\n")[0])
         self.assertIn(b"Bad Gateway", out)

@@ -181,7 +181,7 @@ class ExemptRenewalTests(SynchronousTestCase):
                 return succeed(replaces is not None)
 
         issuer = AriIssuer()
-        limited = LimitedIssuer(issuer, limits)
+        limited = LimitedIssuer(issuer, limits, exemption=issuer)
         old = make_bundle("a.acme.com")
         d = limited.issue("a.acme.com")
         issuer.complete("a.acme.com", old)
@@ -207,8 +207,6 @@ class ExemptRenewalTests(SynchronousTestCase):
         limits = IssuanceLimits(None, clock, registered_domain, max_new_orders=2, max_per_domain=5)
 
         class RefusingAriIssuer(ControlledIssuer):
-            on_replaces_refused = None
-
             def renewal_exempt(self, replaces):
                 from twisted.internet.defer import succeed
 
@@ -216,11 +214,11 @@ class ExemptRenewalTests(SynchronousTestCase):
 
             def issue(self, server_name, replaces=None):
                 if replaces is not None:
-                    self.on_replaces_refused(server_name)  # the CA said no to "replaces"
+                    limits.replaces_refused(CA, server_name)  # the CA said no to "replaces"
                 return super().issue(server_name, replaces)
 
         issuer = RefusingAriIssuer()
-        limited = LimitedIssuer(issuer, limits)
+        limited = LimitedIssuer(issuer, limits, exemption=issuer)
         old = make_bundle("a.acme.com")
         for _ in range(2):
             d = limited.issue("a.acme.com", replaces=old)

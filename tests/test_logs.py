@@ -17,8 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.logs import json_observer
 from tenantedge.policy import EdgePolicy, StaticPolicy
-from tenantedge.resolver import CertificateResolver
-from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle
+from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle, memory_resolver
 
 
 class JSONLogTests(SynchronousTestCase):
@@ -29,7 +28,7 @@ class JSONLogTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         clock = MemoryReactorClock()
         issuer = ControlledIssuer()
-        resolver = CertificateResolver(
+        resolver = memory_resolver(
             MemoryStore(), EdgePolicy(StaticPolicy(allow_suffixes=(".test",))), issuer, clock,
             make_context=lambda b: object(),
         )

@@ -15,8 +15,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tenantedge.tap import Options, TenantEdgeService, makeService
-from tenantedge.testing import CountingIssuer
+from tenantedge.options import Options
+from tenantedge.tap import EdgeService, build_edge
 
 from .support.pebble import UNVALIDATABLE, Pebble
 from .support.processes import Backend, require_tool, run
@@ -43,7 +43,7 @@ class PebbleTestCase(TestCase):
     def setUp(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._setUp())
 
-    async def start_edge(self, *extra: str) -> TenantEdgeService:
+    async def start_edge(self, *extra: str) -> EdgeService:
         options = Options()
         options.parseOptions(
             [
@@ -61,8 +61,7 @@ class PebbleTestCase(TestCase):
                 *extra,
             ]
         )
-        edge = makeService(options)
-        edge.resolver.issuer = CountingIssuer(edge.resolver.issuer)
+        edge = build_edge(options.config, reactor)
         edge.startService()
         self.addCleanup(edge.stopService)
         await edge.listening_ports()
@@ -89,11 +88,10 @@ class HTTP01Tests(PebbleTestCase):
         self.assertEqual(json.loads(out)["path"], "/echo/first")
         self.assertEqual(self.pebble.orders, 1)
         self.assertEqual(self.pebble.new_accounts, 1)
-        bundle = await self.edge.store.get("shop.acme-corp.test")
+        bundle = await self.edge.on_demand.store.get("shop.acme-corp.test")
         self.assertIn("Pebble", bundle.issuer_name())
         self.assertEqual(len(bundle.chain), 2)
         # The HTTP-01 token was withdrawn when the order ended.
-        self.assertEqual(self.edge.http_root is not None, True)
         out, err, code = await run(
             self.curl,
             ["--silent", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: shop.acme-corp.test",
@@ -108,7 +106,7 @@ class HTTP01Tests(PebbleTestCase):
         """
         out, err, code = await self.fetch("restart.test")
         self.assertEqual(code, 0, err)
-        account_file = os.path.join(self.edge.acme_issuers[0].accounts.info_path)
+        account_file = os.path.join(self.edge.on_demand.acme_issuers[0].accounts.info_path)
         with open(account_file) as f:
             account_url = json.load(f)["url"]
         await self.edge.stopService()
@@ -116,14 +114,14 @@ class HTTP01Tests(PebbleTestCase):
         out, err, code = await self.fetch("restart.test")
         self.assertEqual(code, 0, err)
         self.assertEqual(self.pebble.orders, 1)
-        self.assertEqual(sum(edge.resolver.issuer.counts.values()), 0)
+        self.assertEqual(edge.on_demand.pipeline.events["issue:issued"], 0)
         # A new name after the restart orders on the same account, without
         # registering again.
         out, err, code = await self.fetch("second.test")
         self.assertEqual(code, 0, err)
         self.assertEqual(self.pebble.orders, 2)
         self.assertEqual(self.pebble.new_accounts, 1)
-        self.assertEqual(edge.acme_issuers[0].client.account_url, account_url)
+        self.assertEqual(edge.on_demand.acme_issuers[0].client.account_url, account_url)
 
     async def test_concurrent_first_requests_one_order(self) -> None:
         results = await defer.gatherResults(
@@ -143,7 +141,7 @@ class HTTP01Tests(PebbleTestCase):
         out, err, code = await self.fetch(name)
         self.assertEqual(code, 35, err)
         self.assertEqual(self.pebble.orders, 1)
-        self.assertIsNotNone(self.edge.backoff.blocked_until(name))
+        self.assertIsNotNone(self.edge.on_demand.backoff.blocked_until(name))
         with open(os.path.join(self.store, "backoff.json")) as f:
             self.assertIn(name, json.load(f))
         for _ in range(3):
@@ -169,8 +167,8 @@ class TLSALPN01Tests(PebbleTestCase):
         self.assertEqual(self.pebble.orders, 1)
         # Pebble's validation handshakes (it validates from several
         # "perspectives") were answered with the challenge certificate.
-        self.assertGreaterEqual(self.edge.tls_factory.events["acme-tls-challenge"], 1)
-        self.assertIsNone(self.edge.tls_alpn.context_for("alpn.test"))
+        self.assertGreaterEqual(self.edge.on_demand.handshakes["acme-tls-challenge"], 1)
+        self.assertIsNone(self.edge.on_demand.tls_alpn.context_for("alpn.test"))
 
     async def test_concurrent_first_requests_one_order(self) -> None:
         results = await defer.gatherResults(
@@ -196,7 +194,7 @@ class ShortLivedRenewalTests(PebbleTestCase):
     async def test_renewed_while_serving(self) -> None:
         out, err, code = await self.fetch("short.test", "/echo")
         self.assertEqual(code, 0, err)
-        first = await self.edge.store.get("short.test")
+        first = await self.edge.on_demand.store.get("short.test")
         lifetime = first.not_after - first.not_before
         self.assertLessEqual(lifetime, 31)
         served = set()
@@ -209,7 +207,7 @@ class ShortLivedRenewalTests(PebbleTestCase):
                 break
             await deferLater(reactor, 0.5, lambda: None)
         self.assertGreaterEqual(len(served), 2, "the renewed certificate was never served")
-        self.assertGreaterEqual(self.edge.renewal.events["renewed"], 1)
-        renewed = await self.edge.store.get("short.test")
+        self.assertGreaterEqual(self.edge.on_demand.renewal.events["renewed"], 1)
+        renewed = await self.edge.on_demand.store.get("short.test")
         self.assertNotEqual(renewed.leaf.serial_number, first.leaf.serial_number)
         self.assertGreaterEqual(self.pebble.orders, 2)

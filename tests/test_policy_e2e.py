@@ -77,21 +77,21 @@ class AllowEndpointTests(EdgeTestCase):
             self, "--allow-url", f"{self.backend.url}/check-domain/{{domain}}", backend=self.backend.url,
             suffix=False,
         )
-        self.root = edge.local_ca.root_path
+        self.root = edge.on_demand.local_ca.root_path
         out, err, code = await self.fetch("not-a-tenant.test", port=port)
         self.assertEqual(code, 35, err)
         self.assertIn(b"unrecognized name", err)
-        self.assertEqual(sum(edge.resolver.issuer.counts.values()), 0)
-        self.assertEqual(edge.resolver.events["refused:allow-check-deny"], 1)
+        self.assertEqual(edge.on_demand.pipeline.events["issue:issued"], 0)
+        self.assertEqual(edge.on_demand.resolver.events["refused:allow-check-deny"], 1)
         out, err, code = await self.fetch("ok-tenant.test", "/echo", port=port)
         self.assertEqual(code, 0, err)
-        self.assertEqual(edge.resolver.issuer.counts["ok-tenant.test"], 1)
+        self.assertEqual(edge.on_demand.pipeline.events["issue:issued"], 1)
         self.assertEqual(await self.allow_checks(), ["not-a-tenant.test", "ok-tenant.test"])
 
     async def test_caddy_ask_endpoint(self) -> None:
         edge, port, _ = await start_edge(self, "--ask", f"{self.backend.url}/ask", backend=self.backend.url,
                                          suffix=False)
-        self.root = edge.local_ca.root_path
+        self.root = edge.on_demand.local_ca.root_path
         out, err, code = await self.fetch("ok-caddy.test", "/echo", port=port)
         self.assertEqual(code, 0, err)
         out, err, code = await self.fetch("caddy-no.test", "/echo", port=port)
@@ -107,17 +107,17 @@ class AllowEndpointTests(EdgeTestCase):
             self, "--allow-url", f"{self.backend.url}/check-domain/{{domain}}", backend=self.backend.url,
             suffix=False,
         )
-        self.root = edge.local_ca.root_path
+        self.root = edge.on_demand.local_ca.root_path
         names = [f"r{secrets.token_hex(6)}.test" for _ in range(1000)]
         limit = defer.DeferredSemaphore(50)
         results = await defer.gatherResults(
             [limit.run(lambda n=n: defer.Deferred.fromCoroutine(handshake(port, n))) for n in names]
         )
         self.assertEqual(results, [False] * 1000)
-        self.assertEqual(sum(edge.resolver.issuer.counts.values()), 0)
+        self.assertEqual(edge.on_demand.pipeline.events["issue:issued"], 0)
         # Each was refused by the endpoint (or, if it was too slow under
         # this load, as unknown: fail closed), and asked about at most once.
-        events = edge.resolver.events
+        events = edge.on_demand.resolver.events
         self.assertEqual(events["refused:allow-check-deny"] + events["refused:allow-check-unknown"], 1000)
         checks = await self.allow_checks()
         self.assertEqual(len(checks), len(set(checks)))
@@ -125,4 +125,4 @@ class AllowEndpointTests(EdgeTestCase):
         self.assertGreaterEqual(events["refused:allow-check-deny"], 900)
         out, err, code = await self.fetch("ok-after-flood.test", "/echo", port=port)
         self.assertEqual(code, 0, err)
-        self.assertEqual(sum(edge.resolver.issuer.counts.values()), 1)
+        self.assertEqual(edge.on_demand.pipeline.events["issue:issued"], 1)

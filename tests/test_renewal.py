@@ -20,10 +20,25 @@ from tenantedge.allow import Decision
 from tenantedge.certificates import common_name, sign_certificate
 from tenantedge.policy import EdgePolicy, StaticPolicy
 from tenantedge.renewal import DAY, RenewalService, renewal_due
-from tenantedge.resolver import CertificateResolver
-from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle
+from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle, memory_resolver
 
 from .support.fakeca import BASE, FakeCA
+
+
+class _Rechecks:
+    """A policy whose renewal re-ask answers from a dict (ALLOW by default)."""
+
+    def __init__(self, decisions: dict[str, Decision]) -> None:
+        self.decisions = decisions
+
+    def static_refusal(self, server_name: str) -> None:
+        return None
+
+    def check(self, server_name: str):  # type: ignore[no-untyped-def]
+        return succeed(None)
+
+    def recheck(self, server_name: str):  # type: ignore[no-untyped-def]
+        return succeed(self.decisions.get(server_name, Decision.ALLOW))
 
 NOW = 1_800_000_000.0
 
@@ -65,14 +80,14 @@ class RenewalServiceTests(SynchronousTestCase):
         self.store = MemoryStore()
         self.issuer = ControlledIssuer()
         self.decisions: dict[str, Decision] = {}
-        self.resolver = CertificateResolver(
+        self.resolver = memory_resolver(
             self.store, EdgePolicy(StaticPolicy(allow_suffixes=(".test",))), self.issuer, self.clock,
             make_context=lambda bundle: ("context", bundle),
         )
         self.service = RenewalService(
             self.store,
-            self.issuer,
-            lambda name: succeed(self.decisions.get(name, Decision.ALLOW)),
+            self.resolver.pipeline,
+            _Rechecks(self.decisions),
             self.resolver.remember,
             self.resolver.forget,
             self.clock,

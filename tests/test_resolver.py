@@ -12,8 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tenantedge.certificates import CertificateBundle
 from tenantedge.interfaces import IssuanceFailed, PolicyRefusal
 from tenantedge.policy import EdgePolicy, StaticPolicy
-from tenantedge.resolver import CertificateResolver
-from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle
+from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle, memory_resolver
 
 DAY = 86400.0
 
@@ -26,8 +25,10 @@ class ResolverTests(SynchronousTestCase):
         self.issuer = ControlledIssuer()
         self.policy = EdgePolicy(StaticPolicy.from_config(deny=[".own.example"], allow_suffixes=[".tenants.test"]))
         self.contexts: list[CertificateBundle] = []
-        self.resolver = CertificateResolver(
-            self.store, self.policy, self.issuer, self.clock, cache_size=3, make_context=self._context
+        self.accepted = True
+        self.resolver = memory_resolver(
+            self.store, self.policy, self.issuer, self.clock, accepts=lambda bundle: self.accepted,
+            cache_size=3, make_context=self._context,
         )
 
     def _context(self, bundle: CertificateBundle) -> object:
@@ -41,13 +42,14 @@ class ResolverTests(SynchronousTestCase):
     def test_single_flight(self) -> None:
         """
         Fifty concurrent first handshakes for one new name cause one store
-        read and one issuance, and all fifty get the same context.
+        read (and one re-read under the name's lock) and one issuance, and
+        all fifty get the same context.
         """
         waiters = [self.resolver.context_for("a.tenants.test") for _ in range(50)]
         for d in waiters:
             self.assertNoResult(d)
         self.assertEqual(self.issuer.requests, ["a.tenants.test"])
-        self.assertEqual(self.store.calls["get"], 1)
+        self.assertEqual(self.store.calls["get"], 2)
         bundle = self.bundle("a.tenants.test")
         self.issuer.complete("a.tenants.test", bundle)
         results = {id(self.successResultOf(d)) for d in waiters}
@@ -84,7 +86,7 @@ class ResolverTests(SynchronousTestCase):
         A stored certificate from an issuer the configuration no longer
         trusts is obtained anew.
         """
-        self.resolver.accepts = lambda bundle: False
+        self.accepted = False
         self.store.bundles["a.tenants.test"] = self.bundle("a.tenants.test")
         self.resolver.context_for("a.tenants.test")
         self.assertEqual(self.issuer.requests, ["a.tenants.test"])
@@ -167,7 +169,7 @@ class ResolverTests(SynchronousTestCase):
         d = self.resolver.context_for("a.tenants.test")
         self.issuer.complete("a.tenants.test", self.bundle("a.tenants.test"))
         self.successResultOf(d)
-        self.assertEqual(self.resolver.events["store-failed"], 1)
+        self.assertEqual(self.resolver.pipeline.events["issue:store-failed"], 1)
         self.flushLoggedErrors()
 
     def test_forget(self) -> None:

@@ -18,8 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.localca import LocalCA
 from tenantedge.policy import EdgePolicy, StaticPolicy
-from tenantedge.resolver import CertificateResolver
-from tenantedge.testing import ControlledIssuer, MemoryStore
+from tenantedge.testing import ControlledIssuer, MemoryStore, memory_resolver
 from tenantedge.tls import (
     ALERT_DECODE_ERROR,
     ALERT_INTERNAL_ERROR,
@@ -78,7 +77,7 @@ class SnifferTestsMixin:
         self.ca.prepare()
         self.issuer = ControlledIssuer()
         self.store = MemoryStore()
-        self.resolver = CertificateResolver(
+        self.resolver = memory_resolver(
             self.store,
             EdgePolicy(StaticPolicy.from_config(deny=["denied.test"], allow_suffixes=[".test"])),
             self.issuer,

@@ -1,0 +1,609 @@
+"""
+The one configuration value: L{OnDemandConfig}.
+
+Every front door produces it: the twistd/twist plugin's options
+(L{tenantedge.options}), a TOML file (C{--config}), the C{tenantedge:}
+endpoint string (L{tenantedge.endpoint}) and Python code
+(C{OnDemandConfig(store=..., ca=["internal"])}). Validation lives in the
+value itself (each field's converter, then the checks that span fields),
+so all of them accept the same values and fail with the same one-line
+L{ConfigError}, which names the setting.
+
+A setting's name is its field name with dashes (C{allow_url} is
+C{--allow-url}, C{allow-url =} in TOML and C{allow-url=} in an endpoint
+string); the field's metadata says how the front doors show it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from cryptography import x509
+from hyperlink import URL
+
+from .hostnames import InvalidHostname
+from .policy import StaticPolicy, under_public_suffix
+
+__all__ = [
+    "OnDemandConfig",
+    "ConfigError",
+    "CA_ALIASES",
+    "DEMO_DEFAULTS",
+    "KEY_TYPES",
+    "parse_duration",
+    "parse_size",
+    "format_duration",
+    "format_size",
+    "load_toml",
+    "settings",
+]
+
+KEY_TYPES = ("ecdsa-p256", "rsa2048")
+CHALLENGES = ("http-01", "tls-alpn-01")
+LOG_FORMATS = ("text", "json")
+
+#: Short names for well-known ACME directories.
+CA_ALIASES = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+
+#: What C{--demo} changes, unless given explicitly.
+DEMO_DEFAULTS: Mapping[str, Any] = {
+    "https": "tcp:8443:interface=127.0.0.1",
+    "http": "tcp:8080:interface=127.0.0.1",
+    "admin": "tcp:9180:interface=127.0.0.1",
+    "store": "./tenantedge-demo",
+    "ca": ["internal"],
+    "allow-suffix": [".localhost"],
+}
+
+
+class ConfigError(ValueError):
+    """
+    A setting has a bad value, or settings contradict each other.
+
+    @ivar key: the setting's name with dashes (C{"allow-url"}), or
+        L{None} for a problem that spans several settings.
+    @ivar problem: one line saying what is wrong, with the value.
+    """
+
+    def __init__(self, key: str | None, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+# -- value parsers: strings (from a command line, TOML or an endpoint) or
+# -- already-typed Python values -----------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_duration(value: str | float) -> float:
+    """
+    Seconds from C{90}, C{"90"}, C{"90s"}, C{"10m"}, C{"12h"}, C{"7d"} or
+    C{"250ms"}.
+
+    @raise ValueError: for anything else, or a value that is not positive.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration (examples: 90, 90s, 10m, 12h, 7d)")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be more than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact form of a duration: C{30d}, C{12h}, C{90s}, C{250ms}."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds < 1 and (seconds * 1000) == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from C{1048576}, C{"512K"}, C{"64M"} or C{"2G"}; 0 means no limit."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{value!r} must not be negative")
+        return value
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (examples: 1048576, 512K, 64M, 2G)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+def format_size(size: int) -> str:
+    """C{64M}, C{512K}, C{0}."""
+    for unit in ("G", "M", "K"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+def _positive_int(value: str | int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise ValueError(f"{value!r} must be at least 1")
+    return number
+
+
+def _flag(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("yes", "true", "on", "1"):
+        return True
+    if text in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{value!r} is not yes or no")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def coerce(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return coerce
+
+
+def _http_url(value: str, schemes: Sequence[str] = ("http", "https")) -> URL:
+    try:
+        url = URL.from_text(value)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in schemes or not url.host:
+        raise ValueError(f"{value!r} is not a {' or '.join(s + '://' for s in schemes)} URL with a host")
+    return url
+
+
+def _backend(value: str) -> str:
+    if value.startswith("unix:"):
+        if not value[5:]:
+            raise ValueError(f"{value!r}: give the socket's path, e.g. unix:/run/app.sock")
+        return value
+    url = _http_url(value)
+    if url.query or url.fragment:
+        raise ValueError(f"{value!r}: a backend URL takes no query or fragment")
+    return value
+
+
+def _allow_url(value: str) -> str:
+    _http_url(value)
+    if "{domain}" not in value:
+        raise ValueError(f"{value!r} has no {{domain}} placeholder")
+    return value
+
+
+def _ask_url(value: str) -> str:
+    if _http_url(value).fragment:
+        raise ValueError(f"{value!r}: no fragment allowed")
+    return value
+
+
+def _ca(value: str) -> str:
+    value = value.strip()
+    if value == "internal":
+        return value
+    value = CA_ALIASES.get(value, value)
+    try:
+        _http_url(value, schemes=("https",))
+    except ValueError:
+        raise ValueError(
+            f"{value!r}: use internal, letsencrypt, letsencrypt-staging or an https:// ACME directory URL"
+        ) from None
+    return value
+
+
+def _pem_file(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            x509.load_pem_x509_certificates(f.read())
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    except ValueError:
+        raise ValueError(f"{path}: no PEM certificate in it") from None
+    return os.path.abspath(path)
+
+
+def _readable_file(path: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    return os.path.abspath(path)
+
+
+def _endpoint(value: str) -> str:
+    # Built against a memory reactor: this only checks the syntax; the
+    # real endpoint is made from the same string when the server starts.
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), value)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{value!r} is not a valid endpoint: {e}") from None
+    return value
+
+
+def _optional_endpoint(value: str | None) -> str | None:
+    if value is None or value == "none":
+        return None
+    return _endpoint(value)
+
+
+def _store(value: str) -> str:
+    # A directory becomes absolute: twistd may change directory later.
+    return value if "://" in value else os.path.abspath(value)
+
+
+def _absolute_path(value: str | None) -> str | None:
+    return None if value is None else os.path.abspath(value)
+
+
+# -- fields ------------------------------------------------------------------------
+
+
+def _setting(
+    default: Any,
+    doc: str,
+    parse: Callable[[Any], Any] | None = None,
+    *,
+    kind: str = "value",
+    endpoint: bool = False,
+    show: Callable[[Any], str] | None = None,
+    metavar: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """
+    One setting: a field whose converter parses and checks the value and
+    names the setting in its error, with what the front doors need to show
+    it (C{doc}, how to show the default, whether the endpoint string takes
+    it).
+    """
+
+    def convert(value: Any, field: attrs.Attribute[Any]) -> Any:
+        key = field.name.replace("_", "-")
+        try:
+            if kind == "flag":
+                return _flag(value)
+            if kind == "list":
+                values = [value] if isinstance(value, str) else list(value)
+                if not all(isinstance(v, str) for v in values):
+                    raise ValueError("must be a string or a list of strings")
+                return tuple(parse(v) if parse else v for v in values)
+            if value is None or parse is None:
+                return value
+            return parse(value)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
+
+    metadata = {"doc": doc, "kind": kind, "endpoint": endpoint, "show": show, "metavar": metavar}
+    return attrs.field(
+        default=default,
+        converter=attrs.Converter(convert, takes_field=True),  # type: ignore[misc,call-overload]
+        metadata=metadata,
+        repr=not secret,
+    )
+
+
+@attrs.frozen
+class OnDemandConfig:
+    """
+    Everything tenantedge can be told, as one immutable, validated value.
+
+    Construct it directly (C{OnDemandConfig(store="/srv/certs",
+    ca=["internal"], allow_suffix=[".localhost"])}): durations take
+    seconds or strings such as C{"10m"}, sizes bytes or C{"64M"}, lists
+    any iterable of strings; or from a front door's raw strings with
+    L{from_settings}. Each setting is documented in the README's option
+    table, generated from the same field docs as C{--help}.
+
+    @raise ConfigError: naming the first bad setting.
+    """
+
+    # -- listeners and the request path (the twistd plugin) -------------------
+    https: str = _setting("tcp:443", "HTTPS listener (Twisted endpoint syntax).", _endpoint, metavar="ENDPOINT")
+    http: str | None = _setting(
+        "tcp:80", "HTTP listener for ACME HTTP-01 answers and redirects to HTTPS; 'none' for no listener.",
+        _optional_endpoint, endpoint=True, metavar="ENDPOINT", show=lambda v: v or "none",
+    )
+    admin: str | None = _setting(
+        "tcp:9180:interface=127.0.0.1", "Admin endpoint (metrics, CLI actions); 'none' to disable.",
+        _optional_endpoint, metavar="ENDPOINT", show=lambda v: v or "none",
+    )
+    backend: str = _setting(
+        "http://127.0.0.1:3000", "The application: an http(s):// base URL or unix:/path/to.sock.", _backend,
+        metavar="URL",
+    )
+    backend_timeout: float = _setting(
+        60.0, "Wait this long for the backend's response headers, then 504 (duration).", parse_duration,
+        show=format_duration, metavar="DURATION",
+    )
+    max_body_size: int = _setting(
+        64 * 1024 * 1024, "Largest request body accepted (bytes, or with K, M, G); larger gets 413. 0: no limit.",
+        parse_size, show=format_size, metavar="SIZE",
+    )
+    access_log: str | None = _setting(
+        None, "Write an access log of HTTPS requests (combined format) to this file.", _absolute_path,
+        metavar="FILE",
+    )
+    demo: bool = _setting(
+        False, "Demo mode: local CA, store ./tenantedge-demo, names under .localhost allowed, built-in demo "
+        "backend, HTTPS 127.0.0.1:8443, HTTP 127.0.0.1:8080 (explicit options still win).", kind="flag",
+    )
+    log_format: str = _setting("text", "Log format: text or json (one flat JSON object per line).",
+                               _choice(*LOG_FORMATS), metavar="FORMAT")
+
+    # -- storage -----------------------------------------------------------------
+    store: str = _setting("/var/lib/tenantedge", "Certificate store directory (txacme format).", _store,
+                          endpoint=True, metavar="DIR")
+
+    # -- issuers -------------------------------------------------------------------
+    ca: tuple[str, ...] = _setting(
+        ("letsencrypt",), "Issuer: letsencrypt, letsencrypt-staging, internal (local CA) or an ACME directory "
+        "URL; repeat to fall back to the next when one fails for a name.", _ca, kind="list", endpoint=True,
+        metavar="CA",
+    )
+    ca_root: tuple[str, ...] = _setting(
+        (), "PEM file of extra trust anchors for the ACME server's HTTPS (private CA, Pebble).",
+        _pem_file, kind="list", endpoint=True, metavar="PEM",
+    )
+    email: str | None = _setting(None, "Contact e-mail for the ACME account(s).", endpoint=True, metavar="ADDRESS")
+    key_type: str = _setting("ecdsa-p256", "Certificate key type: ecdsa-p256 or rsa2048.", _choice(*KEY_TYPES),
+                             endpoint=True, metavar="TYPE")
+    challenge: str = _setting("http-01", "ACME challenge to answer: http-01 or tls-alpn-01.",
+                              _choice(*CHALLENGES), endpoint=True, metavar="TYPE")
+    eab_kid: str | None = _setting(None, "External Account Binding key identifier (CAs that require it).",
+                                   endpoint=True, metavar="ID")
+    eab_hmac_key_file: str | None = _setting(
+        None, "File holding the External Account Binding HMAC key (base64url); keeps it off the command line.",
+        _readable_file, endpoint=True, metavar="FILE",
+    )
+    eab_hmac_key: str | None = _setting(
+        None, "External Account Binding HMAC key; prefer --eab-hmac-key-file or the TOML file (a command line "
+        "is visible to every user).", secret=True, metavar="KEY",
+    )
+    internal_validity: float = _setting(
+        7 * 86400.0, "Lifetime of local-CA leaf certificates (duration).", parse_duration, endpoint=True,
+        show=format_duration, metavar="DURATION",
+    )
+
+    # -- policy ----------------------------------------------------------------------
+    allow_url: str | None = _setting(
+        None, "Allow endpoint, e.g. https://api.example.com/check/{domain}: 200 allows; other answers, errors "
+        "and timeouts deny (fail closed).", _allow_url, endpoint=True, metavar="URL",
+    )
+    ask: str | None = _setting(None, "Caddy-style allow endpoint: GET URL?domain=NAME, any 2xx allows.", _ask_url,
+                               endpoint=True, metavar="URL")
+    allow_ca: tuple[str, ...] = _setting(
+        (), "PEM file of extra trust anchors for the allow endpoint's HTTPS.", _pem_file,
+        kind="list", endpoint=True, metavar="PEM",
+    )
+    allow_timeout: float = _setting(3.0, "Deadline for one allow check (duration).", parse_duration, endpoint=True,
+                                    show=format_duration, metavar="DURATION")
+    allow_ttl: float = _setting(600.0, "How long an allow decision is cached (duration).", parse_duration,
+                                endpoint=True, show=format_duration, metavar="DURATION")
+    deny_ttl: float = _setting(60.0, "How long a deny (or unknown) decision is cached (duration).",
+                               parse_duration, endpoint=True, show=format_duration, metavar="DURATION")
+    allow_suffix: tuple[str, ...] = _setting(
+        (), "Issue for every name under this suffix without asking.", kind="list", endpoint=True,
+        metavar="SUFFIX",
+    )
+    deny: tuple[str, ...] = _setting(
+        (), "Never issue for this name; a leading '.' denies the whole suffix.", kind="list",
+        endpoint=True, metavar="NAME",
+    )
+    allow_private_suffix: bool = _setting(
+        False, "Also issue for names not under a public suffix (foo.internal): for private ACME CAs and tests.",
+        kind="flag", endpoint=True,
+    )
+
+    # -- limits --------------------------------------------------------------------------
+    max_concurrent_issuance: int = _setting(4, "ACME orders running at once (all CAs).", _positive_int,
+                                            endpoint=True, metavar="N")
+    max_new_orders: int = _setting(300, "ACME orders per account per 3 hours.", _positive_int, endpoint=True,
+                                   metavar="N")
+    max_certs_per_domain: int = _setting(50, "Certificates per registered domain per account per week.",
+                                         _positive_int, endpoint=True, metavar="N")
+
+    # -- renewal and caching ---------------------------------------------------------------
+    renew_check_interval: float = _setting(
+        43200.0, "Time between renewal walks of the store, plus up to 10% jitter (duration).", parse_duration,
+        endpoint=True, show=format_duration, metavar="DURATION",
+    )
+    renew_before: float = _setting(
+        30 * 86400.0, "Renew when less than this, or a third of the lifetime, is left; earlier inside the CA's "
+        "ARI window (duration).", parse_duration, endpoint=True, show=format_duration, metavar="DURATION",
+    )
+    store_poll: float = _setting(
+        5.0, "How often cached certificates are checked for changes made by others (duration).", parse_duration,
+        endpoint=True, show=format_duration, metavar="DURATION",
+    )
+    cache_size: int = _setting(10000, "Ready TLS contexts kept in memory.", _positive_int, endpoint=True,
+                               metavar="N")
+    hello_timeout: float = _setting(10.0, "Time a client has to send its ClientHello (duration).", parse_duration,
+                                    endpoint=True, show=format_duration, metavar="DURATION")
+    issue_timeout: float = _setting(90.0, "Longest a handshake waits for a certificate (duration).",
+                                    parse_duration, endpoint=True, show=format_duration, metavar="DURATION")
+
+    static_policy: StaticPolicy = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        if len(set(self.ca)) != len(self.ca):
+            raise ConfigError("ca", "the same CA is given twice")
+        if not self.ca:
+            raise ConfigError("ca", "at least one issuer is needed")
+        if self.eab_hmac_key_file is not None:
+            if self.eab_hmac_key is not None:
+                raise ConfigError("eab-hmac-key-file", "give the EAB key or its file, not both")
+            try:
+                with open(self.eab_hmac_key_file, encoding="ascii") as f:
+                    object.__setattr__(self, "eab_hmac_key", f.read().strip())
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError("eab-hmac-key-file", f"{self.eab_hmac_key_file}: {e}") from None
+        if bool(self.eab_kid) != bool(self.eab_hmac_key):
+            raise ConfigError(None, "eab-kid and eab-hmac-key (or eab-hmac-key-file) go together")
+        if self.allow_url and self.ask:
+            raise ConfigError(None, "give allow-url or ask, not both")
+        try:
+            static = StaticPolicy.from_config(self.deny, self.allow_suffix, self.require_public_suffix)
+        except InvalidHostname as e:
+            raise ConfigError("allow-suffix/deny", f"invalid name: {e.reason}") from None
+        object.__setattr__(self, "static_policy", static)
+        for suffix in static.allow_suffixes:
+            if static.require_public_suffix and not under_public_suffix("x" + suffix):
+                raise ConfigError(
+                    "allow-suffix",
+                    f"no name under {suffix} can get a certificate: it is not under a public suffix and a "
+                    "public CA may be asked (add allow-private-suffix for a private ACME CA, or use ca=internal)",
+                )
+
+    @property
+    def require_public_suffix(self) -> bool:
+        """Whether names must be under a public suffix: whenever a public CA may be asked."""
+        return not self.allow_private_suffix and any(ca != "internal" for ca in self.ca)
+
+    @property
+    def eab(self) -> tuple[str, str] | None:
+        """The External Account Binding (kid, HMAC key), if configured."""
+        if self.eab_kid and self.eab_hmac_key:
+            return (self.eab_kid, self.eab_hmac_key)
+        return None
+
+    @property
+    def has_allow_rule(self) -> bool:
+        """Is any rule able to allow a name (else only stored certificates serve)?"""
+        return bool(self.allow_suffix or self.allow_url or self.ask)
+
+    def describe_policy(self) -> str:
+        """The effective policy in one phrase, for the start-up banner."""
+        rules = []
+        if self.static_policy.allow_suffixes:
+            rules.append(f"names under {', '.join(self.static_policy.allow_suffixes)}")
+        if self.allow_url or self.ask:
+            rules.append(f"names allowed by {self.allow_url or self.ask}")
+        text = " or ".join(rules) or "no name (no allow rule: only stored certificates are served)"
+        extra = []
+        if self.static_policy.require_public_suffix:
+            extra.append("under a public suffix")
+        if self.static_policy.deny:
+            extra.append(f"not denied ({', '.join(self.static_policy.deny)})")
+        return text + (f", if {' and '.join(extra)}" if extra and rules else "")
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], *, demo_defaults: bool = True) -> OnDemandConfig:
+        """
+        Build from raw settings keyed by their dashed names (C{"allow-url"}),
+        as the front doors collect them; settings left out take their
+        defaults, or with C{demo=yes} the demo's (L{DEMO_DEFAULTS}).
+
+        @raise ConfigError: for an unknown key or a bad value.
+        """
+        known = {f.name.replace("_", "-"): f.name for f in settings()}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = known.get(key.replace("_", "-"))
+            if name is None:
+                raise ConfigError(key, "unknown setting")
+            kwargs[name] = value
+        if demo_defaults and _flag(kwargs.get("demo", False)):
+            for key, value in DEMO_DEFAULTS.items():
+                kwargs.setdefault(known[key], value)
+        return cls(**kwargs)
+
+
+def settings() -> tuple[attrs.Attribute[Any], ...]:
+    """The settings (fields of L{OnDemandConfig}), in their documented order."""
+    return tuple(f for f in attrs.fields(OnDemandConfig) if f.init)
+
+
+def show_default(field: attrs.Attribute[Any]) -> str | None:
+    """A setting's default as a user writes it (C{30d}, C{64M}), or None."""
+    default = field.default
+    if default is None or field.metadata["kind"] == "flag":
+        return None
+    if field.metadata["kind"] == "list":
+        return ", ".join(default) or None
+    show = field.metadata["show"]
+    return show(default) if show is not None else str(default)
+
+
+def load_toml(path: str, allowed: Iterable[str] | None = None) -> dict[str, Any]:
+    """
+    Read settings from a TOML file: the same names (dashes or
+    underscores), strings for everything, or TOML numbers, booleans and
+    lists where they fit.
+
+    @param allowed: the dashed names this front door takes (all if None).
+    @raise ConfigError: one line naming the file, the key and the problem.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(None, f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(None, f"config file {path} is not valid TOML: {e}") from None
+    fields = {f.name.replace("_", "-"): f for f in settings()}
+    allowed_set = set(allowed) if allowed is not None else set(fields)
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("_", "-")
+        if key == "config":
+            raise ConfigError(None, f"{path}: 'config' cannot be set from a config file")
+        field = fields.get(key)
+        if field is None or key not in allowed_set:
+            raise ConfigError(None, f"{path}: unknown option '{raw_key}'")
+        kind = field.metadata["kind"]
+        if kind == "list":
+            if not isinstance(value, (str, list)):
+                raise ConfigError(None, f"{path}: '{raw_key}' must be a string or a list of strings")
+        elif kind == "flag":
+            if not isinstance(value, bool):
+                raise ConfigError(None, f"{path}: '{raw_key}' must be true or false")
+        elif isinstance(value, (dict, list)):
+            raise ConfigError(None, f"{path}: '{raw_key}' must be a single value")
+        else:
+            value = str(value) if not isinstance(value, (int, float)) or isinstance(value, bool) else value
+        # Check the value now, so the error names the file.
+        try:
+            OnDemandConfig.from_settings({key: value, **_CHECK_CONTEXT}, demo_defaults=False)
+        except ConfigError as e:
+            if e.key == key:
+                raise ConfigError(None, f"{path}: invalid value for '{raw_key}': {e.problem}") from None
+        out[key] = value
+    return out
+
+
+#: Settings that let a single TOML value be checked on its own without
+#: tripping checks that span settings.
+_CHECK_CONTEXT: Mapping[str, Any] = {"allow-private-suffix": True}

@@ -1,0 +1,142 @@
+"""
+Prometheus metrics: histograms observed as things happen (L{Timings}), and
+counters read at scrape time from the components' own counters
+(L{EdgeCollector}), so nothing is counted twice and the hot path only bumps
+a C{Counter}.
+
+Each piece takes exactly what it reads: the collector gets counters and
+two small callables, never a whole service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+__all__ = ["Timings", "EdgeCollector", "RenewalGauges"]
+
+
+class Timings:
+    """
+    The histograms, and the registry every tenantedge metric lives in.
+
+    Built before the pipeline and the proxy, which are given its
+    C{observe_*} methods.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.issuance_seconds = Histogram(
+            "tenantedge_issuance_seconds",
+            "Time to obtain a certificate from the issuer chain, by purpose (issue, renew) and result.",
+            ["result", "purpose"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 90, 180, 300),
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "tenantedge_proxied_request_seconds",
+            "Time from request to backend response headers, by status class.",
+            ["status_class"],
+            registry=self.registry,
+        )
+        self._request_children = {
+            f"{n}xx": self.request_seconds.labels(f"{n}xx") for n in range(1, 6)
+        }
+
+    def observe_issuance(self, purpose: str, result: str, seconds: float) -> None:
+        """For L{tenantedge.pipeline.IssuancePipeline.observe}."""
+        self.issuance_seconds.labels(result, purpose).observe(seconds)
+
+    def observe_request(self, status: int, seconds: float) -> None:
+        """For L{tenantedge.proxy.ProxyResource.observe}."""
+        label = f"{status // 100}xx"
+        child = self._request_children.get(label)
+        (child if child is not None else self.request_seconds.labels(label)).observe(seconds)
+
+
+@attrs.define
+class RenewalGauges:
+    """What the renewal walk last saw: stored certificates and the soonest expiry."""
+
+    stored: Callable[[], int]
+    soonest_expiry: Callable[[], float | None]
+
+
+@attrs.define(eq=False)
+class EdgeCollector:
+    """
+    A Prometheus collector over the components' counters.
+
+    @ivar handshakes: TLS handshake outcomes (L{tenantedge.tls.OnDemandTLSFactory}).
+    @ivar lookups: certificate lookups and refusals (the resolver's events).
+    @ivar issuance: the pipeline's C{"<purpose>:<result>"} counts.
+    @ivar allow: allow-endpoint check results, if an endpoint is configured.
+    @ivar renewals: renewal events.
+    @ivar renewal_gauges: stored count and soonest expiry.
+    @ivar cache_length: ready contexts in memory.
+    """
+
+    handshakes: Mapping[str, int]
+    lookups: Mapping[str, int]
+    issuance: Mapping[str, int]
+    allow: Mapping[str, int] | None
+    renewals: Mapping[str, int]
+    renewal_gauges: RenewalGauges
+    cache_length: Callable[[], int]
+
+    def collect(self) -> Iterator[Any]:
+        handshakes = CounterMetricFamily("tenantedge_handshakes", "TLS handshakes by outcome.", labels=["outcome"])
+        for outcome, count in sorted(self.handshakes.items()):
+            handshakes.add_metric([outcome], count)
+        yield handshakes
+        lookups = CounterMetricFamily(
+            "tenantedge_certificate_lookups", "Certificate lookups by result (cache, store, issuance).",
+            labels=["result"],
+        )
+        refusals = CounterMetricFamily(
+            "tenantedge_refusals", "Names refused a certificate, by reason.", labels=["reason"]
+        )
+        for key, count in sorted(self.lookups.items()):
+            if key.startswith("refused:"):
+                refusals.add_metric([key.split(":", 1)[1]], count)
+            else:
+                lookups.add_metric([key], count)
+        yield lookups
+        yield refusals
+        issuance = CounterMetricFamily(
+            "tenantedge_issuance", "Issuance attempts by purpose (issue, renew) and result.",
+            labels=["purpose", "result"],
+        )
+        for key, count in sorted(self.issuance.items()):
+            purpose, _, result = key.partition(":")
+            issuance.add_metric([purpose, result], count)
+        yield issuance
+        allow = CounterMetricFamily("tenantedge_allow_checks", "Allow endpoint checks by result.", labels=["result"])
+        for result, count in sorted((self.allow or {}).items()):
+            allow.add_metric([result], count)
+        yield allow
+        cached = GaugeMetricFamily("tenantedge_certificates_cached", "Ready TLS contexts in memory.")
+        cached.add_metric([], self.cache_length())
+        yield cached
+        renewals = CounterMetricFamily("tenantedge_renewals", "Renewal events.", labels=["event"])
+        for event, count in sorted(self.renewals.items()):
+            renewals.add_metric([event], count)
+        yield renewals
+        stored = GaugeMetricFamily(
+            "tenantedge_certificates_stored", "Certificates in the store at the last renewal walk."
+        )
+        stored.add_metric([], self.renewal_gauges.stored())
+        yield stored
+        soonest_value = self.renewal_gauges.soonest_expiry()
+        if soonest_value is not None:
+            soonest = GaugeMetricFamily(
+                "tenantedge_certificate_soonest_expiry_timestamp_seconds",
+                "Not-after (POSIX time) of the certificate that expires first.",
+            )
+            soonest.add_metric([], soonest_value)
+            yield soonest
+

@@ -1,0 +1,228 @@
+"""
+The one way a certificate is obtained, whoever asks: a first handshake
+(L{tenantedge.resolver}), the renewal walk (L{tenantedge.renewal}) or the
+admin API.
+
+    one run per name (single-flight) -> the name's lock (L{INameLock})
+      -> re-read the store: someone holding the lock before us (another
+         worker, a fleet peer, the CLI) may have stored what we want
+      -> the issuer chain (backoff, fallback, limits, the CA)
+      -> store -> the caller caches it
+
+Every outcome is counted here by purpose (C{issue}, C{renew}) and timed,
+so first issuance and renewals feed the same metrics and log events.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .certificates import CertificateBundle
+from .interfaces import BackedOff, ICertificateStore, IIssuer, INameLock, LimitExceeded
+from .singleflight import SingleFlight
+from .timeouts import with_deadline
+
+__all__ = ["IssuancePipeline", "CertificateCheck", "MemoryNameLock", "ISSUE", "RENEW"]
+
+ISSUE = "issue"
+RENEW = "renew"
+
+#: Called with (purpose, result, seconds) after each attempt that reached
+#: the issuer chain; result is C{"issued"} or C{"failed"}.
+Observer = Callable[[str, str, float], None]
+
+
+@implementer(INameLock)
+@attrs.define
+class MemoryNameLock:
+    """
+    The lock for one process: the pipeline already runs one issuance per
+    name at a time, so within a process there is nothing to wait for. A
+    store shared by processes or nodes brings its own L{INameLock}.
+    """
+
+    def acquire(self, server_name: str) -> Deferred[Callable[[], None]]:
+        return succeed(lambda: None)
+
+
+@attrs.define
+class CertificateCheck:
+    """
+    Is a stored certificate fit to serve a name right now? Valid at this
+    moment, naming the host, and from an issuer this configuration trusts.
+
+    @ivar clock: the time source.
+    @ivar accepts: whether the bundle's issuer is acceptable (see
+        L{tenantedge.localca.local_ca_check}).
+    """
+
+    clock: IReactorTime
+    accepts: Callable[[CertificateBundle], bool] = lambda bundle: True
+    _log = Logger()
+
+    def __call__(self, server_name: str, bundle: CertificateBundle, quiet: bool = False) -> bool:
+        problem = self.problem(server_name, bundle)
+        if problem is not None and not quiet:
+            self._log.warn("stored certificate for {host} {problem}; obtaining a new one",
+                           host=server_name, problem=problem)
+        return problem is None
+
+    def problem(self, server_name: str, bundle: CertificateBundle) -> str | None:
+        """What makes the bundle unfit, or None."""
+        if not bundle.is_valid_at(self.clock.seconds()):
+            return f"is outside its validity period (not after {bundle.leaf.not_valid_after_utc.isoformat()})"
+        if not self.accepts(bundle):
+            return f"was issued by {bundle.issuer_name()}, which this configuration does not issue from"
+        if server_name not in bundle.dns_names():
+            return "does not name it"
+        return None
+
+
+@attrs.define
+class IssuancePipeline:
+    """
+    Obtains, stores and reports certificates; see the module docstring.
+
+    @ivar store: where certificates persist.
+    @ivar issuer: the issuer chain (backoff, fallback, limits, CAs).
+    @ivar clock: for durations.
+    @ivar check: decides whether a re-read certificate can be used as is.
+    @ivar lock: one order per name across whatever shares the store.
+    @ivar observe: told the duration of each attempt, for metrics.
+    @ivar work_timeout: deadline for one run (lock, re-read, issuance,
+        store), so that a hung lock, store or issuer cannot keep a name in
+        flight forever.
+    @ivar events: counts by C{"<purpose>:<result>"}: C{issued},
+        C{failed}, C{rate-limit}, C{backoff}, C{store-failed}, and
+        C{found} (another holder of the lock had stored it already).
+    """
+
+    store: ICertificateStore
+    issuer: IIssuer
+    clock: IReactorTime
+    check: CertificateCheck
+    lock: INameLock = attrs.field(factory=MemoryNameLock)
+    observe: Observer | None = None
+    work_timeout: float = 600.0
+    events: Counter[str] = attrs.field(factory=Counter, init=False)
+    _flights: SingleFlight[CertificateBundle] = attrs.field(factory=SingleFlight, init=False)
+    _log = Logger()
+
+    @property
+    def name(self) -> str:
+        """The issuer chain's label, for logs."""
+        return str(self.issuer.name)
+
+    def in_flight(self, server_name: str) -> bool:
+        """Is an issuance for this name under way in this process?"""
+        return server_name in self._flights
+
+    def obtain(
+        self, server_name: str, purpose: str = ISSUE, replaces: CertificateBundle | None = None
+    ) -> Deferred[CertificateBundle]:
+        """
+        A new (or newly found) certificate for a name the policy allowed.
+
+        Concurrent calls for one name share one run, whatever their
+        purpose.
+
+        @param replaces: the certificate a renewal replaces (ARI).
+        @return: a Deferred firing with the stored bundle, or failing
+            with what the issuer chain failed with (L{BackedOff},
+            L{LimitExceeded}, L{tenantedge.interfaces.IssuanceFailed}).
+        """
+        return self._flights.run(
+            server_name,
+            lambda: with_deadline(
+                Deferred.fromCoroutine(self._locked(server_name, purpose, replaces)), self.work_timeout, self.clock
+            ),
+        )
+
+    async def _locked(self, server_name: str, purpose: str, replaces: CertificateBundle | None) -> CertificateBundle:
+        release = await self.lock.acquire(server_name)
+        try:
+            found = await self._found(server_name, replaces)
+            if found is not None:
+                self.events[f"{purpose}:found"] += 1
+                return found
+            return await self._issue(server_name, purpose, replaces)
+        finally:
+            release()
+
+    async def _found(self, server_name: str, replaces: CertificateBundle | None) -> CertificateBundle | None:
+        """A usable certificate someone else stored while we waited for the lock."""
+        try:
+            current = await self.store.get(server_name)
+        except KeyError:
+            return None
+        if not self.check(server_name, current, quiet=True):
+            return None
+        if replaces is not None and current.leaf.serial_number == replaces.leaf.serial_number:
+            return None  # still the one being renewed
+        if replaces is None or current.not_after > replaces.not_after:
+            return current
+        return None
+
+    async def _issue(self, server_name: str, purpose: str, replaces: CertificateBundle | None) -> CertificateBundle:
+        started = self.clock.seconds()
+        try:
+            bundle: CertificateBundle = await self.issuer.issue(server_name, replaces=replaces)
+        except BackedOff:
+            # Refused without contacting a CA; the failure that started the
+            # backoff was logged when it happened.
+            self.events[f"{purpose}:backoff"] += 1
+            raise
+        except LimitExceeded as e:
+            self.events[f"{purpose}:rate-limit"] += 1
+            self._log.warn("no order for {host}: {error}", event="refused", reason="rate-limit",
+                           host=server_name, purpose=purpose, error=e.detail)
+            raise
+        except Exception as e:
+            elapsed = self.clock.seconds() - started
+            self.events[f"{purpose}:failed"] += 1
+            self._observe(purpose, "failed", elapsed)
+            if purpose == ISSUE:
+                # Renewal logs its own failures, with the days left.
+                self._log.error(
+                    "could not obtain a certificate for {host} from {issuer} after {duration:.3f}s: {error}",
+                    event="issue-failed", host=server_name, issuer=self.name, duration=elapsed,
+                    error=getattr(e, "detail", None) or str(e), problem=getattr(e, "problem_type", None),
+                )
+            raise
+        elapsed = self.clock.seconds() - started
+        self.events[f"{purpose}:issued"] += 1
+        self._observe(purpose, "issued", elapsed)
+        self._log.info(
+            "{verb} {host} by {issuer} in {duration:.3f}s, valid until {not_after}",
+            verb="issued a certificate for" if purpose == ISSUE else "renewed",
+            event="issued" if purpose == ISSUE else "renewed",
+            host=server_name, issuer=self.name, duration=elapsed,
+            not_after=bundle.leaf.not_valid_after_utc.isoformat(),
+        )
+        try:
+            await self.store.store(server_name, bundle)
+        except Exception as e:
+            # The certificate is good and in memory: serve it rather than
+            # fail, but shout, since a restart would need a new order.
+            self.events[f"{purpose}:store-failed"] += 1
+            self._log.critical(
+                "could not store the new certificate for {host}: {error}; serving it from memory only",
+                host=server_name, error=str(e),
+            )
+        return bundle
+
+    def _observe(self, purpose: str, result: str, seconds: float) -> None:
+        if self.observe is not None:
+            self.observe(purpose, result, seconds)
+
+    def counts(self, purpose: str) -> dict[str, int]:
+        """This purpose's outcomes, keyed by result."""
+        prefix = purpose + ":"
+        return {k[len(prefix):]: v for k, v in self.events.items() if k.startswith(prefix)}

@@ -1,0 +1,423 @@
+"""
+L{OnDemandTLS}: on-demand TLS as one Twisted service, for C{twistd
+tenantedge}, the C{tenantedge:} endpoint and your own application alike.
+
+    from twisted.internet import endpoints, reactor
+    from twisted.web.server import Site
+    from tenantedge import OnDemandConfig, OnDemandTLS
+
+    edge = OnDemandTLS.from_config(
+        OnDemandConfig(store="/var/lib/myapp/certs", allow_url="https://api.example.com/check/{domain}"),
+        reactor,
+    )
+    edge.setServiceParent(application)          # or edge.startService()
+    endpoints.serverFromString(reactor, "tcp:443").listen(edge.wrap(Site(root)))
+    endpoints.serverFromString(reactor, "tcp:80").listen(Site(edge.http_resource()))
+
+The service owns the store, the policy, the whole issuer chain (local CA or
+ACME CAs with limits, fallback and backoff), the one issuance pipeline
+(one order per name), the resolver and its cache, renewal, cache refresh
+and the challenge responders. It is built by constructor injection
+(L{from_config} picks the concrete classes; pass C{store=}, C{policy=} or
+C{issuer=} to swap one piece), and L{OnDemandTLS.startService} prepares
+everything in one fixed order (see there).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from treq.client import HTTPClient
+
+from . import __version__
+from .accounts import AccountStore, account_directory
+from .acme import AcmeClient
+from .allow import AllowChecker
+from .backoff import FailureBackoff
+from .challenges import (
+    ChallengeResource,
+    HTTP01Responder,
+    HTTPRedirectRoot,
+    MemoryChallengeStore,
+    TLSALPN01Responder,
+)
+from .config import ConfigError, OnDemandConfig
+from .interfaces import ICertificateStore, IChallengeStore, IDomainPolicy, IIssuer, INameLock
+from .issuer import AcmeIssuer, BackoffIssuer, FallbackIssuer
+from .limits import IssuanceLimits, LimitedIssuer
+from .localca import LocalCA, local_ca_check
+from .metrics import EdgeCollector, RenewalGauges, Timings
+from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
+from .policy import EdgePolicy, registered_domain
+from .pools import quiet_pool
+from .renewal import RenewalService
+from .resolver import CacheRefresher, CertificateResolver, RefusalSummary
+from .store import DirectoryStore, StoreError
+from .tls import OnDemandTLSFactory
+from .trust import acme_http_client, https_policy
+
+__all__ = ["OnDemandTLS", "Storage", "open_storage", "StartupError"]
+
+#: One start-up preparation: (what it is, for errors and logs; the call).
+Preparation = tuple[str, Callable[[], None]]
+
+
+class StartupError(Exception):
+    """
+    The service cannot start as configured (an unusable store, a local CA
+    whose files do not match); the message says what to fix.
+    """
+
+
+@attrs.frozen
+class Storage:
+    """
+    Where state lives, chosen by the C{store} setting: certificates, the
+    pending HTTP-01 answers and the per-name lock (all three shared when
+    the store is shared), and the directory for account keys and the
+    small state files (backoff, limits).
+    """
+
+    store: ICertificateStore
+    challenges: IChallengeStore
+    lock: INameLock
+    directory: str
+    preparations: tuple[Preparation, ...] = ()
+
+
+def open_storage(config: OnDemandConfig, reactor: Any) -> Storage:
+    """
+    Open the storage the configuration names: today a directory in
+    txacme's format (L{DirectoryStore}), with in-memory challenges and lock.
+
+    @raise ConfigError: for a C{store} value that names no known kind.
+    """
+    if "://" in config.store:
+        raise ConfigError("store", f"{config.store!r}: give a directory")
+    run_blocking: Callable[..., Any] = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    store = DirectoryStore(config.store, run_blocking=run_blocking)
+    return Storage(
+        store=store,
+        challenges=MemoryChallengeStore(),
+        lock=MemoryNameLock(),
+        directory=config.store,
+        preparations=(("the store", store.prepare),),
+    )
+
+
+@attrs.define(eq=False, slots=False)
+class OnDemandTLS(MultiService):
+    """
+    On-demand TLS for any Twisted server; see the module docstring.
+
+    Use L{from_config} unless you assemble the pieces yourself.
+
+    @ivar config: the configuration it was built from.
+    @ivar store: the certificate store.
+    @ivar challenges: pending HTTP-01 answers (read by L{http_resource}).
+    @ivar policy: who may get a certificate.
+    @ivar pipeline: the one way certificates are obtained.
+    @ivar resolver: name to TLS context, with the in-memory cache.
+    @ivar renewal: the renewal service (a child service).
+    @ivar tls_alpn: answers TLS-ALPN-01 challenges on the HTTPS port.
+    @ivar timings: the metrics registry and histograms.
+    @ivar handshakes: TLS handshake outcomes of every L{wrap}ped factory.
+    @ivar local_ca: the local CA, if one is configured.
+    @ivar acme_issuers: the ACME issuers, one per configured CA.
+    @ivar backoff: the per-name failure backoff.
+    @ivar preparations: the start-up steps, run in order by L{startService}.
+    @ivar children: further services started and stopped with this one
+        (cache refresh, the refusal summary).
+    @ivar on_stop: called when the service stops (connection pools).
+    """
+
+    config: OnDemandConfig
+    reactor: Any
+    store: ICertificateStore
+    challenges: IChallengeStore
+    policy: IDomainPolicy
+    pipeline: IssuancePipeline
+    resolver: CertificateResolver
+    renewal: RenewalService
+    tls_alpn: TLSALPN01Responder
+    timings: Timings
+    handshakes: Counter[str]
+    allow_results: Counter[str] | None = None
+    local_ca: LocalCA | None = None
+    acme_issuers: Sequence[AcmeIssuer] = ()
+    backoff: FailureBackoff | None = None
+    preparations: Sequence[Preparation] = ()
+    children: Sequence[Any] = ()
+    on_stop: Sequence[Callable[[], Any]] = ()
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        MultiService.__init__(self)
+        self.renewal.setName("renewal")
+        self.renewal.setServiceParent(self)
+        for child in self.children:
+            child.setServiceParent(self)
+        self.timings.registry.register(
+            EdgeCollector(
+                handshakes=self.handshakes,
+                lookups=self.resolver.events,
+                issuance=self.pipeline.events,
+                allow=self.allow_results,
+                renewals=self.renewal.events,
+                renewal_gauges=RenewalGauges(
+                    stored=lambda: self.renewal.stored_count,
+                    soonest_expiry=lambda: self.renewal.soonest_expiry,
+                ),
+                cache_length=self.resolver.cache_length,
+            )
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        config: OnDemandConfig,
+        reactor: Any,
+        *,
+        storage: Storage | None = None,
+        store: ICertificateStore | None = None,
+        policy: IDomainPolicy | None = None,
+        issuer: IIssuer | None = None,
+    ) -> OnDemandTLS:
+        """
+        Build the service from a configuration: the only place that picks
+        concrete classes.
+
+        @param reactor: the reactor (nothing here imports the global one).
+        @param storage: the storage to use instead of L{open_storage}'s.
+        @param store: a certificate store to use instead of the
+            configured one (you prepare it yourself).
+        @param policy: a policy instead of the configured allow rules.
+        @param issuer: an issuer instead of the configured CAs; failure
+            backoff and one order per name still apply to it.
+        @raise ConfigError: if the configuration names a store that cannot
+            be opened.
+        """
+        return _build(cls, config, reactor, storage=storage, store=store, policy=policy, issuer=issuer)
+
+    # -- what an application plugs in ---------------------------------------------
+
+    def wrap(self, factory: IProtocolFactory) -> OnDemandTLSFactory:
+        """
+        The on-demand TLS factory around an application factory (a
+        twisted.web C{Site}, a Klein app's C{Site}, any protocol factory):
+        listen on it where HTTPS is served. Each accepted connection gets
+        the certificate for its ClientHello's name, obtained first if
+        needed, then speaks to a protocol from C{factory}; the Site
+        negotiates HTTP/2 or HTTP/1.1 by ALPN.
+        """
+        return OnDemandTLSFactory(
+            self.resolver,
+            factory,  # type: ignore[arg-type]
+            self.reactor,
+            hello_timeout=self.config.hello_timeout,
+            resolve_timeout=self.config.issue_timeout,
+            challenge_context=self.tls_alpn.context_for,
+            events=self.handshakes,
+        )
+
+    def http_resource(self, https_port: int = 443) -> HTTPRedirectRoot:
+        """
+        The port-80 root: ACME HTTP-01 answers under
+        C{/.well-known/acme-challenge/}, a 308 redirect to HTTPS (on
+        C{https_port}) for everything else. Serve it with
+        C{Site(edge.http_resource())}.
+        """
+        return HTTPRedirectRoot(self.challenges, https_port=https_port)
+
+    def challenge_resource(self) -> Resource:
+        """
+        Only the HTTP-01 answers, to mount at
+        C{/.well-known/acme-challenge} in a port-80 site of your own.
+        """
+        return ChallengeResource(self.challenges)
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Prepare, then start the child services, in this order:
+
+          1. the store (directory created 0700; start-up refuses key
+             files others can read);
+          2. the local CA's root, created on first use;
+          3. each ACME account key, created on first use, and its URL;
+          4. the persisted failure backoff and issuance limits;
+          5. a log line with the store, the issuers and the effective
+             policy;
+          6. renewal (its first walk runs at once, without jitter), cache
+             refresh and the refusal summary.
+
+        @raise StartupError: naming what is unusable and how to fix it.
+        """
+        for what, prepare in self.preparations:
+            try:
+                prepare()
+            except StoreError as e:
+                raise StartupError(str(e)) from None
+            except OSError as e:
+                raise StartupError(f"preparing {what}: {e}") from None
+        self._log.info(
+            "tenantedge {version} on-demand TLS: store {store}, issuer {issuer}",
+            version=__version__, store=self.config.store, issuer=self.pipeline.name,
+        )
+        self._log_policy()
+        super().startService()
+
+    def _log_policy(self) -> None:
+        if not self.config.has_allow_rule:
+            self._log.warn(
+                "no allow-url, ask or allow-suffix is set: no certificate will ever be issued; "
+                "only certificates already in the store are served"
+            )
+        else:
+            self._log.info("certificates are issued on demand for {rules}", rules=self.config.describe_policy())
+        if self.local_ca is not None:
+            self._log.info(
+                "local CA root certificate: {root} (give it to clients, e.g. curl --cacert {root})",
+                root=self.local_ca.root_path,
+            )
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred.fromCoroutine(self._stop())
+        return d
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        for stop in self.on_stop:
+            await stop()
+
+
+def _build(
+    cls: type[OnDemandTLS],
+    config: OnDemandConfig,
+    reactor: Any,
+    *,
+    storage: Storage | None,
+    store: ICertificateStore | None,
+    policy: IDomainPolicy | None,
+    issuer: IIssuer | None,
+) -> OnDemandTLS:
+    storage = storage if storage is not None else open_storage(config, reactor)
+    preparations: list[Preparation] = list(storage.preparations) if store is None else []
+    store = store if store is not None else storage.store
+    timings = Timings()
+    # One pool for the CA and the allow endpoint (both verified HTTPS).
+    api_pool = quiet_pool(HTTPConnectionPool(reactor, persistent=True))
+    tls_alpn = TLSALPN01Responder(reactor)
+    responder = tls_alpn if config.challenge == "tls-alpn-01" else HTTP01Responder(storage.challenges)
+    state = partial(os.path.join, storage.directory)
+
+    local_ca: LocalCA | None = None
+    acme_issuers: list[AcmeIssuer] = []
+    backoff = FailureBackoff(state("backoff.json"), reactor)
+    limits = IssuanceLimits(
+        state("limits.json"),
+        reactor,
+        registered_domain,
+        max_concurrent=config.max_concurrent_issuance,
+        max_new_orders=config.max_new_orders,
+        max_per_domain=config.max_certs_per_domain,
+    )
+    if issuer is None:
+        issuers: list[IIssuer] = []
+        for ca in config.ca:
+            if ca == "internal":
+                local_ca = LocalCA(
+                    state("localca"), reactor, validity=datetime.timedelta(seconds=config.internal_validity)
+                )
+                preparations.append(("the local CA", local_ca.prepare))
+                issuers.append(local_ca)
+                continue
+            acme = AcmeIssuer(
+                AcmeClient(ca, None, acme_http_client(reactor, api_pool, config.ca_root), reactor,
+                           user_agent=f"tenantedge/{__version__}"),
+                AccountStore(account_directory(storage.directory, ca)),
+                responder,
+                reactor,
+                email=config.email,
+                eab=config.eab,
+                key_type=config.key_type,
+                run_blocking=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+                on_replaces_refused=limits,
+            )
+            preparations.append((f"the ACME account for {ca}", acme.prepare))
+            acme_issuers.append(acme)
+            issuers.append(LimitedIssuer(acme, limits, exemption=acme))
+        chain: IIssuer = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
+    else:
+        chain = issuer
+    preparations.append(("the failure backoff", backoff.load))
+    preparations.append(("the issuance limits", limits.load))
+
+    checker: AllowChecker | None = None
+    if policy is None:
+        if config.allow_url or config.ask:
+            checker = AllowChecker(
+                config.allow_url or config.ask,  # type: ignore[arg-type]
+                caddy_style=bool(config.ask),
+                http=HTTPClient(Agent(reactor, contextFactory=https_policy(config.allow_ca), pool=api_pool)),
+                clock=reactor,
+                timeout=config.allow_timeout,
+                allow_ttl=config.allow_ttl,
+                deny_ttl=config.deny_ttl,
+            )
+        policy = EdgePolicy(config.static_policy, checker)
+
+    check = CertificateCheck(reactor, local_ca_check(local_ca) if issuer is None else (lambda bundle: True))
+    pipeline = IssuancePipeline(
+        store, BackoffIssuer(chain, backoff), reactor, check, lock=storage.lock, observe=timings.observe_issuance
+    )
+    resolver = CertificateResolver(store, policy, pipeline, reactor, check, cache_size=config.cache_size)
+    renewal = RenewalService(
+        store,
+        pipeline,
+        policy,
+        resolver.remember,
+        resolver.forget,
+        reactor,
+        interval=config.renew_check_interval,
+        renew_before=config.renew_before,
+        window=acme_issuers[0].renewal_window if acme_issuers else None,
+    )
+    refresher = CacheRefresher(resolver, reactor, interval=config.store_poll)
+    refresher.setName("store-refresher")
+    summary = RefusalSummary(resolver.events, reactor)
+    summary.setName("refusal-summary")
+    return cls(
+        config=config,
+        reactor=reactor,
+        store=store,
+        challenges=storage.challenges,
+        policy=policy,
+        pipeline=pipeline,
+        resolver=resolver,
+        renewal=renewal,
+        tls_alpn=tls_alpn,
+        timings=timings,
+        handshakes=Counter(),
+        allow_results=checker.results if checker is not None else None,
+        local_ca=local_ca,
+        acme_issuers=tuple(acme_issuers),
+        backoff=backoff,
+        preparations=tuple(preparations),
+        children=(refresher, summary),
+        on_stop=(api_pool.closeCachedConnections,),
+    )

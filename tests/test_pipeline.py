@@ -1,0 +1,140 @@
+"""
+Tests for L{tenantedge.pipeline}: one issuance pipeline for first requests
+and renewals, one run per name whoever asks, the re-read under the name's
+lock, and counting by purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tenantedge.interfaces import INameLock, IssuanceFailed
+from tenantedge.pipeline import ISSUE, RENEW, CertificateCheck, IssuancePipeline, MemoryNameLock
+from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle
+
+NOW = 1_800_000_000.0
+DAY = 86400.0
+
+
+@implementer(INameLock)
+class HeldLock:
+    """A lock the test releases by hand, as another node would."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[Callable[[], None]]] = []
+        self.released = 0
+
+    def acquire(self, server_name: str) -> Deferred[Callable[[], None]]:
+        d: Deferred[Callable[[], None]] = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def grant(self) -> None:
+        def release() -> None:
+            self.released += 1
+
+        self.waiting.pop(0).callback(release)
+
+
+class PipelineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.store = MemoryStore()
+        self.issuer = ControlledIssuer()
+        self.observed: list[tuple[str, str, float]] = []
+        self.lock = HeldLock()
+        self.pipeline = IssuancePipeline(
+            self.store, self.issuer, self.clock, CertificateCheck(self.clock), lock=self.lock,
+            observe=lambda *args: self.observed.append(args),
+        )
+
+    def bundle(self, name: str, lifetime: float = 30 * DAY) -> object:
+        return make_bundle(name, NOW - 60, NOW + lifetime)
+
+    def test_locks_verify(self) -> None:
+        self.assertTrue(verifyObject(INameLock, MemoryNameLock()))
+        self.assertTrue(verifyObject(INameLock, self.lock))
+
+    def test_one_run_whoever_asks(self) -> None:
+        """A handshake, the renewal walk and the admin API asking at once share one order."""
+        old = self.bundle("a.test")
+        runs = [
+            self.pipeline.obtain("a.test", ISSUE),
+            self.pipeline.obtain("a.test", RENEW, replaces=old),
+            self.pipeline.obtain("b.test"),
+        ]
+        self.assertEqual(len(self.lock.waiting), 2)
+        self.lock.grant()
+        self.lock.grant()
+        self.assertEqual(self.issuer.requests, ["a.test", "b.test"])
+        new = self.bundle("a.test")
+        self.clock.advance(2)
+        self.issuer.complete("a.test", new)
+        self.assertIs(self.successResultOf(runs[0]), new)
+        self.assertIs(self.successResultOf(runs[1]), new)
+        self.assertIs(self.store.bundles["a.test"], new)
+        self.assertEqual(self.observed, [(ISSUE, "issued", 2.0)])
+        self.assertEqual(self.lock.released, 1)
+
+    def test_reread_under_the_lock(self) -> None:
+        """
+        A certificate another holder of the lock stored meanwhile is used:
+        no order is placed.
+        """
+        d = self.pipeline.obtain("a.test")
+        theirs = self.bundle("a.test")
+        self.store.bundles["a.test"] = theirs  # another worker or node finished first
+        self.lock.grant()
+        self.assertIs(self.successResultOf(d), theirs)
+        self.assertEqual(self.issuer.requests, [])
+        self.assertEqual(self.pipeline.events["issue:found"], 1)
+        self.assertEqual(self.lock.released, 1)
+
+    def test_renewal_reread(self) -> None:
+        """
+        A renewal orders unless the store now holds a newer certificate
+        than the one it replaces.
+        """
+        old = self.bundle("a.test", lifetime=DAY)
+        self.store.bundles["a.test"] = old
+        d = self.pipeline.obtain("a.test", RENEW, replaces=old)
+        self.lock.grant()
+        self.assertEqual(self.issuer.requests, ["a.test"])  # still the old one: order
+        self.issuer.complete("a.test", self.bundle("a.test"))
+        self.successResultOf(d)
+        renewed_elsewhere = self.bundle("a.test", lifetime=60 * DAY)
+        self.store.bundles["a.test"] = renewed_elsewhere
+        d = self.pipeline.obtain("a.test", RENEW, replaces=old)
+        self.lock.grant()
+        self.assertIs(self.successResultOf(d), renewed_elsewhere)
+        self.assertEqual(self.issuer.requests, ["a.test"])
+
+    def test_failures_counted_by_purpose(self) -> None:
+        d = self.pipeline.obtain("a.test", RENEW, replaces=self.bundle("a.test"))
+        self.lock.grant()
+        self.issuer.fail_order("a.test")
+        self.failureResultOf(d, IssuanceFailed)
+        self.assertEqual(self.pipeline.counts(RENEW), {"failed": 1})
+        self.assertEqual(self.observed, [(RENEW, "failed", 0.0)])
+        self.assertEqual(self.lock.released, 1)
+
+    def test_unusable_stored_certificate_is_replaced(self) -> None:
+        """An expired certificate found under the lock does not count as found."""
+        self.store.bundles["a.test"] = make_bundle("a.test", NOW - 10 * DAY, NOW - DAY)
+        self.pipeline.obtain("a.test")
+        self.lock.grant()
+        self.assertEqual(self.issuer.requests, ["a.test"])
+
+    def test_stuck_run_abandoned(self) -> None:
+        """A lock that is never granted ends the run after work_timeout; the next starts afresh."""
+        d = self.pipeline.obtain("a.test")
+        self.clock.advance(self.pipeline.work_timeout + 1)
+        self.failureResultOf(d)
+        self.assertFalse(self.pipeline.in_flight("a.test"))

@@ -1,0 +1,66 @@
+"""
+The Twisted private names tenantedge still relies on, pinned: each test
+fails loudly if Twisted renames or changes one, instead of tenantedge
+quietly misbehaving. Each use carries a comment saying why no public way
+exists. (The backend's Connection tokens, read from the HTTP client's
+parser in L{tenantedge.proxy}, are pinned end to end by
+C{tests.test_e2e.ProxyTests.test_backend_hop_by_hop_dropped}.)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import HTTPConnectionPool
+
+from tenantedge.pools import _QuietClientFactory, quiet_pool
+from tenantedge.testing import write_https_material
+from tenantedge.trust import PlatformTrustPlus
+
+
+class _RecordingEndpoint:
+    def __init__(self) -> None:
+        self.factories: list[Any] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.factories.append(factory)
+        return Deferred()
+
+
+class PrivateAPITests(SynchronousTestCase):
+    def test_pool_factory_class(self) -> None:
+        """
+        HTTPConnectionPool._factory is the class it builds per connection;
+        quiet_pool's subclass of _HTTP11ClientFactory is what it uses.
+        """
+        self.assertTrue(hasattr(HTTPConnectionPool, "_factory"))
+        pool = quiet_pool(HTTPConnectionPool(MemoryReactorClock()))
+        endpoint = _RecordingEndpoint()
+        pool.getConnection(("http", b"backend", 80), endpoint)
+        [factory] = endpoint.factories
+        self.assertIsInstance(factory, _QuietClientFactory)
+        self.assertFalse(factory.noisy)
+
+    def test_trust_root_interface(self) -> None:
+        """
+        twisted.internet._sslverify.IOpenSSLTrustRoot (no public alias) is
+        what CertificateOptions adapts a trust root to, and it calls our
+        _addCACertsToContext.
+        """
+        from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        ca, _, _ = write_https_material(directory)
+        root = PlatformTrustPlus([ca])
+        self.assertTrue(IOpenSSLTrustRoot.providedBy(root))
+        calls: list[Any] = []
+        original = root._addCACertsToContext
+        root._addCACertsToContext = lambda context: (calls.append(context), original(context))  # type: ignore[method-assign]
+        CertificateOptions(trustRoot=root).getContext()
+        self.assertEqual(len(calls), 1)
