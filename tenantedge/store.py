@@ -212,14 +212,27 @@ def check_private_file(path: str) -> None:
 
 def ensure_private_directory(path: str) -> None:
     """
-    Create C{path} (and parents) with mode 0700 if it does not exist.
+    Create C{path} with mode 0700 if it does not exist, and every missing
+    parent with 0700 too (C{os.makedirs} applies its mode to the last
+    directory only: C{<store>/accounts/} came out 0755).
 
     @raise StoreError: if it cannot be created or is not a directory.
     """
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"cannot create directory {path}: {e.strerror}") from None
+    missing: list[str] = []
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot create directory {directory}: {e.strerror}") from None
     if not os.path.isdir(path):
         raise StoreError(f"{path} exists but is not a directory")
 

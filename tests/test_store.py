@@ -141,6 +141,19 @@ class DirectoryStoreTests(StoreContractMixin, SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.path, "a.example.pem")).st_mode), 0o600)
 
+    def test_created_parents_are_private(self) -> None:
+        """
+        Every directory the store creates is 0700, not only the last one
+        (the account folder under a new accounts/ used to leave it 0755).
+        """
+        from tenantedge.store import ensure_private_directory
+
+        base = self.mktemp()
+        os.mkdir(base)
+        ensure_private_directory(os.path.join(base, "accounts", "ca.example_443_dir"))
+        for sub in ("accounts", os.path.join("accounts", "ca.example_443_dir")):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(base, sub)).st_mode), 0o700, sub)
+
     def test_mode_despite_umask(self) -> None:
         old = os.umask(0)
         self.addCleanup(os.umask, old)
