@@ -63,3 +63,15 @@ class PluginTests(TestCase):
         )
         self.assertEqual(probe.returncode, 0, probe.stderr)
         self.assertTrue(probe.stdout.strip().startswith(target), probe.stdout)
+        # The plugin cache can be built at install time, so an unprivileged
+        # server never tries (and fails) to write it at start-up.
+        cache = subprocess.run(
+            [sys.executable, "-S", "-m", "tenantedge.plugincache"], capture_output=True, text=True, cwd="/",
+            env=env, timeout=120,
+        )
+        self.assertEqual(cache.returncode, 0, cache.stderr)
+        written = os.path.join(target, "twisted", "plugins", "dropin.cache")
+        self.assertIn(written, cache.stdout)
+        self.assertTrue(os.path.exists(written))
+        # The README ships with the package (the systemd unit's Documentation= points at it).
+        self.assertTrue(os.path.exists(os.path.join(target, "share", "doc", "tenantedge", "README.md")))
