@@ -1,6 +1,7 @@
 """
 L{OnDemandTLS}: on-demand TLS as one Twisted service, for C{twistd
 tenantedge}, the C{tenantedge:} endpoint and your own application alike.
+In your own application::
 
     from twisted.internet import endpoints, reactor
     from twisted.web.server import Site
@@ -35,7 +36,7 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -65,7 +66,7 @@ from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
 from .renewal import RenewalService
 from .resolver import CacheRefresher, CertificateResolver, RefusalSummary
-from .store import DirectoryStore, StoreError
+from .store import DirectoryStore, StoreError, run_inline
 from .tls import OnDemandTLSFactory
 from .trust import acme_http_client, https_policy
 
@@ -98,6 +99,17 @@ class Storage:
     preparations: tuple[Preparation, ...] = ()
 
 
+def _run_blocking(reactor: Any) -> Callable[..., Any]:
+    """
+    How blocking work (file writes with fsync, RSA key generation) runs: in
+    the reactor's thread pool, or inline on a reactor without threads
+    (memory reactors in tests).
+    """
+    if IReactorThreads.providedBy(reactor):
+        return partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    return run_inline
+
+
 def open_storage(config: OnDemandConfig, reactor: Any) -> Storage:
     """
     Open the storage the configuration names: today a directory in
@@ -107,8 +119,7 @@ def open_storage(config: OnDemandConfig, reactor: Any) -> Storage:
     """
     if "://" in config.store:
         raise ConfigError("store", f"{config.store!r}: give a directory")
-    run_blocking: Callable[..., Any] = partial(deferToThreadPool, reactor, reactor.getThreadPool())
-    store = DirectoryStore(config.store, run_blocking=run_blocking)
+    store = DirectoryStore(config.store, run_blocking=_run_blocking(reactor))
     return Storage(
         store=store,
         challenges=MemoryChallengeStore(),
@@ -315,7 +326,13 @@ def _build(
     policy: IDomainPolicy | None,
     issuer: IIssuer | None,
 ) -> OnDemandTLS:
-    storage = storage if storage is not None else open_storage(config, reactor)
+    if storage is None:
+        if store is None:
+            storage = open_storage(config, reactor)
+        else:
+            # The embedder's own store; challenges and the lock stay in this
+            # process, and the state files beside the configured directory.
+            storage = Storage(store, MemoryChallengeStore(), MemoryNameLock(), config.store)
     preparations: list[Preparation] = list(storage.preparations) if store is None else []
     store = store if store is not None else storage.store
     timings = Timings()
@@ -355,7 +372,7 @@ def _build(
                 email=config.email,
                 eab=config.eab,
                 key_type=config.key_type,
-                run_blocking=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+                run_blocking=_run_blocking(reactor),
                 on_replaces_refused=limits,
             )
             preparations.append((f"the ACME account for {ca}", acme.prepare))
