@@ -191,6 +191,30 @@ class OnDemandTests(EdgeTestCase):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    async def test_admin_index(self) -> None:
+        """GET / on the admin port is its index, not a 404."""
+        ports = await self.edge.listening_ports()
+        out, err, code = await run(
+            self.curl, ["--silent", "--fail", f"http://127.0.0.1:{ports['admin'].getHost().port}/"]
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"GET /metrics", out)
+
+    async def test_banner_names_every_listener(self) -> None:
+        """The start-up log names each listener, where it listens and what it is for."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        edge, https, http = await start_edge(self, "--demo", backend=self.backend.url)
+        listening = {e["name"]: e for e in events if str(e.get("log_format", "")).startswith("listening:")}
+        self.assertEqual(sorted(listening), ["admin", "http", "https"])
+        self.assertEqual(listening["https"]["address"], f"127.0.0.1:{https}")
+        self.assertIn("metrics", listening["admin"]["purpose"])
+        self.assertTrue(any("demo backend" in str(e.get("log_format", "")) for e in events))
+        self.assertTrue(any(str(e.get("rules", "")).startswith("names under .test") for e in events))
+
     async def test_metrics(self) -> None:
         """A scrape of /metrics shows the counters moving."""
         self.assertEqual(await self.metric("tenantedge_certificate_lookups_total", 'result="issued"'), 0)

@@ -71,8 +71,18 @@ class AllowEndpointTests(EdgeTestCase):
     async def test_denied_name_never_reaches_issuer(self) -> None:
         """
         A name the allow endpoint denies gets an alert and never reaches the
-        issuer; an allowed one gets its certificate.
+        issuer; an allowed one gets its certificate. Allow checks log no
+        connection-pool noise (C{Starting factory ...}).
         """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        messages: list[str] = []
+
+        def observe(event: dict) -> None:
+            messages.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         edge, port, _ = await start_edge(
             self, "--allow-url", f"{self.backend.url}/check-domain/{{domain}}", backend=self.backend.url,
             suffix=False,
@@ -87,6 +97,7 @@ class AllowEndpointTests(EdgeTestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(edge.on_demand.pipeline.events["issue:issued"], 1)
         self.assertEqual(await self.allow_checks(), ["not-a-tenant.test", "ok-tenant.test"])
+        self.assertEqual([m for m in messages if "Starting factory" in m and "HTTP11ClientFactory" in m], [])
 
     async def test_caddy_ask_endpoint(self) -> None:
         edge, port, _ = await start_edge(self, "--ask", f"{self.backend.url}/ask", backend=self.backend.url,

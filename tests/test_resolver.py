@@ -184,3 +184,44 @@ class ResolverTests(SynchronousTestCase):
         self.issuer.complete("a.tenants.test", self.bundle("a.tenants.test"))
         self.successResultOf(d)
         self.assertFalse(self.resolver.in_flight("a.tenants.test"))
+
+
+class RefusalSummaryTests(SynchronousTestCase):
+    def test_one_line_per_interval(self) -> None:
+        """
+        A flood of refused names is one info line per interval, counted by
+        reason; the per-name lines are debug only; a quiet interval logs
+        nothing.
+        """
+        from collections import Counter
+
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from tenantedge.resolver import RefusalSummary
+
+        clock = MemoryReactorClock()
+        store, issuer = MemoryStore(), ControlledIssuer()
+        resolver = memory_resolver(
+            store, EdgePolicy(StaticPolicy.from_config(deny=[".own.example"], allow_suffixes=[".tenants.test"])),
+            issuer, clock,
+        )
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        summary = RefusalSummary(resolver.events, clock, interval=60)
+        summary.startService()
+        self.addCleanup(summary.stopService)
+        for i in range(500):
+            self.failureResultOf(resolver.context_for(f"random{i}.example"), PolicyRefusal)
+        for i in range(3):
+            self.failureResultOf(resolver.context_for(f"x{i}.own.example"), PolicyRefusal)
+        info = [e for e in events if e.get("log_level") is LogLevel.info]
+        self.assertEqual(info, [])
+        clock.advance(60)
+        lines = [e for e in events if e.get("event") == "refused-summary"]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["count"], 503)
+        self.assertEqual(lines[0]["reasons"], "not-allowed 500, deny-list 3")
+        clock.advance(60)
+        self.assertEqual(len([e for e in events if e.get("event") == "refused-summary"]), 1)
+        self.assertEqual(Counter(e["log_level"] for e in events if e.get("event") == "refused")[LogLevel.info], 0)
