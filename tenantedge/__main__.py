@@ -1,4 +1,4 @@
-"""C{python -m tenantedge}: the admin command line (see L{tenantedge.cli})."""
+"""C{python -m tenantedge}: the command line (see L{tenantedge.cli})."""
 
 import sys
 

@@ -244,12 +244,13 @@ class OnDemandTLS(MultiService):
             events=self.handshakes,
         )
 
-    def http_resource(self, https_port: int = 443) -> HTTPRedirectRoot:
+    def http_resource(self, https_port: int | Callable[[], int] = 443) -> HTTPRedirectRoot:
         """
         The port-80 root: ACME HTTP-01 answers under
         C{/.well-known/acme-challenge/}, a 308 redirect to HTTPS (on
-        C{https_port}) for everything else. Serve it with
-        C{Site(edge.http_resource())}.
+        C{https_port}, or the port a callable returns at each request,
+        such as the one a listener actually bound) for everything else.
+        Serve it with C{Site(edge.http_resource())}.
         """
         return HTTPRedirectRoot(self.challenges, https_port=https_port)
 

@@ -154,7 +154,7 @@ def build_edge(config: OnDemandConfig, reactor: Any, runner_options: Any = None,
     https = _listener(reactor, config.https, on_demand.wrap(site), "tenant traffic")
     listeners = [("https", https)]
     if config.http is not None:
-        port_80 = on_demand.http_resource(https_port=_https_port(https, config.https))
+        port_80 = on_demand.http_resource(https_port=_https_port(https))
         listeners.append(("http", _listener(
             reactor, config.http, EdgeSite(port_80, reactor=reactor, max_body_size=SMALL_BODIES),
             "ACME HTTP-01 answers and redirects to HTTPS",
@@ -173,25 +173,15 @@ def _listener(reactor: Any, description: str, factory: Any, purpose: str) -> Lis
     return ListeningService(endpoints.serverFromString(reactor, description), factory, purpose)
 
 
-def _https_port(https: ListeningService, description: str) -> Callable[[], int]:
-    """Redirects from port 80 name the HTTPS port actually bound."""
+def _https_port(https: ListeningService) -> Callable[[], int]:
+    """Redirects from port 80 name the HTTPS port actually bound (443 until then)."""
 
     def port() -> int:
         if https.port is not None:
             return int(getattr(https.port.getHost(), "port", 443))
-        return endpoint_port(description) or 443
+        return 443
 
     return port
-
-
-def endpoint_port(description: str) -> int | None:
-    """The port number of a C{tcp:PORT...}/C{ssl:PORT} style description."""
-    for part in description.split(":")[1:]:
-        if part.isdigit():
-            return int(part)
-        if part.startswith("port="):
-            return int(part[5:])
-    return None
 
 
 def makeService(options: Options) -> EdgeService:
