@@ -1,0 +1,56 @@
+"""
+The header rules of the reverse proxy, shared by both request paths (the
+twisted.web resource in L{tenantedge.proxy} and the fast HTTP/1.1 relay in
+L{tenantedge.http1}), so that the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable
+
+__all__ = ["HOP_BY_HOP", "EDGE_ONLY", "connection_tokens", "error_body"]
+
+#: RFC 9110 section 7.6.1 connection-specific headers, plus the
+#: non-standard ones clients and old proxies still send.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers that only the edge may set; a client's copy is dropped
+#: (with every C{X-Forwarded-*}). C{x-middleware-subrequest}: Next.js's
+#: internal header, whose pass-through let clients skip middleware
+#: (CVE-2025-29927).
+EDGE_ONLY = frozenset(
+    {b"forwarded", b"x-real-ip", b"x-middleware-subrequest", b"x-middleware-prefetch"}
+)
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """The header names listed in C{Connection} (lower case): not to be forwarded."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return tokens
+
+
+def error_body(code: int, title: str, detail: str) -> bytes:
+    """The short HTML page the edge answers with when it cannot proxy."""
+    return (
+        f"<!doctype html><title>{code} {html.escape(title)}</title>"
+        f"<h1>{code} {html.escape(title)}</h1><p>{html.escape(detail)}</p>\n"
+    ).encode()

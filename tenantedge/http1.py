@@ -1,0 +1,926 @@
+"""
+The fast HTTP/1.1 request path: a raw Twisted protocol on each client
+connection and a pool of raw protocols to the backend, both parsing with
+llhttp (through C{httptools}, as uvicorn does), bytes relayed with
+back-pressure in both directions.
+
+Why not twisted.web here: measured on this kind of machine, a
+C{Site} + C{Agent} proxy spent about half its time in the Agent (URL
+parsing, endpoint creation, producer churn per request) and most of the
+rest building C{Request} and C{Headers} objects nobody reads. This path
+keeps every proxy rule of L{tenantedge.proxy} (the same header functions in
+L{tenantedge.headers}): C{Host} kept and checked against the TLS name
+(421), C{X-Forwarded-*} set afresh and never trusted, hop-by-hop and
+edge-only headers dropped both ways, 502 when the backend is down, 504 when
+it is slow, request and response bodies streamed, and the backend request
+abandoned (its connection closed) as soon as the client goes away, at every
+stage. HTTP/2 and embedders' sites go through twisted.web
+(L{tenantedge.proxy.ProxyResource}); L{EdgeHTTPFactory} picks by ALPN.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IHandshakeListener
+
+from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, error_body
+from .hostnames import InvalidHostname, host_from_header
+
+__all__ = ["BackendPool", "H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory"]
+
+#: Largest request head (request line and headers) accepted: 431 beyond.
+MAX_HEAD = 32 * 1024
+#: Most request header lines accepted: 431 beyond.
+MAX_HEADERS = 100
+#: Node (and so Next.js) closes idle keep-alive connections after 5 s; a
+#: pooled connection idle longer than this is not reused.
+BACKEND_IDLE = 4.0
+#: Request body bytes held while the backend connection is being made;
+#: beyond this the client is paused.
+PENDING_BODY = 256 * 1024
+
+_NO_RESPONSE_BODY = frozenset({204, 304})
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_REASONS = {400: b"Bad Request", 413: b"Content Too Large", 421: b"Misdirected Request",
+            431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 504: b"Gateway Timeout"}
+
+
+class BackendPool:
+    """
+    Keep-alive connections to one backend, reused last-in first-out (the
+    warmest socket first); a connection idle longer than C{idle} is closed
+    instead of reused, so a socket the backend is about to close is never
+    picked.
+
+    @ivar connect: makes the endpoint for a new connection.
+    @ivar max_idle: idle connections kept at most.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, connect: Callable[[], IStreamClientEndpoint], idle: float = BACKEND_IDLE,
+        max_idle: int = 256,
+    ) -> None:
+        self.clock = clock
+        self.connect = connect
+        self.idle = idle
+        self.max_idle = max_idle
+        self._idle: list[BackendConnection] = []
+        self.opened = 0
+
+    def take(self) -> BackendConnection | None:
+        """An idle connection fit for reuse, or None."""
+        now = self.clock.seconds()
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.idle_since < self.idle and conn.connected:
+                return conn
+            conn.close()
+        return None
+
+    def open(self) -> defer.Deferred[BackendConnection]:
+        """A new connection (cancellable while connecting)."""
+        self.opened += 1
+        factory = Factory.forProtocol(BackendConnection)
+        factory.noisy = False
+        d: defer.Deferred[BackendConnection] = self.connect().connect(factory)
+        return d
+
+    def give_back(self, conn: BackendConnection) -> None:
+        """Return a connection whose exchange ended cleanly."""
+        if not conn.connected or len(self._idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = self.clock.seconds()
+        conn.pool = self
+        self._idle.append(conn)
+
+    def forget(self, conn: BackendConnection) -> None:
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        """Close every idle connection (at shutdown)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+
+class BackendConnection(Protocol):
+    """
+    One connection to the backend, carrying one exchange at a time; parses
+    responses with llhttp and hands them to the exchange.
+    """
+
+    exchange: _Exchange | None = None
+    pool: BackendPool | None = None
+    idle_since = 0.0
+    connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        set_no_delay(self.transport)
+        self._new_parser()
+
+    def _new_parser(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._head_done = False
+        self._skip_body = False
+
+    def send(self, exchange: _Exchange, head: bytes) -> None:
+        self.exchange = exchange
+        if self._head_done or self._headers:
+            self._new_parser()
+        self.transport.write(head)  # type: ignore[union-attr]
+
+    # -- llhttp callbacks ---------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        code = self._parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            # An interim response (100 Continue, 103 Early Hints): forward
+            # it, then wait for the real one on a fresh parser.
+            headers, self._headers = self._headers, []
+            if self.exchange is not None:
+                self.exchange.backend_interim(code, self._reason, headers)
+            self._reason = b""
+            return
+        self._head_done = True
+        exchange = self.exchange
+        if exchange is None:
+            return
+        self._skip_body = exchange.method == b"HEAD" or code in _NO_RESPONSE_BODY
+        exchange.backend_head(code, self._reason, self._headers, self._parser.should_keep_alive())
+        if self._skip_body:
+            # llhttp cannot be told a HEAD response has no body: end the
+            # exchange here and parse the next response afresh.
+            self._finish()
+
+    def on_body(self, data: bytes) -> None:
+        if self.exchange is not None and not self._skip_body:
+            self.exchange.backend_body(data)
+
+    def on_message_complete(self) -> None:
+        if not self._skip_body and self._head_done:
+            self._finish()
+
+    def _finish(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.backend_done(self)
+
+    # -- transport ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.exchange is None:
+            if not self._skip_body:
+                # Bytes while idle: the backend is confused; never reuse.
+                self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            exchange, self.exchange = self.exchange, None
+            self.close()
+            if exchange is not None:
+                exchange.backend_failed(f"malformed response from the backend: {e}", self._head_done)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.connected = False
+        if self.pool is not None:
+            self.pool.forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        if self._head_done and not self._skip_body:
+            try:
+                # A close-delimited body ends with the connection.
+                self._parser.feed_data(b"")
+            except httptools.HttpParserError:
+                pass
+            if exchange.backend_closed_complete():
+                exchange.backend_done(None)
+                return
+        exchange.backend_failed(reason.getErrorMessage(), self._head_done)
+
+    def close(self) -> None:
+        self.connected = False
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def set_no_delay(transport: Any) -> None:
+    """Nagle off: a response must not wait for the client's delayed ACK."""
+    set_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_delay is not None:
+        try:
+            set_delay(True)
+        except OSError:
+            pass
+
+
+class AccessLog:
+    """The combined log format, written to a file (C{--access-log})."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "ab", buffering=64 * 1024)
+        self._second = -1
+        self._stamp = b""
+
+    def log(self, peer: str, method: bytes, path: bytes, version: bytes, code: int, length: int | None,
+            referer: bytes, agent: bytes) -> None:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)).encode()
+        self._file.write(
+            b'%s - - [%s] "%s %s HTTP/%s" %d %s "%s" "%s"\n'
+            % (peer.encode(), self._stamp, method, _escape(path), version, code,
+               b"-" if length is None else b"%d" % length, _escape(referer) or b"-", _escape(agent) or b"-")
+        )
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _escape(value: bytes) -> bytes:
+    return value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+
+
+class H1Proxy:
+    """
+    What every L{H1ProxyProtocol} shares: the backend, limits and hooks.
+
+    @ivar pool: backend connections.
+    @ivar prefix: the backend URL's path, put before each request path.
+    @ivar timeout: seconds to wait for the backend's response headers (504).
+    @ivar max_body_size: largest request body (0: no limit), else 413.
+    @ivar observe: C{observe(status, seconds)} for each request, for metrics.
+    @ivar access_log: where to log requests, if anywhere.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, pool: BackendPool, clock: IReactorTime, prefix: bytes = b"", timeout: float = 60.0,
+        max_body_size: int = 0, observe: Callable[[int, float], None] | None = None,
+        access_log: AccessLog | None = None, idle_timeout: float = 60.0,
+    ) -> None:
+        self.pool = pool
+        self.clock = clock
+        self.prefix = prefix.rstrip(b"/")
+        self.timeout = timeout
+        self.max_body_size = max_body_size
+        self.observe = observe
+        self.access_log = access_log
+        self.idle_timeout = idle_timeout
+
+
+class _Exchange:
+    """
+    One request and its response: from the client's request head to the
+    last byte of the backend's response (or the error that replaced it).
+    """
+
+    __slots__ = (
+        "client", "proxy", "method", "path", "version", "keep_alive", "head", "chunked", "started",
+        "backend", "connecting", "pending", "pending_size", "request_done", "response_started",
+        "response_chunked", "response_close", "timer", "code", "sent", "finished", "retried",
+        "referer", "agent", "body_limit", "body_seen", "close_delimited", "expect_continue", "up", "down",
+        "problem",
+    )
+
+    def __init__(self, client: H1ProxyProtocol, method: bytes, path: bytes, version: bytes, keep_alive: bool,
+                 head: bytes, chunked: bool, referer: bytes, agent: bytes) -> None:
+        self.client = client
+        self.proxy = client.proxy
+        self.method = method
+        self.path = path
+        self.version = version
+        self.keep_alive = keep_alive
+        self.head = head
+        self.chunked = chunked
+        self.started = self.proxy.clock.seconds()
+        self.backend: BackendConnection | None = None
+        self.connecting: defer.Deferred[BackendConnection] | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.request_done = False
+        self.response_started = False
+        self.response_chunked = False
+        self.response_close = False
+        self.close_delimited = False
+        self.timer: Any = None
+        self.code = 0
+        self.sent: int | None = None
+        self.finished = False
+        self.retried = False
+        self.referer = referer
+        self.agent = agent
+        self.body_seen = 0
+        self.body_limit = self.proxy.max_body_size
+        self.expect_continue = False
+        #: The backend transport has the client as its producer (upload
+        #: back-pressure), and the client transport the backend (download).
+        self.up: Any = None
+        self.down: Any = None
+        #: (code, detail) when the request is refused without the backend.
+        self.problem: tuple[int, str] | None = None
+
+    def release_producers(self) -> None:
+        """Undo any producer registration this exchange made."""
+        up, self.up = self.up, None
+        if up is not None:
+            up.unregisterProducer()
+        down, self.down = self.down, None
+        if down is not None:
+            down.unregisterProducer()
+
+    # -- request direction ---------------------------------------------------------
+
+    def start(self) -> None:
+        conn = self.proxy.pool.take()
+        if conn is not None:
+            self._connected(conn)
+            return
+        self._open()
+
+    def _open(self) -> None:
+        d = self.proxy.pool.open()
+        self.connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn: BackendConnection) -> None:
+        self.connecting = None
+        if self.finished:
+            self.proxy.pool.give_back(conn)
+            return
+        self.backend = conn
+        conn.pool = None
+        data = [self.head, *self.pending]
+        if self.request_done and self.chunked:
+            data.append(b"0\r\n\r\n")
+        self.pending = []
+        conn.send(self, b"".join(data))
+        if self.pending_size:
+            self.pending_size = 0
+            self.client.resume_reading()
+        self.timer = self.proxy.clock.callLater(self.proxy.timeout, self._timed_out)
+        if not self.request_done:
+            # Back-pressure: a slow backend slows the upload.
+            self.up = conn.transport
+            self.up.registerProducer(self.client.transport, True)
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self.connecting = None
+        if self.finished or reason.check(defer.CancelledError):
+            return
+        self.fail(502, f"cannot connect to the backend: {reason.getErrorMessage()}")
+
+    def body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.body_seen += len(data)
+        if self.body_limit and self.body_seen > self.body_limit:
+            self.fail(413, "request body over the limit", quiet=True)
+            return
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self.backend is not None:
+            self.backend.transport.write(data)  # type: ignore[union-attr]
+        else:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > PENDING_BODY:
+                self.client.pause_reading()
+
+    def body_done(self) -> None:
+        self.request_done = True
+        if self.backend is not None:
+            if self.chunked:
+                self.backend.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+            up, self.up = self.up, None
+            if up is not None:
+                up.unregisterProducer()
+
+    # -- response direction ---------------------------------------------------------
+
+    def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if code == 100 and self.expect_continue:
+            self.expect_continue = False
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.code = code
+        proxy = self.proxy
+        if proxy.observe is not None:
+            proxy.observe(code, proxy.clock.seconds() - self.started)
+        extra = connection_tokens(headers)
+        out = [b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"OK"))]
+        length: int | None = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in extra:
+                continue
+            if lower == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    continue
+            out.append(b"%s: %s\r\n" % (name, value))
+        has_body = self.method != b"HEAD" and code not in _NO_RESPONSE_BODY
+        if has_body and length is None:
+            if self.version == b"1.1":
+                self.response_chunked = True
+                out.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.close_delimited = True
+                self.keep_alive = False
+        if not keep_alive:
+            self.response_close = True  # the backend closes: its body may end with the connection
+        if not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        self.sent = length
+        self.response_started = True
+        self.client.write(b"".join(out))
+        if self.backend is not None and has_body:
+            self.down = self.client.transport
+            self.down.registerProducer(self.backend.transport, True)
+
+    def backend_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        if self.response_chunked:
+            self.client.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.client.write(data)
+
+    def backend_closed_complete(self) -> bool:
+        """Did a close-delimited response just end normally?"""
+        return self.response_started and self.response_close and self.sent is None
+
+    def backend_done(self, conn: BackendConnection | None) -> None:
+        if self.finished:
+            return
+        if self.response_chunked:
+            self.client.write(b"0\r\n\r\n")
+        self.release_producers()
+        self.backend = None
+        if conn is not None:
+            if self.request_done and not self.response_close:
+                self.proxy.pool.give_back(conn)
+            else:
+                conn.close()
+        self._finished()
+
+    def backend_failed(self, detail: str, head_done: bool) -> None:
+        if self.finished:
+            return
+        self.backend = None
+        if not self.response_started:
+            if not head_done and self.method in _IDEMPOTENT and not self.retried and not self.body_seen:
+                # A pooled connection the backend closed under us: once more
+                # on a fresh one.
+                self.retried = True
+                if self.timer is not None and self.timer.active():
+                    self.timer.cancel()
+                self.timer = None
+                self._open()
+                return
+            self.fail(502, detail)
+        else:
+            # Part of the response is out: cut the client off rather than
+            # let a truncated body look complete.
+            self.finished = True
+            self.release_producers()
+            self.client.exchange_aborted(self)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.backend is not None:
+            backend, self.backend = self.backend, None
+            backend.exchange = None
+            backend.close()
+        self.fail(504, f"no response headers within {self.proxy.timeout:g}s")
+
+    # -- endings ---------------------------------------------------------------------
+
+    def fail(self, code: int, detail: str, quiet: bool = False) -> None:
+        """Answer with an error page (or cut the connection if the response began)."""
+        if self.finished:
+            return
+        if not quiet and code >= 500:
+            self.proxy._log.warn(
+                "backend request for {path} failed with {code}: {error}",
+                path=self.path.decode("ascii", "replace")[:200], code=code, error=detail,
+            )
+        self.abandon_backend()
+        if self.response_started:
+            self.finished = True
+            self.client.exchange_aborted(self)
+            return
+        if self.proxy.observe is not None and code >= 500:
+            self.proxy.observe(code, self.proxy.clock.seconds() - self.started)
+        self.code = code
+        body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
+        closing = code in (400, 413, 431) or not self.request_done or not self.keep_alive
+        if closing:
+            self.keep_alive = False
+        self.sent = len(body)
+        self.client.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s"
+            % (code, _REASONS[code], len(body), b"Connection: close\r\n" if closing else b"", body)
+        )
+        self.response_started = True
+        self._finished()
+
+    def abandon_backend(self) -> None:
+        """Stop whatever the backend side is doing (client gone, error)."""
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.release_producers()
+        if self.connecting is not None:
+            connecting, self.connecting = self.connecting, None
+            connecting.cancel()
+        if self.backend is not None:
+            backend, self.backend = self.backend, None
+            backend.exchange = None
+            backend.close()
+
+    def _finished(self) -> None:
+        self.finished = True
+        proxy = self.proxy
+        if proxy.access_log is not None:
+            proxy.access_log.log(self.client.peer, self.method, self.path, self.version, self.code, self.sent,
+                                 self.referer, self.agent)
+        self.client.exchange_finished(self)
+
+
+_DETAILS = {
+    502: "The application is not reachable right now.",
+    504: "The application did not answer in time.",
+    413: "The request body is larger than this server accepts.",
+    431: "The request headers are too large.",
+}
+
+
+class H1ProxyProtocol(Protocol):
+    """
+    One client connection speaking HTTP/1.1 (over TLS, after ALPN chose
+    it), relayed request by request to the backend.
+
+    @ivar server_name: the name the TLS certificate was chosen for; a
+        request for another C{Host} gets 421.
+    """
+
+    _log = Logger()
+
+    def __init__(self, proxy: H1Proxy, server_name: str) -> None:
+        self.proxy = proxy
+        self.server_name = server_name
+        self.peer = ""
+        self._parser = httptools.HttpRequestParser(self)
+        self._exchange: _Exchange | None = None
+        self._queue: deque[_Exchange] = deque()
+        self._closing = False
+        self._paused = False
+        self._idle_timer: Any = None
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._current: _Exchange | None = None
+        self._refused = False
+
+    # -- connection ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer = str(getattr(peer, "host", ""))
+        set_no_delay(self.transport)
+        self._arm_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade (WebSocket) is not relayed on this path: the request
+            # went to the backend as a plain one; close after it.
+            self._closing_after_current()
+        except httptools.HttpParserError:
+            if self._current is not None and self._current.finished:
+                return
+            if self._exchange is None and self._current is None:
+                self._answer_now(400, "malformed request")
+            else:
+                self._closing = True
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closing = True
+        self._cancel_idle()
+        for exchange in [self._exchange, *self._queue, self._current]:
+            if exchange is not None and not exchange.finished:
+                exchange.finished = True
+                exchange.abandon_backend()
+        self._exchange = None
+        self._queue.clear()
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def pause_reading(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _arm_idle(self) -> None:
+        self._idle_timer = self.proxy.clock.callLater(self.proxy.idle_timeout, self._idle_timed_out)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            if self._idle_timer.active():
+                self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_timed_out(self) -> None:
+        self._idle_timer = None
+        self._closing = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- llhttp callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._cancel_idle()
+        self._reset_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > MAX_HEAD:
+            self._refuse(431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        self._headers.append((name, value))
+        if self._head_size > MAX_HEAD or len(self._headers) > MAX_HEADERS:
+            self._refuse(431)
+
+    def _refuse(self, code: int) -> None:
+        if not self._refused:
+            self._refused = True
+            self._answer_now(code, "")
+            raise httptools.HttpParserCallbackError("refused")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        method = parser.get_method()
+        version = parser.get_http_version().encode("ascii")
+        keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
+        problem, head, chunked, referer, agent, expect = self._upstream_head(method, version)
+        exchange = _Exchange(self, method, self._url, version, keep_alive, head, chunked, referer, agent)
+        self._current = exchange
+        if problem is not None:
+            exchange.problem = problem
+            exchange.request_done = True
+        elif expect:
+            exchange.expect_continue = True
+        self._enqueue(exchange)
+
+    def on_body(self, data: bytes) -> None:
+        current = self._current
+        if current is not None and current.problem is None:
+            current.body(data)
+
+    def on_message_complete(self) -> None:
+        exchange, self._current = self._current, None
+        if exchange is not None and not exchange.finished:
+            exchange.body_done()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _upstream_head(
+        self, method: bytes, version: bytes
+    ) -> tuple[tuple[int, str] | None, bytes, bool, bytes, bytes, bool]:
+        """Validate the request head and build the backend's; (problem, head, chunked, referer, agent, expect)."""
+        hosts: list[bytes] = []
+        extra = connection_tokens(self._headers)
+        out = [b"%s %s%s HTTP/1.1\r\n" % (method, self.proxy.prefix, self._url)]
+        chunked = False
+        length = None
+        referer = agent = b""
+        expect = False
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"host":
+                hosts.append(value)
+                continue
+            if lower == b"transfer-encoding":
+                chunked = True
+                continue
+            if lower == b"content-length":
+                length = value
+                continue
+            if lower == b"expect":
+                expect = value.strip().lower() == b"100-continue"
+                continue
+            if lower == b"referer":
+                referer = value
+            elif lower == b"user-agent":
+                agent = value
+            if lower in HOP_BY_HOP or lower in extra or lower in EDGE_ONLY or lower.startswith(b"x-forwarded-"):
+                continue
+            out.append(b"%s: %s\r\n" % (name, value))
+        if not self._url.startswith(b"/"):
+            return (400, "Only origin-form request targets are accepted."), b"", False, referer, agent, False
+        if len(hosts) != 1:
+            return (400, "The request needs exactly one Host header."), b"", False, referer, agent, False
+        host = hosts[0]
+        try:
+            name = host_from_header(host)
+        except InvalidHostname:
+            return (400, "The Host header is not a valid host name."), b"", False, referer, agent, False
+        if name != self.server_name:
+            return (421, "This connection was opened for another host name."), b"", False, referer, agent, False
+        limit = self.proxy.max_body_size
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return (400, "Bad Content-Length."), b"", False, referer, agent, False
+            if limit and declared > limit:
+                return (413, ""), b"", False, referer, agent, False
+            if not chunked:
+                out.append(b"Content-Length: %s\r\n" % (length,))
+        if chunked:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        out.append(b"Host: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: %s\r\n\r\n"
+                   % (host, self.peer.encode("ascii", "replace"), host))
+        return None, b"".join(out), chunked, referer, agent, expect and (chunked or length is not None)
+
+    def _enqueue(self, exchange: _Exchange) -> None:
+        if self._exchange is None:
+            self._exchange = exchange
+            if not exchange.finished:
+                self._begin(exchange)
+        else:
+            # Pipelined: answered in order, one at a time.
+            self._queue.append(exchange)
+            self.pause_reading()
+
+    def _begin(self, exchange: _Exchange) -> None:
+        if exchange.problem is not None:
+            exchange.fail(*exchange.problem, quiet=True)
+            return
+        if exchange.expect_continue:
+            # The body is acceptable (its length passed the limit): ask for it.
+            exchange.expect_continue = False
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        exchange.start()
+
+    def _answer_now(self, code: int, detail: str) -> None:
+        exchange = _Exchange(self, b"GET", self._url or b"-", b"1.1", False, b"", False, b"", b"")
+        exchange.request_done = True
+        if self._exchange is None:
+            self._exchange = exchange
+        else:
+            self._queue.append(exchange)
+        exchange.fail(code, detail, quiet=True)
+
+    def _closing_after_current(self) -> None:
+        if self._exchange is None:
+            self._close()
+        else:
+            for exchange in [self._exchange, *self._queue]:
+                exchange.keep_alive = False
+
+    def exchange_finished(self, exchange: _Exchange) -> None:
+        if exchange is not self._exchange:
+            # Finished out of turn (an error answered before its turn is
+            # impossible: errors answer in order); keep it queued.
+            return
+        self._exchange = None
+        if not exchange.keep_alive:
+            self._close()
+            return
+        while self._queue:
+            nxt = self._queue.popleft()
+            self._exchange = nxt
+            if not self._queue:
+                self.resume_reading()
+            if nxt.finished:
+                continue
+            self._begin(nxt)
+            return
+        self._arm_idle()
+
+    def exchange_aborted(self, exchange: _Exchange) -> None:
+        self._closing = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _close(self) -> None:
+        # Every exchange has released its producer by now, so a TLS
+        # transport closes at once once its buffer is flushed.
+        self._closing = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@implementer(IHandshakeListener)
+class _ALPNDispatch(Protocol):
+    """
+    The first protocol on a TLS connection: once the handshake is done, it
+    puts the right one in its place, the fast HTTP/1.1 relay or the
+    twisted.web channel (HTTP/2).
+    """
+
+    def __init__(self, factory: EdgeHTTPFactory, addr: Any) -> None:
+        self.factory = factory
+        self.addr = addr
+
+    def handshakeCompleted(self) -> None:
+        self._choose()
+
+    def dataReceived(self, data: bytes) -> None:
+        real = self._choose()
+        if real is not None:
+            real.dataReceived(data)
+
+    def _choose(self) -> Any:
+        tls = self.transport
+        if getattr(tls, "wrappedProtocol", None) is not self:
+            return getattr(tls, "wrappedProtocol", None)
+        negotiated = getattr(tls, "negotiatedProtocol", None)
+        if negotiated == b"h2":
+            real = self.factory.site.buildProtocol(self.addr)
+        else:
+            name = str(getattr(tls, "tenantedge_server_name", ""))
+            real = H1ProxyProtocol(self.factory.proxy, name)
+        tls.wrappedProtocol = real  # type: ignore[union-attr]
+        real.makeConnection(tls)
+        if IHandshakeListener.providedBy(real):
+            real.handshakeCompleted()
+        return real
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        pass
+
+
+class EdgeHTTPFactory(Factory):
+    """
+    The application factory the HTTPS listener wraps: HTTP/1.1 on the fast
+    relay (L{H1ProxyProtocol}), HTTP/2 on twisted.web's C{site}.
+    """
+
+    noisy = False
+
+    def __init__(self, proxy: H1Proxy, site: Factory) -> None:
+        self.proxy = proxy
+        self.site = site
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def buildProtocol(self, addr: Any) -> _ALPNDispatch:
+        return _ALPNDispatch(self, addr)

@@ -1,0 +1,286 @@
+"""
+Tests for L{tenantedge.http1}, the fast HTTP/1.1 relay, driven byte by
+byte: the client on a C{StringTransport}, the backend connections on
+C{StringTransport}s made by a controllable endpoint. Every proxy rule
+of the twisted.web path holds here too; end-to-end tests over TLS with
+real curl and a real backend are in C{tests/test_e2e.py}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from tenantedge.http1 import BackendPool, H1Proxy, H1ProxyProtocol
+
+
+class FakeEndpoint:
+    """Connections the test completes (or fails) by hand."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Any, Deferred[Any]]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred(lambda d: None)
+        self.attempts.append((factory, d))
+        return d
+
+    def complete(self, index: int = -1) -> tuple[Any, StringTransport]:
+        factory, d = self.attempts[index]
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        d.callback(proto)
+        return proto, transport
+
+
+class RelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1000)
+        self.endpoint = FakeEndpoint()
+        self.pool = BackendPool(self.clock, lambda: self.endpoint)
+        self.observed: list[tuple[int, float]] = []
+        self.proxy = H1Proxy(self.pool, self.clock, timeout=30, max_body_size=1000,
+                             observe=lambda code, s: self.observed.append((code, s)))
+        self.client, self.wire = self.connect()
+
+    def connect(self) -> tuple[H1ProxyProtocol, StringTransport]:
+        proto = H1ProxyProtocol(self.proxy, "shop.test")
+        wire = StringTransport(peerAddress=_Peer("203.0.113.9"))
+        proto.makeConnection(wire)
+        return proto, wire
+
+    def backend_request(self, transport: StringTransport) -> bytes:
+        data = transport.value()
+        transport.clear()
+        return data
+
+    def test_get_relayed_with_edge_headers(self) -> None:
+        """
+        Host kept, X-Forwarded-* set afresh (client copies dropped),
+        hop-by-hop and edge-only headers dropped, the response relayed.
+        """
+        self.client.dataReceived(
+            b"GET /a?b=1 HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil\r\n"
+            b"X-Middleware-Subrequest: mw\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nAccept: */*\r\n\r\n"
+        )
+        backend, bwire = self.endpoint.complete()
+        sent = self.backend_request(bwire)
+        self.assertTrue(sent.startswith(b"GET /a?b=1 HTTP/1.1\r\n"))
+        self.assertIn(b"Host: shop.test\r\n", sent)
+        self.assertIn(b"X-Forwarded-For: 203.0.113.9\r\n", sent)
+        self.assertIn(b"X-Forwarded-Proto: https\r\n", sent)
+        self.assertIn(b"Accept: */*\r\n", sent)
+        for bad in (b"6.6.6.6", b"evil", b"Middleware", b"X-Hop", b"Connection"):
+            self.assertNotIn(bad, sent)
+        self.clock.advance(0.5)
+        backend.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, X-Internal\r\nX-Internal: s\r\n"
+            b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nhello"
+        )
+        out = self.wire.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b"Content-Length: 5\r\n", out)
+        self.assertEqual(out.count(b"Set-Cookie"), 2)
+        self.assertNotIn(b"X-Internal", out)
+        self.assertTrue(out.endswith(b"\r\n\r\nhello"))
+        self.assertEqual(self.observed, [(200, 0.5)])
+        self.assertEqual(self.pool.idle_count(), 1)  # back in the pool
+        self.assertFalse(self.wire.disconnecting)
+
+    def test_connection_reused(self) -> None:
+        for _ in range(3):
+            self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+            if not self.endpoint.attempts or len(self.endpoint.attempts) == 1 and self.pool.idle_count() == 0:
+                pass
+            if len(self.endpoint.attempts) == 1 and not hasattr(self, "backend"):
+                self.backend, self.bwire = self.endpoint.complete()
+            self.backend.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        self.assertEqual(self.wire.value().count(b"HTTP/1.1 204"), 3)
+
+    def test_misdirected(self) -> None:
+        """A Host other than the TLS name is 421 and never reaches the backend."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 421 "))
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_two_hosts_and_no_host(self) -> None:
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\nHost: shop.test\r\n\r\n")
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 400 "))
+        client, wire = self.connect()
+        client.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_header_limits(self) -> None:
+        """A head over the size or count limit is 431, and the connection closes."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(self.wire.disconnecting)
+        client, wire = self.connect()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n" + b"X-N: 1\r\n" * 150 + b"\r\n")
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 431 "))
+
+    def test_malformed(self) -> None:
+        self.client.dataReceived(b"NOT HTTP AT ALL\r\n\r\n")
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(self.wire.disconnecting)
+
+    def test_body_streamed_content_length(self) -> None:
+        """A body is relayed as it arrives, with its length."""
+        self.client.dataReceived(b"POST /up HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 10\r\n\r\n01234")
+        backend, bwire = self.endpoint.complete()
+        self.assertTrue(self.backend_request(bwire).endswith(b"Content-Length: 10\r\n\r\n") is False)
+        self.client.dataReceived(b"56789")
+        self.assertTrue(bwire.value().endswith(b"56789"))
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.wire.value().endswith(b"ok"))
+
+    def test_chunked_upload(self) -> None:
+        self.client.dataReceived(
+            b"POST /up HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        backend, bwire = self.endpoint.complete()
+        self.client.dataReceived(b"0\r\n\r\n")
+        sent = bwire.value()
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", sent)
+        self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\n\r\n"))
+
+    def test_body_limit(self) -> None:
+        """A declared length over the limit is 413 at once; a chunked body over it too."""
+        self.client.dataReceived(b"POST / HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5000\r\n\r\n")
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(self.wire.disconnecting)
+        self.assertEqual(self.endpoint.attempts, [])
+        client, wire = self.connect()
+        client.dataReceived(b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        client.dataReceived(b"%x\r\n%s\r\n" % (1200, b"x" * 1200))
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(bwire.disconnecting)  # the backend request is abandoned
+
+    def test_expect_continue(self) -> None:
+        self.client.dataReceived(
+            b"PUT /up HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+        )
+        self.assertEqual(self.wire.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        self.assertNotIn(b"Expect", bwire.value())
+
+    def test_chunked_response_and_head(self) -> None:
+        """A response without a length is chunked to the client; HEAD has no body."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        out = self.wire.value()
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", out)
+        self.assertTrue(out.endswith(b"3\r\nabc\r\n0\r\n\r\n"))
+        self.wire.clear()
+        self.client.dataReceived(b"HEAD / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+        self.assertTrue(self.wire.value().endswith(b"Content-Length: 99\r\n\r\n"))
+        self.wire.clear()
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.wire.value().endswith(b"\r\n\r\nok"))
+
+    def test_backend_down_is_502(self) -> None:
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        self.endpoint.attempts[0][1].errback(ConnectionRefusedError())
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 502 "))
+        self.assertEqual(self.observed[0][0], 502)
+        self.flushLoggedErrors()
+
+    def test_backend_slow_is_504(self) -> None:
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        self.clock.advance(31)
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 504 "))
+        self.assertTrue(bwire.disconnecting)
+
+    def test_truncated_response_cuts_the_client(self) -> None:
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        backend.connectionLost(_failure(ConnectionResetError()))
+        self.assertTrue(self.wire.disconnecting or getattr(self.wire, "aborted", False))
+
+    def test_client_gone_cancels_at_every_stage(self) -> None:
+        """Connecting, waiting for headers, streaming: the backend side is dropped each time."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        _, connecting = self.endpoint.attempts[0]
+        self.client.connectionLost(_failure(ConnectionResetError()))
+        self.assertTrue(connecting.called)  # cancelled while connecting
+        client, wire = self.connect()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        client.connectionLost(_failure(ConnectionResetError()))
+        self.assertTrue(getattr(bwire, "aborted", False) or bwire.disconnecting)
+        self.assertEqual(self.pool.idle_count(), 0)
+        client, wire = self.connect()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+        client.connectionLost(_failure(ConnectionResetError()))
+        self.assertTrue(getattr(bwire, "aborted", False) or bwire.disconnecting)
+        self.assertEqual(self.pool.idle_count(), 0)
+
+    def test_stale_pooled_connection_retried(self) -> None:
+        """A pooled connection the backend closed under us: a GET is retried once on a new one."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.wire.clear()
+        self.client.dataReceived(b"GET /again HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend.connectionLost(_failure(ConnectionResetError()))
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        fresh, fwire = self.endpoint.complete()
+        self.assertTrue(fwire.value().startswith(b"GET /again "))
+        fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.wire.value().endswith(b"ok"))
+
+    def test_pipelined_requests_answered_in_order(self) -> None:
+        self.client.dataReceived(
+            b"GET /1 HTTP/1.1\r\nHost: shop.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: shop.test\r\n\r\n"
+        )
+        backend, bwire = self.endpoint.complete()
+        self.assertTrue(bwire.value().startswith(b"GET /1 "))
+        self.assertNotIn(b"GET /2", bwire.value())
+        bwire.clear()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+        self.assertTrue(bwire.value().startswith(b"GET /2 "))
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+        out = self.wire.value()
+        self.assertLess(out.index(b"\r\n\r\n1"), out.index(b"\r\n\r\n2"))
+
+    def test_http10_close_delimited(self) -> None:
+        """An HTTP/1.0 client gets a close-delimited body when the backend gives no length."""
+        self.client.dataReceived(b"GET / HTTP/1.0\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+        out = self.wire.value()
+        self.assertNotIn(b"chunked", out)
+        self.assertIn(b"Connection: close", out)
+        self.assertTrue(out.endswith(b"hi"))
+        self.assertTrue(self.wire.disconnecting)
+
+    def test_idle_keep_alive_closed(self) -> None:
+        self.clock.advance(self.proxy.idle_timeout + 1)
+        self.assertTrue(self.wire.disconnecting)
+
+
+class _Peer:
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.port = 40000
+
+
+def _failure(error: Exception) -> Any:
+    from twisted.python.failure import Failure
+
+    return Failure(error)
