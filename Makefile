@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test deps clean
+.PHONY: demo test deps typecheck apidocs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,20 @@ deps:
 demo: $(VENV)/.installed
 	$(BIN)/twist --log-format=text tenantedge --demo
 
-test: $(VENV)/.installed deps
+# Type-check the package (settings in mypy.ini).
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy tenantedge
+
+# The API reference, from the docstrings (epytext), into apidocs/ (settings
+# in pydoctor.ini); any pydoctor warning fails it.
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' tenantedge/__init__.py)
+apidocs: $(VENV)/.installed
+	rm -rf apidocs
+	$(BIN)/pydoctor --config=pydoctor.ini --quiet --project-version=$(VERSION) tenantedge
+	@echo "API reference: apidocs/index.html"
+
+test: $(VENV)/.installed deps typecheck apidocs
 	$(BIN)/trial $(TRIAL_ARGS) tests
 
 clean:
-	rm -rf $(VENV) tenantedge-demo _trial_temp
+	rm -rf $(VENV) tenantedge-demo _trial_temp apidocs .mypy_cache

@@ -17,11 +17,16 @@ or the C{tenantedge:} endpoint string (L{tenantedge.endpoint}). Nothing here
 imports the global reactor: it is always an argument.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .config import ConfigError, OnDemandConfig  # noqa: E402
-from .service import OnDemandTLS, StartupError  # noqa: E402
-from .tls import tls_server_name  # noqa: E402
+if TYPE_CHECKING:
+    from .config import ConfigError, OnDemandConfig
+    from .service import OnDemandTLS, StartupError
+    from .tls import tls_server_name
 
 __all__ = [
     "__version__",
@@ -31,3 +36,23 @@ __all__ = [
     "StartupError",
     "tls_server_name",
 ]
+
+#: Where each public name lives. They are imported on first use (PEP 562),
+#: so that importing any tenantedge module (the endpoint plugin, the CLI,
+#: the plugin cache) does not load the whole TLS, ACME and HTTP stack.
+_PUBLIC = {
+    "OnDemandConfig": "config",
+    "ConfigError": "config",
+    "OnDemandTLS": "service",
+    "StartupError": "service",
+    "tls_server_name": "tls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tenantedge' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{module}", __name__), name)

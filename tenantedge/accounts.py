@@ -59,10 +59,10 @@ class AccountStore:
         """
         ensure_private_directory(self.path)
         if not os.path.exists(self.key_path):
-            key = ec.generate_private_key(ec.SECP256R1())
+            new_key = ec.generate_private_key(ec.SECP256R1())
             atomic_write(
                 self.key_path,
-                key.private_bytes(
+                new_key.private_bytes(
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 ),
             )

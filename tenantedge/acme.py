@@ -157,7 +157,7 @@ def ari_certificate_id(cert: x509.Certificate) -> str | None:
 def parse_retry_after(value: bytes | None, now: float) -> float | None:
     """
     Seconds to wait from a C{Retry-After} header (delta-seconds or an HTTP
-    date), or L{None} if absent or unparseable.
+    date), or C{None} if absent or unparseable.
     """
     if not value:
         return None
@@ -205,8 +205,10 @@ class AcmeClient:
     One account at one ACME CA.
 
     @ivar directory_url: the CA's directory.
-    @ivar key: the account key (a josepy JWK with its private key).
-    @ivar http: a treq C{HTTPClient} (or L{treq.testing.StubTreq}).
+    @ivar key: the account key (a josepy JWK with its private key); C{None}
+        until the account store loads it (see
+        L{tenantedge.issuer.AcmeIssuer.prepare}).
+    @ivar http: a treq C{HTTPClient} (or C{treq.testing.StubTreq}).
     @ivar clock: for polling delays and deadlines.
     @ivar account_url: the account's URL (C{kid}), once known.
     @ivar request_timeout: deadline for one HTTP exchange.
@@ -219,7 +221,7 @@ class AcmeClient:
     """
 
     directory_url: str
-    key: jose.JWK
+    key: jose.JWK | None
     http: Any
     clock: IReactorTime
     account_url: str | None = None
@@ -318,7 +320,7 @@ class AcmeClient:
     ) -> _Reply:
         """
         A signed POST (RFC 8555 section 6.2). C{payload} is a message
-        object or dict, or L{None} for POST-as-GET.
+        object or dict, or C{None} for POST-as-GET.
 
         @raise AcmeProblem: for an error response (after C{badNonce}
             retries).
@@ -331,6 +333,7 @@ class AcmeClient:
             body = json.dumps(payload).encode()
         if not use_jwk and self.account_url is None:
             raise RuntimeError("no account yet: call register() first")
+        assert self.key is not None, "no account key yet"
         for attempt in range(self.max_nonce_retries + 1):
             nonce = await self._nonce(host)
             signed = acme_jws.JWS.sign(
@@ -341,7 +344,7 @@ class AcmeClient:
                 url=url,
                 kid=None if use_jwk else self.account_url,
             )
-            headers = {b"Content-Type": [_JOSE]}
+            headers: dict[bytes, list[str | bytes]] = {b"Content-Type": [_JOSE]}
             if accept is not None:
                 headers[b"Accept"] = [accept]
             reply = await self._exchange(host, "POST", url, data=signed.json_dumps().encode(), headers=headers)
@@ -433,6 +436,7 @@ class AcmeClient:
             raise AcmeError(host, f"{self.directory_url} requires External Account Binding (--eab-kid, --eab-hmac-key)")
         binding = None
         if eab is not None:
+            assert self.key is not None, "no account key yet"
             binding = messages.ExternalAccountBinding.from_data(self.key.public_key(), eab[0], eab[1], directory)
         registration = messages.NewRegistration.from_data(
             email=email, external_account_binding=binding, terms_of_service_agreed=True
@@ -551,6 +555,7 @@ class AcmeClient:
         token = challenge.chall.to_partial_json().get("token")
         if not isinstance(token, str) or not token:
             raise AcmeProtocolError(server_name, "challenge without a token")
+        assert self.key is not None, "no account key yet"
         await publish(server_name, token, key_authorization(token, self.key))
         try:
             await self.post(server_name, challenge.uri, {})

@@ -1,6 +1,6 @@
 """
 The admin endpoint (C{--admin}, loopback by default): Prometheus metrics,
-and the actions the admin CLI asks the running server to take.
+and the actions the admin CLI asks the running server to take::
 
   GET  /metrics                 Prometheus text format
   POST /certs/<host>/issue      obtain a certificate now, through the
@@ -29,13 +29,12 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from .headers import ADMIN_HEADER
 from .hostnames import InvalidHostname, normalize
 from .interfaces import ICertificateStore, PolicyRefusal
 
 __all__ = ["AdminResource", "AdminActions", "ADMIN_HEADER"]
 
-#: Required on every admin POST (a CSRF guard).
-ADMIN_HEADER = b"X-Tenantedge-Admin"
 
 
 @attrs.define
@@ -105,6 +104,7 @@ class _CertAction(Resource):
             # cross-origin POST without a preflight, which this endpoint
             # never grants: web pages cannot trigger orders.
             return _json(request, 403, {"error": f"send {ADMIN_HEADER.decode()}: 1 (the CLI does)"})
+        assert request.postpath is not None  # set by resource traversal
         parts = [p.decode("ascii", "replace") for p in request.postpath]
         if len(parts) != 2 or parts[1] not in self.actions:
             return _json(request, 404, {"error": "use POST /certs/<host>/(issue|renew|forget)"})
@@ -155,7 +155,8 @@ class AdminResource(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
             return self  # GET / is the index below, not a 404
-        return super().getChild(path, request)
+        child: Resource = super().getChild(path, request)
+        return child
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain")

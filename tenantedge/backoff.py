@@ -33,7 +33,7 @@ _FORGET_AFTER = 2 * 86400.0
 @attrs.define
 class FailureBackoff:
     """
-    @ivar path: the JSON file, or L{None} to keep state in memory only.
+    @ivar path: the JSON file, or C{None} to keep state in memory only.
     @ivar clock: the time source.
     @ivar ladder: waits after consecutive failures.
     """

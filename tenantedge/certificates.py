@@ -15,6 +15,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
@@ -49,8 +50,8 @@ class InvalidBundle(ValueError):
         self.reason = reason
 
 
-def _public_bytes(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined,no-any-return]
+def _public_bytes(key: CertificatePublicKeyTypes) -> bytes:
+    return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 

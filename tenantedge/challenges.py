@@ -81,10 +81,12 @@ class ChallengeResource(Resource):
         self.challenges = challenges
 
     def render_GET(self, request: Request) -> bytes | int:
-        if len(request.postpath) != 1 or not request.postpath[0]:
+        postpath = request.postpath
+        assert postpath is not None  # set by resource traversal
+        if len(postpath) != 1 or not postpath[0]:
             return _plain(request, 404, b"no such challenge\n")
         try:
-            token = request.postpath[0].decode("ascii")
+            token = postpath[0].decode("ascii")
         except UnicodeDecodeError:
             return _plain(request, 404, b"no such challenge\n")
 
@@ -128,6 +130,7 @@ class HTTPRedirectRoot(Resource):
         self._well_known = well_known
 
     def getChild(self, path: bytes, request: Request) -> Resource:
+        assert request.postpath is not None  # set by resource traversal
         if path == CHALLENGE_PATH[0] and request.postpath[:1] == [CHALLENGE_PATH[1]]:
             return self._well_known
         return self

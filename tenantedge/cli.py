@@ -1,5 +1,5 @@
 """
-The command line: C{tenantedge ...} (or C{python -m tenantedge ...}).
+The command line: C{tenantedge ...} (or C{python -m tenantedge ...})::
 
     certs list [--json]     every stored certificate: host, issuer, not-after,
                             days left, key type
@@ -12,14 +12,14 @@ The command line: C{tenantedge ...} (or C{python -m tenantedge ...}).
 
 Every level takes C{--help} and C{--version}. Every C{certs} command also
 takes the server's own options after it (C{--config FILE}, C{--store DIR},
-C{--admin ENDPOINT}...), parsed by the server's own L{Options}, so it finds
+C{--admin ENDPOINT}...), parsed by the server's own L{tenantedge.options.Options}, so it finds
 the same store and admin endpoint as the server. list/show/remove work on
 the store directly, safely beside a running server (writes take the
 per-name lock; the server notices a removed or replaced entry within
 C{--store-poll}); issue and renew ask the running server, which owns port
 80 for HTTP-01 and the ACME account.
 
-The commands are L{twisted.python.usage.Options} with C{subCommands}, as
+The commands are C{twisted.python.usage.Options} with C{subCommands}, as
 C{twist} and C{twistd} are. Errors are one line on stderr: exit status 2
 for a usage error, 1 for anything else.
 """
@@ -45,6 +45,7 @@ from twisted.python import usage
 from . import __version__
 from .certificates import CertificateBundle
 from .config import OnDemandConfig, format_duration
+from .headers import ADMIN_HEADER
 from .hostnames import InvalidHostname, normalize
 from .options import Options as ServerOptions
 from .store import DirectoryStore, StoreError
@@ -154,7 +155,7 @@ def admin_address(description: str | None) -> AdminAddress:
     server reads it, rather than split by hand: escaped colons
     (C{interface=\\:\\:1}), C{port=} keywords, C{tcp6:} and whatever else
     the parser accepts all mean the same to both. The endpoint is made to
-    "listen" on a L{MemoryReactor}, which binds nothing but records the
+    "listen" on a C{MemoryReactor}, which binds nothing but records the
     port and interface it was asked for. A server listening on every
     address (C{0.0.0.0}, C{::} or no interface) is reached on loopback.
 
@@ -206,7 +207,6 @@ def _ask_server(config: OnDemandConfig, host: str, action: str, timeout: float =
     http.client rather than urllib: the admin endpoint is on loopback, and
     an C{http_proxy} in the environment must not be asked to reach it.
     """
-    from .admin import ADMIN_HEADER  # imported here: it pulls in twisted.web
 
     address = admin_address(config.admin)
     path = f"/certs/{host}/{action}"

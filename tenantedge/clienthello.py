@@ -97,7 +97,7 @@ class ClientHello:
     What tenantedge needs from a ClientHello.
 
     @ivar server_name: the raw C{host_name} from the SNI extension, or
-        L{None} if the client sent none. Not yet validated: pass it through
+        C{None} if the client sent none. Not yet validated: pass it through
         L{tenantedge.hostnames.normalize}.
     @ivar alpn: the protocols the client offers, in its order of preference;
         empty if it sent no ALPN extension.

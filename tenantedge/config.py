@@ -69,7 +69,7 @@ class ConfigError(ValueError):
     A setting has a bad value, or settings contradict each other.
 
     @ivar key: the setting's name with dashes (C{"allow-url"}), or
-        L{None} for a problem that spans several settings.
+        C{None} for a problem that spans several settings.
     @ivar problem: one line saying what is wrong, with the value.
     """
 
@@ -309,7 +309,7 @@ def _setting(
     metadata = {"doc": doc, "kind": kind, "endpoint": endpoint, "show": show, "metavar": metavar}
     return attrs.field(
         default=default,
-        converter=attrs.Converter(convert, takes_field=True),  # type: ignore[misc,call-overload]
+        converter=attrs.Converter(convert, takes_field=True),
         metadata=metadata,
         repr=not secret,
     )
@@ -474,6 +474,12 @@ class OnDemandConfig:
             raise ConfigError(None, "eab-kid and eab-hmac-key (or eab-hmac-key-file) go together")
         if self.allow_url and self.ask:
             raise ConfigError(None, "give allow-url or ask, not both")
+        if self.http is None and self.challenge == "http-01" and any(ca != "internal" for ca in self.ca):
+            raise ConfigError(
+                "http",
+                "no port-80 listener with an ACME CA and challenge=http-01: the CA validates names on port 80 and "
+                "only this process could answer; give http=ENDPOINT, or challenge=tls-alpn-01, or only ca=internal",
+            )
         try:
             static = StaticPolicy.from_config(self.deny, self.allow_suffix, self.require_public_suffix)
         except InvalidHostname as e:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
@@ -84,7 +85,7 @@ class DemoBackendService(Service):
         if self.port is None:
             site = Site(DemoBackend(), reactor=self.reactor)
             site.noisy = False
-            site.log = lambda request: None  # the edge logs requests, if asked to
+            site.log = lambda request: None  # type: ignore[method-assign]  # the edge logs requests, if asked to
             self.port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
         super().privilegedStartService()
 
@@ -94,16 +95,21 @@ class DemoBackendService(Service):
 
     def address(self) -> str:
         """Where the demo backend listens."""
-        return f"127.0.0.1:{self.port.getHost().port}" if self.port is not None else "(not started)"
+        return f"127.0.0.1:{_port_number(self.port)}" if self.port is not None else "(not started)"
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         if self.port is None:
             raise ConnectError("the demo backend is not running")
-        return TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port.getHost().port)
+        return TCP4ClientEndpoint(self.reactor, "127.0.0.1", _port_number(self.port))
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         port, self.port = self.port, None
         if port is not None:
-            return port.stopListening()  # type: ignore[no-any-return]
+            return port.stopListening()
         return None
+
+
+def _port_number(port: IListeningPort) -> int:
+    """The port number a C{listenTCP} port got (its host is an IPv4 address)."""
+    return cast(IPv4Address, port.getHost()).port

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable
 
-__all__ = ["HOP_BY_HOP", "EDGE_ONLY", "connection_tokens", "error_body"]
+__all__ = ["HOP_BY_HOP", "EDGE_ONLY", "ADMIN_HEADER", "connection_tokens", "error_body"]
 
 #: RFC 9110 section 7.6.1 connection-specific headers, plus the
 #: non-standard ones clients and old proxies still send.
@@ -34,6 +34,11 @@ HOP_BY_HOP = frozenset(
 EDGE_ONLY = frozenset(
     {b"forwarded", b"x-real-ip", b"x-middleware-subrequest", b"x-middleware-prefetch"}
 )
+
+
+#: Required on every admin POST (a CSRF guard: a web page cannot send it
+#: cross-origin without a preflight, which the admin endpoint never grants).
+ADMIN_HEADER = b"X-Tenantedge-Admin"
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:

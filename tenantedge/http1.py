@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from twisted.internet import defer
@@ -93,8 +93,7 @@ class BackendPool:
         self.opened += 1
         factory = Factory.forProtocol(BackendConnection)
         factory.noisy = False
-        d: defer.Deferred[BackendConnection] = self.connect().connect(factory)
-        return d
+        return cast("defer.Deferred[BackendConnection]", self.connect().connect(factory))
 
     def give_back(self, conn: BackendConnection) -> None:
         """Return a connection whose exchange ended cleanly."""
@@ -776,10 +775,10 @@ class H1ProxyProtocol(Protocol):
             return (400, "The request needs exactly one Host header."), b"", False, referer, agent, False
         host = hosts[0]
         try:
-            name = host_from_header(host)
+            host_name = host_from_header(host)
         except InvalidHostname:
             return (400, "The Host header is not a valid host name."), b"", False, referer, agent, False
-        if name != self.server_name:
+        if host_name != self.server_name:
             return (421, "This connection was opened for another host name."), b"", False, referer, agent, False
         limit = self.proxy.max_body_size
         if length is not None:

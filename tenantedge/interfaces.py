@@ -8,7 +8,7 @@ interchangeable, and each has a fake in L{tenantedge.testing} that passes the
 same contract tests.
 
 Methods here omit C{self}, as zope.interface expects. Every method that may
-wait returns a L{Deferred}; the docstrings say what it fires with and how it
+wait returns a C{Deferred}; the docstrings say what it fires with and how it
 fails.
 """
 
@@ -131,7 +131,7 @@ class ICertificateStore(Interface):
         either the old bundle or the new one, never a mix, and a crash at
         any point leaves one of them on disk.
 
-        @return: a Deferred firing with L{None} once the bundle is durable.
+        @return: a Deferred firing with C{None} once the bundle is durable.
         """
 
     def delete(server_name):
@@ -139,7 +139,7 @@ class ICertificateStore(Interface):
         Remove a name's bundle from service. Keys are never destroyed:
         implementations move the entry to an archive.
 
-        @return: a Deferred firing with L{None}, or failing with C{KeyError}
+        @return: a Deferred firing with C{None}, or failing with C{KeyError}
             if nothing is stored for the name.
         """
 
@@ -197,13 +197,13 @@ class IDomainPolicy(Interface):
         old stored certificate either.
 
         @param server_name: a normalised host name.
-        @return: a refusal reason (C{str}) or L{None}; never a Deferred.
+        @return: a refusal reason (C{str}) or C{None}; never a Deferred.
         """
 
     def check(server_name):
         """
         @param server_name: a normalised host name.
-        @return: a Deferred firing with L{None} if the name may have a
+        @return: a Deferred firing with C{None} if the name may have a
             certificate, or failing with L{PolicyRefusal}.
         """
 
@@ -231,14 +231,14 @@ class IChallengeStore(Interface):
         """
         Make C{token} answerable with C{key_authorization} (both C{str}).
 
-        @return: a Deferred firing with L{None}.
+        @return: a Deferred firing with C{None}.
         """
 
     def remove(token):
         """
         Stop answering C{token}; removing an unknown token is not an error.
 
-        @return: a Deferred firing with L{None}.
+        @return: a Deferred firing with C{None}.
         """
 
     def get(token):
@@ -283,7 +283,7 @@ class IRenewalExemption(Interface):
     def renewal_exempt(replaces):
         """
         @param replaces: the L{tenantedge.certificates.CertificateBundle}
-            being renewed, or L{None} for a first issuance.
+            being renewed, or C{None} for a first issuance.
         @return: an awaitable firing with C{bool}; never fails (an unknown
             answer is C{False}: the order is counted).
         """

@@ -183,6 +183,7 @@ class AcmeIssuer:
 
     async def _register(self, server_name: str) -> str:
         url = await self.client.register(self.email, self.eab, host=server_name)
+        assert self.client.key is not None, "register() signs with the key"
         if url != self.accounts.load_url(self.client.key):
             self.accounts.save_url(url, self.client.directory_url, self.client.key)
             self._log.info("ACME account {url} at {ca}", url=url, ca=self.client.directory_url)
@@ -258,7 +259,7 @@ class BackoffIssuer:
         if until is not None:
             return fail(BackedOff(server_name, until, self.backoff.failures(server_name)))
         d: Deferred[CertificateBundle] = self.wrapped.issue(server_name, replaces=replaces)
-        d.addCallbacks(self._succeeded, self._failed, (server_name,), None, (server_name,))
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(server_name,), errbackArgs=(server_name,))
         return d
 
     def _succeeded(self, bundle: CertificateBundle, server_name: str) -> CertificateBundle:

@@ -49,7 +49,7 @@ class IssuanceLimits:
     """
     Shared state of all limits.
 
-    @ivar path: JSON file for the sliding windows, or L{None} (memory only).
+    @ivar path: JSON file for the sliding windows, or C{None} (memory only).
     @ivar registered_domain: maps a name to the domain the per-domain limit
         counts against.
     """

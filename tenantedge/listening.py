@@ -75,7 +75,12 @@ class ListeningService(Service):
         if self._waiting is None:
             raise RuntimeError("the listening service has not been started")
         result: Deferred[IListeningPort] = Deferred()
-        self._waiting.addCallback(lambda port: (result.callback(port), port)[1])
+
+        def relay(port: IListeningPort) -> IListeningPort:
+            result.callback(port)
+            return port
+
+        self._waiting.addCallback(relay)
         return result
 
     def address(self) -> str:
@@ -92,5 +97,5 @@ class ListeningService(Service):
         super().stopService()
         port, self.port, self._waiting = self.port, None, None
         if port is not None:
-            return port.stopListening()  # type: ignore[no-any-return]
+            return port.stopListening()
         return None

@@ -208,7 +208,7 @@ class LocalCA:
 
 def local_ca_check(local_ca: LocalCA | None) -> Callable[[CertificateBundle], bool]:
     """
-    For L{tenantedge.resolver.CertificateResolver.accepts}: a stored leaf
+    For L{tenantedge.pipeline.CertificateCheck.accepts}: a stored leaf
     from a local CA is usable only if the local CA is configured and it is
     this root's (after the root was replaced, or when moving from the demo
     to Let's Encrypt on the same store, such leaves are obtained anew).

@@ -65,7 +65,8 @@ def _twistd_log_stream(server_options: Any) -> IO[str]:
     name = server_options.get("logfile")
     if name == "-" or (server_options.get("nodaemon") and not name):
         return sys.stdout
-    return logfile.LogFile.fromFullPath(name or "twistd.log")  # type: ignore[return-value]
+    stream: IO[str] = logfile.LogFile.fromFullPath(name or "twistd.log")
+    return stream
 
 
 def use_json_logs(runner_options: Any, application: Any) -> None:

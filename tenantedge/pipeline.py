@@ -1,13 +1,16 @@
 """
 The one way a certificate is obtained, whoever asks: a first handshake
 (L{tenantedge.resolver}), the renewal walk (L{tenantedge.renewal}) or the
-admin API.
+admin API::
 
-    one run per name (single-flight) -> the name's lock (L{INameLock})
+    one run per name (single-flight) -> the name's lock (INameLock)
       -> re-read the store: someone holding the lock before us (another
          worker, a fleet peer, the CLI) may have stored what we want
       -> the issuer chain (backoff, fallback, limits, the CA)
       -> store -> the caller caches it
+
+The lock is an L{INameLock}: L{MemoryNameLock} within one process, or
+the one a shared store brings.
 
 Every outcome is counted here by purpose (C{issue}, C{renew}) and timed,
 so first issuance and renewals feed the same metrics and log events.
@@ -159,7 +162,7 @@ class IssuancePipeline:
     async def _found(self, server_name: str, replaces: CertificateBundle | None) -> CertificateBundle | None:
         """A usable certificate someone else stored while we waited for the lock."""
         try:
-            current = await self.store.get(server_name)
+            current: CertificateBundle = await self.store.get(server_name)
         except KeyError:
             return None
         if not self.check(server_name, current, quiet=True):

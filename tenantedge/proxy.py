@@ -26,7 +26,7 @@ import html
 import io
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer
 from twisted.internet.endpoints import (
@@ -36,7 +36,7 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -59,6 +59,9 @@ from .hostnames import InvalidHostname, host_from_header
 from .pools import quiet_pool
 from .timeouts import with_deadline
 from .tls import tls_server_name
+
+if TYPE_CHECKING:
+    from twisted.web._http2 import H2Stream
 
 __all__ = [
     "ProxyResource",
@@ -175,7 +178,8 @@ def make_backend_pool(reactor: Any, max_per_host: int = 64) -> HTTPConnectionPoo
     """
     pool = quiet_pool(HTTPConnectionPool(reactor, persistent=True))
     pool.maxPersistentPerHost = max_per_host
-    pool.cachedConnectionTimeout = BACKEND_IDLE_TIMEOUT
+    # Twisted's class default (240) makes mypy infer int; it is seconds for callLater.
+    pool.cachedConnectionTimeout = BACKEND_IDLE_TIMEOUT  # type: ignore[assignment]
     pool.retryAutomatically = True
     return pool
 
@@ -241,7 +245,9 @@ class _BodyRelay(Protocol):
                 # chunk on HTTP/1.1, RST_STREAM on HTTP/2 (where a plain
                 # close would end the stream as if complete).
                 channel = self.request.channel
-                abort = getattr(channel, "abortConnection", None) or channel.transport.abortConnection
+                abort = getattr(channel, "abortConnection", None) or (
+                    cast(ITCPTransport, channel.transport).abortConnection
+                )
                 abort()
         self.finished.callback(None)
 
@@ -249,7 +255,8 @@ class _BodyRelay(Protocol):
         """The client went away: stop reading from the backend."""
         self.client_gone = True
         if self.transport is not None:
-            self.transport.stopProducing()
+            # The backend response's transport, which pauses and stops.
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 class ProxyResource(Resource):
@@ -258,7 +265,7 @@ class ProxyResource(Resource):
 
     @ivar backend: base URL of the backend, e.g. C{b"http://127.0.0.1:3000"};
         the client's path and query are appended.
-    @ivar agent: the HTTP client (an L{Agent} on a persistent pool).
+    @ivar agent: the HTTP client (a C{twisted.web.client.Agent} on a persistent pool).
     @ivar clock: for the backend deadline.
     @ivar timeout: seconds to wait for the backend's response headers
         before answering 504.
@@ -473,7 +480,7 @@ class EdgeRequest(Request):
         if self._refused:
             if self._reset_pending:
                 self._reset_pending = False
-                self.channel.abortConnection()
+                cast("H2Stream", self.channel).abortConnection()  # only set for HTTP/2 streams
             return
         self._body_bytes += len(data)
         limit = self._limit()
@@ -496,7 +503,7 @@ class EdgeRequest(Request):
             # streams go on. While its headers are still being processed
             # the stream is not registered yet: reset it at its first data.
             if stream_ready:
-                channel.abortConnection()
+                cast("H2Stream", channel).abortConnection()
             else:
                 self._reset_pending = True
             return
@@ -504,11 +511,13 @@ class EdgeRequest(Request):
         # object, so answer on the wire directly, then close: the client
         # may still be sending the body.
         body = b"The request body is larger than this server accepts.\n"
-        channel.transport.write(
+        transport = channel.transport
+        assert transport is not None  # a request is being received on it
+        transport.write(
             b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
         )
-        channel.transport.loseConnection()
+        transport.loseConnection()
 
 
 class EdgeSite(Site):

@@ -191,7 +191,7 @@ class RenewalService(Service):
                     continue
                 if due:
                     # Renewals run alongside the walk, a few at a time.
-                    renewals.append(self._renewing.run(lambda n=name, b=bundle: Deferred.fromCoroutine(self.renew(n, b))))
+                    renewals.append(self._renewing.run(self.renew, name, bundle))
                 else:
                     expiries.append(bundle.not_after)
             # Yield to the reactor between batches: handshakes go on.

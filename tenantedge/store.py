@@ -26,7 +26,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -299,7 +299,7 @@ class DirectoryStore:
         except ValueError:
             return fail(KeyError(server_name))
         d = self.run_blocking(_read_bundle, path)
-        d.addCallbacks(self._read_ok, self._read_failed, (server_name,), None, (server_name, path))
+        d.addCallbacks(self._read_ok, self._read_failed, callbackArgs=(server_name,), errbackArgs=(server_name, path))
         return d
 
     def _read_ok(self, read: _Read, server_name: str) -> CertificateBundle:
@@ -311,7 +311,8 @@ class DirectoryStore:
         if failure.check(FileNotFoundError):
             return Failure(KeyError(server_name))
         if failure.check(OSError):
-            if failure.value.errno not in _UNREADABLE:
+            os_error = cast(OSError, failure.value)
+            if os_error.errno not in _UNREADABLE:
                 # A passing condition (no file descriptors left, an I/O
                 # error): fail this lookup, but never conclude the file is
                 # bad, or a flood of handshakes would replace good
@@ -319,20 +320,20 @@ class DirectoryStore:
                 self._log.error(
                     "cannot read stored certificate {file} right now: {error}",
                     file=path,
-                    error=failure.value.strerror,
+                    error=os_error.strerror,
                 )
                 return failure
             self._log.error(
                 "cannot read stored certificate {file}: {error}; treating it as missing",
                 file=path,
-                error=failure.value.strerror,
+                error=os_error.strerror,
             )
         elif failure.check(InvalidBundle):
             self._log.error(
                 "corrupt stored certificate {file}: {reason}; treating it as missing "
                 "(it will be moved to quarantine/ before a new one is written)",
                 file=path,
-                reason=failure.value.reason,
+                reason=cast(InvalidBundle, failure.value).reason,
             )
         else:
             return failure
@@ -343,7 +344,9 @@ class DirectoryStore:
         path = self._file_for(server_name)
         quarantine = server_name in self._corrupt
         d = self.run_blocking(self._write, server_name, path, bundle.to_pem(), quarantine)
-        d.addCallbacks(self._stored, self._store_failed, (server_name, path), None, (server_name, path))
+        d.addCallbacks(
+            self._stored, self._store_failed, callbackArgs=(server_name, path), errbackArgs=(server_name, path)
+        )
         return d
 
     def _write(
@@ -371,7 +374,7 @@ class DirectoryStore:
             )
 
     def _store_failed(self, failure: Failure, server_name: str, path: str) -> Failure:
-        if failure.check(OSError) and failure.value.errno == errno.ENOSPC:
+        if failure.check(OSError) and cast(OSError, failure.value).errno == errno.ENOSPC:
             self._log.critical(
                 "disk full: could not store the certificate for {host} in {file}; "
                 "the previous file (if any) is untouched",

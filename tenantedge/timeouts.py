@@ -6,7 +6,7 @@ many Deferreds (twisted.web's Agent, treq) fail their own way when
 cancelled (C{ResponseNeverReceived}, C{ResponseFailed}...). Callers that
 must tell "too slow" from "failed" (504 from 502, "CA did not answer" from
 "CA unreachable") use L{with_deadline}, which always reports a passed
-deadline as L{TimeoutError}.
+deadline as C{twisted.internet.defer.TimeoutError}.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ T = TypeVar("T")
 def with_deadline(d: Deferred[T], seconds: float, clock: IReactorTime) -> Deferred[T]:
     """
     Cancel C{d} if it has not fired after C{seconds}, and fail it with
-    L{TimeoutError} whatever the cancelled operation failed with.
+    C{TimeoutError} whatever the cancelled operation failed with.
     """
 
     def timed_out(result: Any, timeout: float) -> Failure:

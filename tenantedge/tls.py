@@ -9,7 +9,7 @@ the client's first request then fails). Instead, L{SniffingProtocol} buffers
 the raw bytes of the first flight (bounded in size and time), parses them
 with L{tenantedge.clienthello}, pauses the socket while
 L{tenantedge.resolver.CertificateResolver} finds or obtains the certificate,
-and only then wraps the connection in a L{TLSMemoryBIOProtocol} built for
+and only then wraps the connection in a C{TLSMemoryBIOProtocol} built for
 that one context and feeds it the buffered bytes. OpenSSL sees an ordinary
 handshake; the client sees a slow but successful one.
 
@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -86,7 +86,7 @@ def alert_record(description: int) -> bytes:
 def tls_server_name(request: Any) -> str | None:
     """
     The normalised SNI name the TLS connection under a twisted.web request
-    was accepted for, or L{None} if it did not come through
+    was accepted for, or C{None} if it did not come through
     L{OnDemandTLSFactory}.
 
     Walks from the request's channel down the transport chain
@@ -110,8 +110,9 @@ class _ChosenContextCreator:
     Makes each TLS connection from the context its sniffer already chose.
     """
 
-    def serverConnectionForTLS(self, tlsProtocol: _EdgeTLSProtocol) -> SSL.Connection:
-        return SSL.Connection(tlsProtocol.tenantedge_context, None)
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        # Only ever called for the factory's _EdgeTLSProtocol instances.
+        return SSL.Connection(cast(_EdgeTLSProtocol, tlsProtocol).tenantedge_context, None)
 
 
 class _EdgeTLSProtocol(BufferingTLSTransport):
@@ -134,7 +135,7 @@ class OnDemandTLSFactory(Factory):
     @ivar hello_timeout: seconds a client has to send its whole ClientHello.
     @ivar resolve_timeout: seconds a handshake may wait for a certificate.
     @ivar challenge_context: given a name, the TLS-ALPN-01 challenge context
-        to answer an C{acme-tls/1}-only hello with, or L{None}.
+        to answer an C{acme-tls/1}-only hello with, or C{None}.
     @ivar events: handshake outcomes by kind, for metrics and tests
         (several factories may share one counter).
     """
@@ -170,21 +171,24 @@ class OnDemandTLSFactory(Factory):
     def doStop(self) -> None:
         self.wrapped_factory.doStop()
 
-    def buildProtocol(self, addr: IAddress) -> SniffingProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol:
         return SniffingProtocol(self, addr)
 
-    def tls_protocol(self, addr: IAddress, server_name: str, context: SSL.Context) -> _EdgeTLSProtocol | None:
+    def tls_protocol(
+        self, addr: IAddress | None, server_name: str, context: SSL.Context
+    ) -> _EdgeTLSProtocol | None:
         """
         Build the TLS protocol for one connection, wrapping a fresh
-        application protocol; L{None} if the application refuses the
+        application protocol; C{None} if the application refuses the
         connection.
         """
-        proto = self._tls_factory.buildProtocol(addr)
+        # The factory builds _EdgeTLSProtocol (see __init__).
+        proto = cast("_EdgeTLSProtocol | None", self._tls_factory.buildProtocol(addr))
         if proto is None:
             return None
         proto.tenantedge_context = context
         proto.tenantedge_server_name = server_name
-        return proto  # type: ignore[no-any-return]
+        return proto
 
 
 class SniffingProtocol(Protocol):
@@ -195,7 +199,7 @@ class SniffingProtocol(Protocol):
 
     _log = Logger()
 
-    def __init__(self, factory: OnDemandTLSFactory, addr: IAddress) -> None:
+    def __init__(self, factory: OnDemandTLSFactory, addr: IAddress | None) -> None:
         self.factory = factory
         self.addr = addr
         self._buffer = b""
