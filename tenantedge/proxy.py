@@ -22,7 +22,6 @@ stays bounded either way.
 
 from __future__ import annotations
 
-import html
 import io
 import ipaddress
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from zope.interface import implementer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, error_body
 from .hostnames import InvalidHostname, host_from_header
 from .pools import quiet_pool
 from .timeouts import with_deadline
@@ -74,27 +74,6 @@ __all__ = [
     "EdgeRequest",
 ]
 
-#: RFC 9110 section 7.6.1 connection-specific headers, plus the
-#: non-standard ones clients and old proxies still send.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
-#: Request headers that only the edge may set; a client's copy is dropped.
-EDGE_ONLY = frozenset(
-    {b"forwarded", b"x-real-ip", b"x-middleware-subrequest", b"x-middleware-prefetch"}
-)
-
 #: Request headers twisted.web or the Agent manage themselves.
 _MANAGED = frozenset({b"host", b"content-length", b"expect"})
 
@@ -107,13 +86,7 @@ _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        for token in value.split(b","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
-    return tokens
+    return connection_tokens((name, value) for name, values in headers.getAllRawHeaders() for value in values)
 
 
 def _forwarding_blocked(name: bytes, extra: set[bytes]) -> bool:
@@ -189,10 +162,7 @@ def _error_page(request: Request, code: int, title: str, detail: str) -> bytes:
     request.responseHeaders = Headers()
     request.setHeader(b"content-type", b"text/html; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
-    body = (
-        f"<!doctype html><title>{code} {html.escape(title)}</title>"
-        f"<h1>{code} {html.escape(title)}</h1><p>{html.escape(detail)}</p>\n"
-    ).encode()
+    body = error_body(code, title, detail)
     request.setHeader(b"content-length", str(len(body)).encode())
     return body
 

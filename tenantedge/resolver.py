@@ -18,9 +18,8 @@ from typing import Any
 import attrs
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .certificates import CertificateBundle, make_server_context
@@ -29,7 +28,7 @@ from .pipeline import ISSUE, CertificateCheck, IssuancePipeline
 from .singleflight import SingleFlight
 from .timeouts import with_deadline
 
-__all__ = ["CertificateResolver", "CacheRefresher", "RefusalSummary"]
+__all__ = ["CertificateResolver", "RefusalSummary", "periodic"]
 
 
 @attrs.frozen
@@ -125,11 +124,17 @@ class CertificateResolver:
     def cached_names(self) -> list[str]:
         return list(self._cache)
 
+    def refresh_changed_logged(self) -> Deferred[Any]:
+        """L{refresh_changed}, with its failures logged (for L{periodic})."""
+        d = Deferred.fromCoroutine(self.refresh_changed())
+        d.addErrback(lambda f: self._log.failure("checking the store for changes failed", f))
+        return d
+
     async def refresh_changed(self) -> list[str]:
         """
         Forget cached names whose store entry someone else replaced or
         removed (the admin CLI, a fleet peer): their next handshake reads
-        the store again. Run periodically by L{CacheRefresher}.
+        the store again. Run periodically by L{periodic}.
         """
         changed: list[str] = await self.store.changed(self.cached_names())
         for name in changed:
@@ -189,73 +194,42 @@ class CertificateResolver:
         return context
 
 
-@attrs.define(eq=False)
-class CacheRefresher(Service):
+def periodic(interval: float, call: Callable[[], Any], clock: IReactorTime, name: str) -> TimerService:
     """
-    Every C{interval} seconds, lets the resolver notice store entries
-    changed by another process (see L{CertificateResolver.refresh_changed}).
+    A service calling C{call} every C{interval} seconds on C{clock}
+    (Twisted's C{TimerService}; the first call at start). C{call} must
+    catch its own failures: a failed call would stop the loop for good.
     """
-
-    resolver: CertificateResolver
-    clock: IReactorTime
-    interval: float = 5.0
-    _loop: LoopingCall | None = attrs.field(default=None, init=False)
-    _log = Logger()
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self._refresh)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-
-    def _refresh(self) -> Deferred[Any]:
-        d = Deferred.fromCoroutine(self.resolver.refresh_changed())
-        # A periodic call catches its own failures, or its LoopingCall stops.
-        d.addErrback(lambda f: self._log.failure("checking the store for changes failed", f))
-        return d
+    service = TimerService(interval, call)
+    service.clock = clock
+    service.setName(name)
+    return service
 
 
-@attrs.define(eq=False)
-class RefusalSummary(Service):
+@attrs.define
+class RefusalSummary:
     """
-    Every C{interval} seconds, one log line with the names refused since
-    the last one, counted by reason: a flood of random names costs one
-    line a minute, not one per handshake (each refusal is logged at debug
-    level).
+    One log line per interval with the names refused since the last one,
+    counted by reason: a flood of random names costs one line a minute, not
+    one per handshake (each refusal is logged at debug level). Run by
+    L{periodic}; the first call only takes the baseline.
     """
 
     events: Counter[str]
-    clock: IReactorTime
     interval: float = 60.0
-    _last: Counter[str] = attrs.field(factory=Counter, init=False)
-    _loop: LoopingCall | None = attrs.field(default=None, init=False)
+    _last: Counter[str] | None = attrs.field(default=None, init=False)
     _log = Logger()
 
-    def startService(self) -> None:
-        super().startService()
-        self._last = Counter(self._refusals())
-        self._loop = LoopingCall(self.summarise)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-
-    def _refusals(self) -> dict[str, int]:
-        return {k.split(":", 1)[1]: v for k, v in self.events.items() if k.startswith("refused:")}
+    def _refusals(self) -> Counter[str]:
+        return Counter({k.split(":", 1)[1]: v for k, v in self.events.items() if k.startswith("refused:")})
 
     def summarise(self) -> None:
         """Log what was refused since the last call, if anything."""
-        now = Counter(self._refusals())
-        delta = now - self._last
-        self._last = now
+        now = self._refusals()
+        last, self._last = self._last, now
+        if last is None:
+            return
+        delta = now - last
         if delta:
             self._log.info(
                 "refused a certificate to {count} name(s) in the last {interval:g}s: {reasons}",

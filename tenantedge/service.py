@@ -65,7 +65,7 @@ from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
 from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
 from .renewal import RenewalService
-from .resolver import CacheRefresher, CertificateResolver, RefusalSummary
+from .resolver import CertificateResolver, RefusalSummary, periodic
 from .store import DirectoryStore, StoreError, run_inline
 from .tls import OnDemandTLSFactory
 from .trust import acme_http_client, https_policy
@@ -415,10 +415,9 @@ def _build(
         renew_before=config.renew_before,
         window=acme_issuers[0].renewal_window if acme_issuers else None,
     )
-    refresher = CacheRefresher(resolver, reactor, interval=config.store_poll)
-    refresher.setName("store-refresher")
-    summary = RefusalSummary(resolver.events, reactor)
-    summary.setName("refusal-summary")
+    refresher = periodic(config.store_poll, resolver.refresh_changed_logged, reactor, "store-refresher")
+    summary = RefusalSummary(resolver.events)
+    summarising = periodic(summary.interval, summary.summarise, reactor, "refusal-summary")
     return cls(
         config=config,
         reactor=reactor,
@@ -436,6 +435,6 @@ def _build(
         acme_issuers=tuple(acme_issuers),
         backoff=backoff,
         preparations=tuple(preparations),
-        children=(refresher, summary),
+        children=(refresher, summarising),
         on_stop=(api_pool.closeCachedConnections,),
     )

@@ -197,7 +197,7 @@ class RefusalSummaryTests(SynchronousTestCase):
 
         from twisted.logger import LogLevel, globalLogPublisher
 
-        from tenantedge.resolver import RefusalSummary
+        from tenantedge.resolver import RefusalSummary, periodic
 
         clock = MemoryReactorClock()
         store, issuer = MemoryStore(), ControlledIssuer()
@@ -208,7 +208,7 @@ class RefusalSummaryTests(SynchronousTestCase):
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        summary = RefusalSummary(resolver.events, clock, interval=60)
+        summary = periodic(60, RefusalSummary(resolver.events, interval=60).summarise, clock, "summary")
         summary.startService()
         self.addCleanup(summary.stopService)
         for i in range(500):
