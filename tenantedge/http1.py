@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import httptools
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -911,7 +911,7 @@ class EdgeHTTPFactory(Factory):
 
     noisy = False
 
-    def __init__(self, proxy: H1Proxy, site: Factory) -> None:
+    def __init__(self, proxy: H1Proxy, site: IProtocolFactory) -> None:
         self.proxy = proxy
         self.site = site
 

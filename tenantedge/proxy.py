@@ -405,6 +405,19 @@ class BackendEndpointFactory:
         return endpoint
 
 
+def backend_endpoints(
+    reactor: Any, backend: str, endpoints: IAgentEndpointFactory | None = None
+) -> Callable[[], IStreamClientEndpoint]:
+    """
+    How to open one connection to the backend (for the fast HTTP/1.1
+    relay's pool): the URL parsed once, the endpoint made per connection.
+    """
+    unix_path = backend[5:] if backend.startswith("unix:") else None
+    uri = URI.fromBytes((b"http://localhost" if unix_path is not None else backend.encode("ascii")))
+    factory = endpoints if endpoints is not None else BackendEndpointFactory(reactor, unix_path=unix_path)
+    return lambda: factory.endpointForURI(uri)
+
+
 def backend_agent(
     reactor: Any, backend: str, pool: HTTPConnectionPool | None = None,
     endpoints: IAgentEndpointFactory | None = None,

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .certificates import CertificateBundle, make_server_context
+from .certificates import CertificateBundle
+from .contexts import ServingContexts, TenantTLS
 from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal
 from .pipeline import ISSUE, CertificateCheck, IssuancePipeline
 from .singleflight import SingleFlight
@@ -33,7 +33,7 @@ __all__ = ["CertificateResolver", "RefusalSummary", "periodic"]
 
 @attrs.frozen
 class _Entry:
-    context: SSL.Context
+    context: TenantTLS
     not_before: float
     not_after: float
 
@@ -55,7 +55,8 @@ class CertificateResolver:
         read, policy, issuance, store write), so that a hung store or
         issuer cannot keep a name in flight forever; each handshake also
         has its own, shorter, limit.
-    @ivar make_context: builds the TLS context for a bundle.
+    @ivar make_context: prepares a bundle for serving (its leaf and key on
+        the shared contexts, L{tenantedge.contexts.ServingContexts.tenant}).
     @ivar events: counters by outcome (C{"cache-hit"}, C{"store-hit"},
         C{"issued"}, C{"refused:<reason>"}, C{"failed"}...), for metrics.
     """
@@ -67,13 +68,13 @@ class CertificateResolver:
     check: CertificateCheck
     cache_size: int = 10000
     work_timeout: float = 600.0
-    make_context: Callable[[CertificateBundle], SSL.Context] = make_server_context
+    make_context: Callable[[CertificateBundle], TenantTLS] = attrs.field(factory=lambda: ServingContexts().tenant)
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _cache: OrderedDict[str, _Entry] = attrs.field(factory=OrderedDict, init=False)
-    _flights: SingleFlight[SSL.Context] = attrs.field(factory=SingleFlight, init=False)
+    _flights: SingleFlight[TenantTLS] = attrs.field(factory=SingleFlight, init=False)
     _log = Logger()
 
-    def cached(self, server_name: str) -> SSL.Context | None:
+    def cached(self, server_name: str) -> TenantTLS | None:
         """
         The cached context for a name, if one is valid right now.
 
@@ -90,11 +91,11 @@ class CertificateResolver:
         self._cache.move_to_end(server_name)
         return entry.context
 
-    def context_for(self, server_name: str) -> Deferred[SSL.Context]:
+    def context_for(self, server_name: str) -> Deferred[TenantTLS]:
         """
         @param server_name: a name already normalised by
             L{tenantedge.hostnames.normalize}.
-        @return: a Deferred firing with an C{SSL.Context} for the name, or
+        @return: a Deferred firing with an C{TenantTLS} for the name, or
             failing with L{PolicyRefusal} (no certificate may be had) or with
             whatever the store or issuer failed with.
         """
@@ -147,7 +148,7 @@ class CertificateResolver:
         """Is a lookup or issuance for this name under way?"""
         return server_name in self._flights or self.pipeline.in_flight(server_name)
 
-    async def _obtain(self, server_name: str) -> SSL.Context:
+    async def _obtain(self, server_name: str) -> TenantTLS:
         try:
             bundle = await self.store.get(server_name)
         except KeyError:
@@ -181,7 +182,7 @@ class CertificateResolver:
         self.events["issued"] += 1
         return self.remember(server_name, bundle)
 
-    def remember(self, server_name: str, bundle: CertificateBundle) -> SSL.Context:
+    def remember(self, server_name: str, bundle: CertificateBundle) -> TenantTLS:
         """
         Build and cache the context for a bundle (also used for hot swaps
         after a renewal).

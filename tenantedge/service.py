@@ -65,6 +65,7 @@ from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
 from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
 from .renewal import RenewalService
+from .contexts import ServingContexts
 from .resolver import CertificateResolver, RefusalSummary, periodic
 from .store import DirectoryStore, StoreError, run_inline
 from .tls import OnDemandTLSFactory
@@ -206,6 +207,7 @@ class OnDemandTLS(MultiService):
         store: ICertificateStore | None = None,
         policy: IDomainPolicy | None = None,
         issuer: IIssuer | None = None,
+        contexts: ServingContexts | None = None,
     ) -> OnDemandTLS:
         """
         Build the service from a configuration: the only place that picks
@@ -218,10 +220,15 @@ class OnDemandTLS(MultiService):
         @param policy: a policy instead of the configured allow rules.
         @param issuer: an issuer instead of the configured CAs; failure
             backoff and one order per name still apply to it.
+        @param contexts: the shared TLS contexts (pass ones made before
+            forking workers, so that every worker resumes every other's
+            sessions).
         @raise ConfigError: if the configuration names a store that cannot
             be opened.
         """
-        return _build(cls, config, reactor, storage=storage, store=store, policy=policy, issuer=issuer)
+        return _build(
+            cls, config, reactor, storage=storage, store=store, policy=policy, issuer=issuer, contexts=contexts
+        )
 
     # -- what an application plugs in ---------------------------------------------
 
@@ -326,6 +333,7 @@ def _build(
     store: ICertificateStore | None,
     policy: IDomainPolicy | None,
     issuer: IIssuer | None,
+    contexts: ServingContexts | None = None,
 ) -> OnDemandTLS:
     if storage is None:
         if store is None:
@@ -403,7 +411,10 @@ def _build(
     pipeline = IssuancePipeline(
         store, BackoffIssuer(chain, backoff), reactor, check, lock=storage.lock, observe=timings.observe_issuance
     )
-    resolver = CertificateResolver(store, policy, pipeline, reactor, check, cache_size=config.cache_size)
+    contexts = contexts if contexts is not None else ServingContexts()
+    resolver = CertificateResolver(
+        store, policy, pipeline, reactor, check, cache_size=config.cache_size, make_context=contexts.tenant
+    )
     renewal = RenewalService(
         store,
         pipeline,

@@ -20,7 +20,8 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.web.client import URI
 from twisted.logger import Logger
 
 from .admin import AdminActions, AdminResource
@@ -30,7 +31,8 @@ from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
 from .options import BadValue
 from .options import Options as _Options
-from .proxy import EdgeSite, ProxyResource, backend_agent, make_backend_pool
+from .http1 import AccessLog, BackendPool, EdgeHTTPFactory, H1Proxy
+from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, make_backend_pool
 from .service import OnDemandTLS, StartupError
 
 __all__ = ["Options", "makeService", "build_edge", "EdgeService"]
@@ -143,15 +145,21 @@ def build_edge(config: OnDemandConfig, reactor: Any, runner_options: Any = None,
     """
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
     demo = DemoBackendService(reactor) if config.demo else None
+    backend = demo.url if demo is not None else config.backend
+    # HTTP/2 through twisted.web (the proxy resource, on Twisted's Agent)...
     pool = make_backend_pool(reactor)
-    backend_url, agent = backend_agent(
-        reactor, demo.url if demo is not None else config.backend, pool, endpoints=demo
-    )
-    proxy = ProxyResource(
-        backend_url, agent, reactor, timeout=config.backend_timeout, observe=on_demand.timings.observe_request
-    )
+    backend_url, agent = backend_agent(reactor, backend, pool, endpoints=demo)
+    observe = on_demand.timings.observe_request
+    proxy = ProxyResource(backend_url, agent, reactor, timeout=config.backend_timeout, observe=observe)
     site = EdgeSite(proxy, logPath=config.access_log, reactor=reactor, max_body_size=config.max_body_size)
-    https = _listener(reactor, config.https, on_demand.wrap(site), "tenant traffic")
+    # ...HTTP/1.1 through the fast relay, with the same rules.
+    h1_pool = BackendPool(reactor, backend_endpoints(reactor, backend, demo))
+    h1 = H1Proxy(
+        h1_pool, reactor, prefix=URI.fromBytes(backend_url).path, timeout=config.backend_timeout,
+        max_body_size=config.max_body_size, observe=observe,
+        access_log=AccessLog(config.access_log) if config.access_log else None,
+    )
+    https = _listener(reactor, config.https, on_demand.wrap(EdgeHTTPFactory(h1, site)), "tenant traffic")
     listeners = [("https", https)]
     if config.http is not None:
         port_80 = on_demand.http_resource(https_port=_https_port(https))
@@ -165,8 +173,16 @@ def build_edge(config: OnDemandConfig, reactor: Any, runner_options: Any = None,
         admin_site = EdgeSite(AdminResource(on_demand.timings.registry, actions.table()), reactor=reactor,
                               max_body_size=SMALL_BODIES)
         listeners.append(("admin", _listener(reactor, config.admin, admin_site, "metrics and the certs CLI")))
-    return EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections,),
+    return EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections, _closing(h1_pool)),
                        runner_options=runner_options)
+
+
+def _closing(pool: BackendPool) -> Callable[[], Deferred[None]]:
+    def close() -> Deferred[None]:
+        pool.close()
+        return succeed(None)
+
+    return close
 
 
 def _listener(reactor: Any, description: str, factory: Any, purpose: str) -> ListeningService:

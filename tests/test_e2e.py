@@ -132,6 +132,34 @@ class OnDemandTests(EdgeTestCase):
         self.assertIn(b"alert number 112", out + err)
         self.assertEqual(self.issued, 0)
 
+    async def s_client(self, name: str, *extra: str) -> bytes:
+        """One HTTP/1.0 request through openssl s_client; its whole output."""
+        out, err, code = await run(
+            self.openssl,
+            ["s_client", "-connect", f"127.0.0.1:{self.https_port}", "-servername", name, "-CAfile", self.root,
+             "-ign_eof", *extra],
+            stdin=f"GET /echo HTTP/1.0\r\nHost: {name}\r\n\r\n".encode(), timeout=30,
+        )
+        return out + err
+
+    async def test_session_resumption(self) -> None:
+        """
+        openssl s_client -sess_out, then -sess_in: the second handshake is
+        Reused, over TLS 1.3 and TLS 1.2; the session offered for another
+        name is refused (the connection is cut before any request).
+        """
+        for version in ("-tls1_3", "-tls1_2"):
+            session = os.path.join(self.mktemp())
+            first = await self.s_client("resume.test", version, "-sess_out", session)
+            self.assertIn(b"New, TLSv1.", first)
+            second = await self.s_client("resume.test", version, "-sess_in", session)
+            self.assertIn(b"Reused, TLSv1.", second, version)
+            self.assertIn(b"HTTP/1.1 200", second)
+            other = await self.s_client("other-resume.test", version, "-sess_in", session)
+            self.assertNotIn(b"HTTP/1.1 200", other, version)
+        self.assertEqual(self.edge.on_demand.handshakes["resumed"], 2)
+        self.assertEqual(self.edge.on_demand.handshakes["resumed-other-name"], 2)
+
     async def test_denied_name(self) -> None:
         out, err, code = await self.fetch("www.own.test")
         self.assertEqual(code, 35, err)  # curl: TLS handshake failed
