@@ -13,13 +13,14 @@ does not reset it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .store import read_state, write_state
+from .shared import StateFile
 
 __all__ = ["FailureBackoff", "LADDER"]
 
@@ -42,21 +43,37 @@ class FailureBackoff:
     clock: IReactorTime
     ladder: Sequence[float] = LADDER
     _state: dict[str, tuple[int, float]] = attrs.field(factory=dict, init=False)
+    _file: StateFile = attrs.field(init=False)
     _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._file = StateFile(self.path)
 
     def load(self) -> None:
         """Read persisted state; a corrupt file is logged and ignored."""
         try:
-            data = read_state(self.path) or {}
-            self._state = {
-                str(name): (int(entry["failures"]), float(entry["until"])) for name, entry in data.items()
-            }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self._parse(self._file.read())
+        except (OSError, ValueError) as e:
             self._log.error("ignoring unreadable backoff state {file}: {error}", file=self.path, error=str(e))
             self._state = {}
 
+    def _parse(self, data: Any) -> None:
+        try:
+            self._state = {
+                str(name): (int(entry["failures"]), float(entry["until"])) for name, entry in (data or {}).items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            self._log.error("ignoring unreadable backoff state {file}: {error}", file=self.path, error=str(e))
+            self._state = {}
+
+    def _fresh(self) -> None:
+        # Another worker (or server on the store) may have recorded a failure.
+        if self._file.changed():
+            self.load()
+
     def blocked_until(self, server_name: str) -> float | None:
         """The time before which no new order may be placed, or None."""
+        self._fresh()
         entry = self._state.get(server_name)
         if entry is None or entry[1] <= self.clock.seconds():
             return None
@@ -70,21 +87,34 @@ class FailureBackoff:
         """
         Count a failure and return until when the name is blocked.
         """
-        failures = self.failures(server_name) + 1
-        wait = self.ladder[min(failures, len(self.ladder)) - 1]
-        if retry_after is not None:
-            wait = max(wait, retry_after)
-        until = self.clock.seconds() + wait
-        self._state[server_name] = (failures, until)
-        self._save()
-        return until
+
+        def change() -> None:
+            failures = self.failures(server_name) + 1
+            wait = self.ladder[min(failures, len(self.ladder)) - 1]
+            if retry_after is not None:
+                wait = max(wait, retry_after)
+            self._state[server_name] = (failures, self.clock.seconds() + wait)
+
+        self._apply(change)
+        return self._state[server_name][1]
 
     def record_success(self, server_name: str) -> None:
-        if self._state.pop(server_name, None) is not None:
-            self._save()
+        self._fresh()
+        if server_name in self._state:
+            self._apply(lambda: self._forget(server_name))
 
-    def _save(self) -> None:
-        now = self.clock.seconds()
-        self._state = {n: e for n, e in self._state.items() if e[1] > now - _FORGET_AFTER}
-        data = {n: {"failures": f, "until": u} for n, (f, u) in sorted(self._state.items())}
-        write_state(self.path, data, self._log)
+    def _forget(self, server_name: str) -> None:
+        self._state.pop(server_name, None)
+
+    def _apply(self, mutate: Callable[[], None]) -> None:
+        """Change the state on top of the latest persisted one, under the file's lock."""
+
+        def change(data: Any) -> Any:
+            if self.path is not None:
+                self._parse(data)
+            mutate()
+            now = self.clock.seconds()
+            self._state = {n: e for n, e in self._state.items() if e[1] > now - _FORGET_AFTER}
+            return {n: {"failures": f, "until": u} for n, (f, u) in sorted(self._state.items())}
+
+        self._file.update(change)

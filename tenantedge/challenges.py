@@ -199,6 +199,11 @@ def tls_alpn_challenge_certificate(
     return key, cert
 
 
+#: Key under which a name's pending TLS-ALPN-01 answer sits in the
+#: challenge store (tokens are base64url, so no token can look like it).
+ALPN_KEY_PREFIX = "tls-alpn-01:"
+
+
 @implementer(IChallengeResponder)
 class TLSALPN01Responder:
     """
@@ -206,25 +211,47 @@ class TLSALPN01Responder:
     is pending, a ClientHello for that name offering only C{acme-tls/1} is
     answered with the challenge certificate (see
     L{tenantedge.tls.OnDemandTLSFactory}'s C{challenge_context}).
+
+    The answer (token and key authorisation) lives in the challenge store,
+    so whichever worker or node the CA's validation reaches can answer an
+    order another one started; each builds the certificate from it once.
     """
 
     challenge_type = "tls-alpn-01"
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, challenges: IChallengeStore) -> None:
         self.clock = clock
+        self.challenges = challenges
         self._contexts: dict[str, tuple[str, SSL.Context]] = {}
 
     async def publish(self, server_name: str, token: str, key_authorization: str) -> None:
-        key, cert = tls_alpn_challenge_certificate(server_name, key_authorization, utc_now(self.clock.seconds()))
-        context = make_server_context(CertificateBundle.build(key, [cert]), protocols=(ACME_TLS_1,))
-        self._contexts[server_name] = (token, context)
+        await self.challenges.add(ALPN_KEY_PREFIX + server_name, f"{token} {key_authorization}")
 
     async def withdraw(self, server_name: str, token: str) -> None:
-        current = self._contexts.get(server_name)
-        if current is not None and current[0] == token:
-            del self._contexts[server_name]
+        key = ALPN_KEY_PREFIX + server_name
+        try:
+            current = await self.challenges.get(key)
+        except KeyError:
+            current = None
+        if current is not None and current.split(" ", 1)[0] == token:
+            await self.challenges.remove(key)
+        self._contexts.pop(server_name, None)
 
-    def context_for(self, server_name: str) -> SSL.Context | None:
+    def context_for(self, server_name: str) -> Deferred[SSL.Context | None]:
         """The challenge context for a name with a pending challenge, else None."""
-        current = self._contexts.get(server_name)
-        return current[1] if current is not None else None
+        return Deferred.fromCoroutine(self._context_for(server_name))
+
+    async def _context_for(self, server_name: str) -> SSL.Context | None:
+        try:
+            answer = await self.challenges.get(ALPN_KEY_PREFIX + server_name)
+        except KeyError:
+            self._contexts.pop(server_name, None)
+            return None
+        token, _, key_authorization = answer.partition(" ")
+        cached = self._contexts.get(server_name)
+        if cached is not None and cached[0] == answer:
+            return cached[1]
+        key, cert = tls_alpn_challenge_certificate(server_name, key_authorization, utc_now(self.clock.seconds()))
+        context = make_server_context(CertificateBundle.build(key, [cert]), protocols=(ACME_TLS_1,))
+        self._contexts[server_name] = (answer, context)
+        return context

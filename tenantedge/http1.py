@@ -297,6 +297,13 @@ class H1Proxy:
         self.observe = observe
         self.access_log = access_log
         self.idle_timeout = idle_timeout
+        #: Open client connections, closed when the server stops.
+        self.connections: set[H1ProxyProtocol] = set()
+
+    def close_all(self) -> None:
+        """Close every client connection (the server is stopping)."""
+        for connection in list(self.connections):
+            connection.abort()
 
 
 class _Exchange:
@@ -401,11 +408,16 @@ class _Exchange:
         self.fail(502, f"cannot connect to the backend: {reason.getErrorMessage()}")
 
     def body(self, data: bytes) -> None:
-        if self.finished:
-            return
         self.body_seen += len(data)
         if self.body_limit and self.body_seen > self.body_limit:
-            self.fail(413, "request body over the limit", quiet=True)
+            if self.finished:
+                # Answered early (the backend did not wait for the body):
+                # the rest is read and dropped, up to the limit.
+                self.client.exchange_aborted(self)
+            else:
+                self.fail(413, "request body over the limit", quiet=True)
+            return
+        if self.finished:
             return
         if self.chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
@@ -626,6 +638,7 @@ class H1ProxyProtocol(Protocol):
     # -- connection ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.proxy.connections.add(self)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = str(getattr(peer, "host", ""))
         set_no_delay(self.transport)
@@ -649,7 +662,13 @@ class H1ProxyProtocol(Protocol):
                 self._closing = True
                 self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def abort(self) -> None:
+        self._closing = True
+        self._cancel_idle()
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.proxy.connections.discard(self)
         self._closing = True
         self._cancel_idle()
         for exchange in [self._exchange, *self._queue, self._current]:
@@ -673,6 +692,9 @@ class H1ProxyProtocol(Protocol):
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _arm_idle(self) -> None:
+        if self._closing:
+            return
+        self._cancel_idle()
         self._idle_timer = self.proxy.clock.callLater(self.proxy.idle_timeout, self._idle_timed_out)
 
     def _cancel_idle(self) -> None:
@@ -732,8 +754,15 @@ class H1ProxyProtocol(Protocol):
 
     def on_message_complete(self) -> None:
         exchange, self._current = self._current, None
-        if exchange is not None and not exchange.finished:
+        if exchange is None:
+            return
+        if not exchange.finished:
             exchange.body_done()
+        else:
+            exchange.request_done = True
+            if exchange is self._exchange:
+                # Its response went out before its body was all in.
+                self._advance(exchange)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -837,6 +866,13 @@ class H1ProxyProtocol(Protocol):
             # Finished out of turn (an error answered before its turn is
             # impossible: errors answer in order); keep it queued.
             return
+        if not exchange.request_done and exchange.keep_alive:
+            # The response is out but the request body is still coming:
+            # the next request starts after it (on_message_complete).
+            return
+        self._advance(exchange)
+
+    def _advance(self, exchange: _Exchange) -> None:
         self._exchange = None
         if not exchange.keep_alive:
             self._close()

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from .acme import ValidationFailed
 from .certificates import CertificateBundle
 from .interfaces import IIssuer, IRenewalExemption, IReplacesRefused, LimitExceeded
-from .store import read_state, write_state
+from .shared import StateFile
 
 __all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded"]
 
@@ -69,24 +69,47 @@ class IssuanceLimits:
     _domains: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
     _failures: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
     _downgraded: set[tuple[str, str]] = attrs.field(factory=set, init=False)
+    _file: StateFile = attrs.field(init=False)
     _log = Logger()
 
-    # -- persistence -----------------------------------------------------------
+    def __attrs_post_init__(self) -> None:
+        self._file = StateFile(self.path)
+
+    # -- persistence (shared by every process on the store) -----------------------
 
     def load(self) -> None:
+        """Read the persisted windows (at start-up, and when another process changed them)."""
         try:
-            data = read_state(self.path) or {}
+            self._parse(self._file.read())
+        except (OSError, ValueError) as e:
+            self._log.error("ignoring unreadable limit state {file}: {error}", file=self.path, error=str(e))
+            self._parse(None)
+
+    def _parse(self, data: Any) -> None:
+        try:
+            data = data or {}
             self._orders = {str(k): [float(t) for t in v] for k, v in data.get("orders", {}).items()}
             self._domains = _nested(data.get("domains", {}))
             self._failures = _nested(data.get("failures", {}))
-        except (OSError, ValueError, TypeError, AttributeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:
             self._log.error("ignoring unreadable limit state {file}: {error}", file=self.path, error=str(e))
             self._orders, self._domains, self._failures = {}, {}, {}
 
-    def _save(self) -> None:
-        self._prune()
-        write_state(self.path, {"orders": self._orders, "domains": self._domains, "failures": self._failures},
-                    self._log)
+    def _fresh(self) -> None:
+        if self._file.changed():
+            self.load()
+
+    def _apply(self, mutate: Callable[[], None]) -> None:
+        """Change the windows on top of the latest persisted ones, under the file's lock."""
+
+        def change(data: Any) -> Any:
+            if self.path is not None:
+                self._parse(data)
+            mutate()
+            self._prune()
+            return {"orders": self._orders, "domains": self._domains, "failures": self._failures}
+
+        self._file.update(change)
 
     def _prune(self) -> None:
         now = self.clock.seconds()
@@ -108,6 +131,7 @@ class IssuanceLimits:
         @raise LimitExceeded: if an order for this name at this CA now would
             break a window limit.
         """
+        self._fresh()
         now = self.clock.seconds()
         if exempt:
             self._check_failures(ca, server_name, now)
@@ -148,18 +172,18 @@ class IssuanceLimits:
             del self._inflight[key]
 
     def record_order(self, ca: str) -> None:
-        self._orders.setdefault(ca, []).append(self.clock.seconds())
-        self._save()
+        now = self.clock.seconds()
+        self._apply(lambda: self._orders.setdefault(ca, []).append(now))
 
     def record_issued(self, ca: str, server_name: str, exempt: bool = False) -> None:
         if not exempt:
             domain = self.registered_domain(server_name)
-            self._domains.setdefault(ca, {}).setdefault(domain, []).append(self.clock.seconds())
-            self._save()
+            now = self.clock.seconds()
+            self._apply(lambda: self._domains.setdefault(ca, {}).setdefault(domain, []).append(now))
 
     def record_failed_validation(self, ca: str, server_name: str) -> None:
-        self._failures.setdefault(ca, {}).setdefault(server_name, []).append(self.clock.seconds())
-        self._save()
+        now = self.clock.seconds()
+        self._apply(lambda: self._failures.setdefault(ca, {}).setdefault(server_name, []).append(now))
 
     def replaces_refused(self, ca: str, server_name: str) -> None:
         """

@@ -67,6 +67,7 @@ from .pools import quiet_pool
 from .renewal import RenewalService
 from .contexts import ServingContexts
 from .resolver import CertificateResolver, RefusalSummary, periodic
+from .shared import DirectoryChallengeStore, DirectoryNameLock
 from .store import DirectoryStore, StoreError, run_inline
 from .tls import OnDemandTLSFactory
 from .trust import acme_http_client, https_policy
@@ -114,19 +115,22 @@ def _run_blocking(reactor: Any) -> Callable[..., Any]:
 def open_storage(config: OnDemandConfig, reactor: Any) -> Storage:
     """
     Open the storage the configuration names: today a directory in
-    txacme's format (L{DirectoryStore}), with in-memory challenges and lock.
+    txacme's format (L{DirectoryStore}), with the pending challenge answers
+    and the per-name issuance lock in the same directory, so every process
+    on it (the workers of one box, or several servers) shares them.
 
     @raise ConfigError: for a C{store} value that names no known kind.
     """
     if "://" in config.store:
         raise ConfigError("store", f"{config.store!r}: give a directory")
     store = DirectoryStore(config.store, run_blocking=_run_blocking(reactor))
+    challenges = DirectoryChallengeStore(os.path.join(config.store, "challenges"))
     return Storage(
         store=store,
-        challenges=MemoryChallengeStore(),
-        lock=MemoryNameLock(),
+        challenges=challenges,
+        lock=DirectoryNameLock(os.path.join(config.store, "locks"), reactor),
         directory=config.store,
-        preparations=(("the store", store.prepare),),
+        preparations=(("the store", store.prepare), ("the challenge answers", challenges.prepare)),
     )
 
 
@@ -347,7 +351,7 @@ def _build(
     timings = Timings()
     # One pool for the CA and the allow endpoint (both verified HTTPS).
     api_pool = quiet_pool(HTTPConnectionPool(reactor, persistent=True))
-    tls_alpn = TLSALPN01Responder(reactor)
+    tls_alpn = TLSALPN01Responder(reactor, storage.challenges)
     responder = tls_alpn if config.challenge == "tls-alpn-01" else HTTP01Responder(storage.challenges)
     state = partial(os.path.join, storage.directory)
 

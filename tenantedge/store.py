@@ -44,8 +44,6 @@ __all__ = [
     "atomic_write",
     "check_private_file",
     "run_inline",
-    "read_state",
-    "write_state",
 ]
 
 T = TypeVar("T")
@@ -163,33 +161,6 @@ def name_lock(store_path: str, server_name: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def read_state(path: str | None) -> Any:
-    """
-    The JSON in a small state file kept in the store (backoff, limits), or
-    None if there is none.
-
-    @raise OSError: if it cannot be read.
-    @raise ValueError: if it is not JSON.
-    """
-    if path is None or not os.path.exists(path):
-        return None
-    with open(path, "rb") as f:
-        return json.load(f)
-
-
-def write_state(path: str | None, data: Any, log: Logger) -> None:
-    """
-    Replace a state file atomically; a failure (full disk) is logged, not
-    raised: losing a counter update must never fail an issuance.
-    """
-    if path is None:
-        return
-    try:
-        atomic_write(path, json.dumps(data).encode())
-    except OSError as e:
-        log.error("cannot save state to {file}: {error}", file=path, error=str(e))
 
 
 def check_private_file(path: str) -> None:

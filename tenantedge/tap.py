@@ -173,12 +173,15 @@ def build_edge(config: OnDemandConfig, reactor: Any, runner_options: Any = None,
         admin_site = EdgeSite(AdminResource(on_demand.timings.registry, actions.table()), reactor=reactor,
                               max_body_size=SMALL_BODIES)
         listeners.append(("admin", _listener(reactor, config.admin, admin_site, "metrics and the certs CLI")))
-    return EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections, _closing(h1_pool)),
+    return EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections, _closing(h1_pool, h1)),
                        runner_options=runner_options)
 
 
-def _closing(pool: BackendPool) -> Callable[[], Deferred[None]]:
+def _closing(pool: BackendPool, proxy: H1Proxy) -> Callable[[], Deferred[None]]:
+    """At shutdown: close the relay's client connections and its idle backend connections."""
+
     def close() -> Deferred[None]:
+        proxy.close_all()
         pool.close()
         return succeed(None)
 

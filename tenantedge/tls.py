@@ -215,7 +215,7 @@ class OnDemandTLSFactory(Factory):
         clock: IReactorTime,
         hello_timeout: float = 10.0,
         resolve_timeout: float = 90.0,
-        challenge_context: Callable[[str], SSL.Context | None] | None = None,
+        challenge_context: Callable[[str], defer.Deferred[SSL.Context | None]] | None = None,
         events: Counter[str] | None = None,
     ) -> None:
         self.resolver = resolver
@@ -354,12 +354,33 @@ class SniffingProtocol(Protocol):
 
     def _answer_challenge(self, name: str) -> None:
         lookup = self.factory.challenge_context
-        context = lookup(name) if lookup is not None else None
+        if lookup is None:
+            self._refuse("acme-tls-no-challenge", ALERT_UNRECOGNIZED_NAME)
+            return
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        pending = lookup(name)
+        if not pending.called:
+            pending.addTimeout(self.factory.hello_timeout, self.factory.clock)
+            self._pending = pending
+        pending.addCallbacks(self._challenge_found, self._challenge_failed)
+
+    def _challenge_found(self, context: SSL.Context | None) -> None:
+        self._pending = None
+        if self._done:
+            return
         if context is None:
             self._refuse("acme-tls-no-challenge", ALERT_UNRECOGNIZED_NAME)
             return
         self.factory.events["acme-tls-challenge"] += 1
         self._start_tls(FixedTLS(context))
+        if not self._done and not getattr(self.transport, "disconnecting", False):
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _challenge_failed(self, failure: Failure) -> None:
+        self._pending = None
+        if not self._done:
+            self._log.failure("looking up the TLS-ALPN-01 answer for {host} failed", failure, host=self.server_name)
+            self._refuse("acme-tls-no-challenge", ALERT_INTERNAL_ERROR)
 
     def _hello_timed_out(self) -> None:
         self._hello_timer = None

@@ -284,11 +284,15 @@ class TLSALPNTests(AcmeTestCase):
         The TLS-ALPN-01 responder publishes a challenge certificate with the
         acmeIdentifier extension while the CA validates, then withdraws it.
         """
-        responder = TLSALPN01Responder(self.clock)
+        challenges = MemoryChallengeStore()
+        responder = TLSALPN01Responder(self.clock, challenges)
+        other_worker = TLSALPN01Responder(self.clock, challenges)
         seen = []
 
         def validate(name, typ, token, expected):
-            context = responder.context_for(name)
+            # Whoever shares the challenge store answers, not only the
+            # responder that published.
+            context = self.successResultOf(other_worker.context_for(name))
             seen.append((typ, context))
             return None
 
@@ -299,7 +303,8 @@ class TLSALPNTests(AcmeTestCase):
         self.successResultOf(d)
         self.assertEqual(seen[0][0], "tls-alpn-01")
         self.assertIsNotNone(seen[0][1])
-        self.assertIsNone(responder.context_for("alpn.test"))
+        self.assertIsNone(self.successResultOf(responder.context_for("alpn.test")))
+        self.assertIsNone(self.successResultOf(other_worker.context_for("alpn.test")))
 
     def test_challenge_certificate(self) -> None:
         from tenantedge.challenges import tls_alpn_challenge_certificate

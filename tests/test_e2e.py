@@ -399,6 +399,8 @@ class ProxyTests(EdgeTestCase):
         out, err, code = await self.fetch("upload.test", "/echo", "--http1.1", "--data-binary", f"@{big}",
                                           "-o", "/dev/null", "-w", "%{http_code}", port=port)
         self.assertEqual(out, b"413")
+        # A chunked body streams to the backend until it crosses the limit,
+        # then 413 (the backend reads the whole body before it answers).
         out, err, code = await self.fetch("upload.test", "/echo", "--http1.1", "-H", "Transfer-Encoding: chunked",
                                           "--data-binary", f"@{big}", "-o", "/dev/null", "-w", "%{http_code}",
                                           port=port)

@@ -33,7 +33,7 @@ from tenantedge.testing import ControlledIssuer, CountingIssuer, MemoryStore
 class InterfaceTests(SynchronousTestCase):
     def test_challenge_responders(self) -> None:
         self.assertTrue(verifyObject(IChallengeResponder, HTTP01Responder(MemoryChallengeStore())))
-        self.assertTrue(verifyObject(IChallengeResponder, TLSALPN01Responder(Clock())))
+        self.assertTrue(verifyObject(IChallengeResponder, TLSALPN01Responder(Clock(), MemoryChallengeStore())))
         self.assertTrue(verifyObject(IChallengeStore, MemoryChallengeStore()))
 
     def test_policy_has_recheck(self) -> None:

@@ -168,7 +168,7 @@ class TLSALPN01Tests(PebbleTestCase):
         # Pebble's validation handshakes (it validates from several
         # "perspectives") were answered with the challenge certificate.
         self.assertGreaterEqual(self.edge.on_demand.handshakes["acme-tls-challenge"], 1)
-        self.assertIsNone(self.edge.on_demand.tls_alpn.context_for("alpn.test"))
+        self.assertIsNone(await self.edge.on_demand.tls_alpn.context_for("alpn.test"))
 
     async def test_concurrent_first_requests_one_order(self) -> None:
         results = await defer.gatherResults(

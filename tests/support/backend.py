@@ -52,6 +52,8 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
 
     def _body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._chunked_body()
         length = int(self.headers.get("Content-Length") or 0)
         data = b""
         while len(data) < length:
@@ -59,6 +61,21 @@ class Handler(BaseHTTPRequestHandler):
             if not chunk:
                 break
             data += chunk
+        return data
+
+    def _chunked_body(self) -> bytes:
+        data = b""
+        while True:
+            size_line = self.rfile.readline(1024)
+            if not size_line:
+                break
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                break
+            data += self.rfile.read(size)
+            self.rfile.readline(1024)
         return data
 
     def _send(self, code: int, body: bytes, content_type: str = "application/json", extra: list[tuple[str, str]] = ()) -> None:
