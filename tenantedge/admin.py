@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry
-from prometheus_client.twisted import MetricsResource
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -144,12 +144,31 @@ def _json(request: Request, code: int, body: dict[str, Any]) -> bytes:
     return json.dumps(body).encode() + b"\n"
 
 
+class MetricsResource(Resource):
+    """
+    The Prometheus text exposition of a registry, rendered in the reactor
+    thread (prometheus_client's own Twisted resource goes through WSGI and
+    a thread pool, and cannot serve a UNIX socket, which a worker's admin
+    endpoint is).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)
+
+
 class AdminResource(Resource):
     """The admin site's root."""
 
     def __init__(self, registry: CollectorRegistry, actions: dict[str, Callable[[str], Deferred[Any]]]) -> None:
         super().__init__()
-        self.putChild(b"metrics", MetricsResource(registry=registry))
+        self.putChild(b"metrics", MetricsResource(registry))
         self.putChild(b"certs", _CertAction(actions))
 
     def getChild(self, path: bytes, request: Request) -> Resource:

@@ -252,6 +252,14 @@ def _endpoint(value: str) -> str:
     return value
 
 
+def _workers(value: str | int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    if str(value).strip().lower() in ("auto", "0"):
+        return 0
+    return _positive_int(value)
+
+
 def _optional_endpoint(value: str | None) -> str | None:
     if value is None or value == "none":
         return None
@@ -359,6 +367,10 @@ class OnDemandConfig:
     demo: bool = _setting(
         False, "Demo mode: local CA, store ./tenantedge-demo, names under .localhost allowed, built-in demo "
         "backend, HTTPS 127.0.0.1:8443, HTTP 127.0.0.1:8080 (explicit options still win).", kind="flag",
+    )
+    workers: int = _setting(
+        0, "Worker processes sharing the listening sockets; 0: one per CPU. 1 keeps one process.",
+        lambda v: _workers(v), show=lambda v: str(v) if v else "one per CPU", metavar="N",
     )
     log_format: str = _setting("text", "Log format: text or json (one flat JSON object per line).",
                                _choice(*LOG_FORMATS), metavar="FORMAT")
@@ -492,6 +504,11 @@ class OnDemandConfig:
                     f"no name under {suffix} can get a certificate: it is not under a public suffix and a "
                     "public CA may be asked (add allow-private-suffix for a private ACME CA, or use ca=internal)",
                 )
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes to run (C{workers}, 0 meaning one per CPU)."""
+        return self.workers or max(1, os.cpu_count() or 1)
 
     @property
     def require_public_suffix(self) -> bool:

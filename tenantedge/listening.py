@@ -91,7 +91,8 @@ class ListeningService(Service):
         if hasattr(host, "port"):
             name = getattr(host, "host", "")
             return f"[{name}]:{host.port}" if ":" in name else f"{name}:{host.port}"
-        return str(getattr(host, "name", host))
+        name = getattr(host, "name", host)
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

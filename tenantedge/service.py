@@ -290,6 +290,22 @@ class OnDemandTLS(MultiService):
 
         @raise StartupError: naming what is unusable and how to fix it.
         """
+        self.prepare()
+        self._log.info(
+            "tenantedge {version} on-demand TLS: store {store}, issuer {issuer}",
+            version=__version__, store=self.config.store, issuer=self.pipeline.name,
+        )
+        self._log_policy()
+        super().startService()
+
+    def prepare(self) -> None:
+        """
+        Steps 1 to 4 of L{startService} alone (idempotent): what a parent
+        runs once before forking workers, so that they do not race to
+        create the local CA's root or an account key.
+
+        @raise StartupError: naming what is unusable and how to fix it.
+        """
         for what, prepare in self.preparations:
             try:
                 prepare()
@@ -297,12 +313,6 @@ class OnDemandTLS(MultiService):
                 raise StartupError(str(e)) from None
             except OSError as e:
                 raise StartupError(f"preparing {what}: {e}") from None
-        self._log.info(
-            "tenantedge {version} on-demand TLS: store {store}, issuer {issuer}",
-            version=__version__, store=self.config.store, issuer=self.pipeline.name,
-        )
-        self._log_policy()
-        super().startService()
 
     def _log_policy(self) -> None:
         if not self.config.has_allow_rule:

@@ -15,11 +15,14 @@ reactor.
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401  (see below)
-from collections.abc import Callable, Sequence
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import endpoints
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.web.client import URI
 from twisted.logger import Logger
@@ -33,7 +36,9 @@ from .options import BadValue
 from .options import Options as _Options
 from .http1 import AccessLog, BackendPool, EdgeHTTPFactory, H1Proxy
 from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, make_backend_pool
+from .contexts import ServingContexts
 from .service import OnDemandTLS, StartupError
+from .workers import Supervisor, adopted_endpoints, fresh_reactor, watch_parent
 
 __all__ = ["Options", "makeService", "build_edge", "EdgeService"]
 
@@ -100,9 +105,7 @@ class EdgeService(MultiService):
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
-        config = self.on_demand.config
-        if config.log_format == "json" or wants_json(self._runner_options):
-            use_json_logs(self._runner_options, parent)
+        _log_as_asked(self.on_demand.config, self._runner_options, parent)
 
     def listening_ports(self) -> Deferred[dict[str, Any]]:
         """The bound ports by listener name, once listening."""
@@ -137,12 +140,28 @@ class EdgeService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
 
-def build_edge(config: OnDemandConfig, reactor: Any, runner_options: Any = None, **overrides: Any) -> EdgeService:
+def build_edge(
+    config: OnDemandConfig,
+    reactor: Any,
+    runner_options: Any = None,
+    endpoints: Mapping[str, IStreamServerEndpoint] | None = None,
+    **overrides: Any,
+) -> EdgeService:
     """
     The edge for a configuration: L{OnDemandTLS} (C{overrides} go to
     L{OnDemandTLS.from_config}) wrapped around the reverse proxy, and the
     listeners.
+
+    @param endpoints: endpoints to listen on instead of the configured
+        descriptions, by listener name (C{https}, C{http}, C{admin}): a
+        worker adopts the sockets its parent bound.
     """
+    chosen = dict(endpoints or {})
+
+    def _listener(description: str, factory: Any, purpose: str, name: str) -> ListeningService:
+        endpoint = chosen.get(name) or serverFromString(reactor, description)
+        return ListeningService(endpoint, factory, purpose)
+
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
     demo = DemoBackendService(reactor) if config.demo else None
     backend = demo.url if demo is not None else config.backend
@@ -159,20 +178,20 @@ def build_edge(config: OnDemandConfig, reactor: Any, runner_options: Any = None,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
     )
-    https = _listener(reactor, config.https, on_demand.wrap(EdgeHTTPFactory(h1, site)), "tenant traffic")
+    https = _listener(config.https, on_demand.wrap(EdgeHTTPFactory(h1, site)), "tenant traffic", "https")
     listeners = [("https", https)]
     if config.http is not None:
         port_80 = on_demand.http_resource(https_port=_https_port(https))
         listeners.append(("http", _listener(
-            reactor, config.http, EdgeSite(port_80, reactor=reactor, max_body_size=SMALL_BODIES),
-            "ACME HTTP-01 answers and redirects to HTTPS",
+            config.http, EdgeSite(port_80, reactor=reactor, max_body_size=SMALL_BODIES),
+            "ACME HTTP-01 answers and redirects to HTTPS", "http",
         )))
     if config.admin is not None:
         actions = AdminActions(on_demand.store, on_demand.resolver.context_for, on_demand.renewal.renew,
                                on_demand.resolver.forget)
         admin_site = EdgeSite(AdminResource(on_demand.timings.registry, actions.table()), reactor=reactor,
                               max_body_size=SMALL_BODIES)
-        listeners.append(("admin", _listener(reactor, config.admin, admin_site, "metrics and the certs CLI")))
+        listeners.append(("admin", _listener(config.admin, admin_site, "metrics and the certs CLI", "admin")))
     return EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections, _closing(h1_pool, h1)),
                        runner_options=runner_options)
 
@@ -188,10 +207,6 @@ def _closing(pool: BackendPool, proxy: H1Proxy) -> Callable[[], Deferred[None]]:
     return close
 
 
-def _listener(reactor: Any, description: str, factory: Any, purpose: str) -> ListeningService:
-    return ListeningService(endpoints.serverFromString(reactor, description), factory, purpose)
-
-
 def _https_port(https: ListeningService) -> Callable[[], int]:
     """Redirects from port 80 name the HTTPS port actually bound (443 until then)."""
 
@@ -203,9 +218,43 @@ def _https_port(https: ListeningService) -> Callable[[], int]:
     return port
 
 
-def makeService(options: Options) -> EdgeService:
-    """twistd's entry point: the edge for parsed options, on the global reactor."""
+def _log_as_asked(config: OnDemandConfig, runner_options: Any, parent: Any) -> None:
+    """JSON logs when --log-format json (or twist's own) asks for them."""
+    if config.log_format == "json" or wants_json(runner_options):
+        use_json_logs(runner_options, parent)
+
+
+def makeService(options: Options) -> EdgeService | Supervisor:
+    """
+    twistd's entry point, on the global reactor: the edge for parsed
+    options, or with more than one worker the supervisor that forks them
+    (L{tenantedge.workers}).
+    """
     from twisted.internet import reactor
 
-    assert options.config is not None
-    return build_edge(options.config, reactor, runner_options=getattr(options, "parent", None))
+    config = options.config
+    assert config is not None
+    runner_options = getattr(options, "parent", None)
+    count = config.worker_count
+    if count == 1:
+        return build_edge(config, reactor, runner_options=runner_options)
+    return Supervisor(
+        config, reactor, count, run_worker,
+        prepare=lambda: OnDemandTLS.from_config(config, reactor).prepare(),
+        on_parent=lambda parent: _log_as_asked(config, runner_options, parent),
+    )
+
+
+def run_worker(config: OnDemandConfig, sockets: dict[str, socket.socket], contexts: ServingContexts,
+               slot: int) -> None:
+    """One forked worker: a fresh reactor, the parent's sockets, the whole edge, until it stops."""
+    parent = os.getppid()
+    reactor = fresh_reactor()
+    endpoints = adopted_endpoints(reactor, sockets)
+    for sock in sockets.values():
+        sock.close()  # this process's copies; the adopted duplicates remain
+    edge = build_edge(config, reactor, endpoints=endpoints, contexts=contexts)
+    edge.startService()
+    watch_parent(reactor, parent)
+    reactor.addSystemEventTrigger("before", "shutdown", edge.stopService)
+    reactor.run()
