@@ -1,0 +1,233 @@
+"""
+End to end with several processes against a real ACME server (Pebble):
+C{twist tenantedge --workers 2} as a real subprocess (real forks), and two
+servers on one store. One order per name across processes, an HTTP-01
+answer given by a process other than the one that ordered, TLS sessions
+resumed by whichever worker a connection reaches, a renewal seen by every
+worker, a dead worker restarted, and everything stopped by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+
+from cryptography import x509
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from .support.pebble import Pebble, free_port
+from .support.processes import Backend, require_tool, run
+
+TWIST = os.path.join(os.path.dirname(sys.executable), "twist")
+PYTHON = sys.executable
+
+
+class Server:
+    """One C{twist tenantedge} process (a supervisor and its workers, or a single process)."""
+
+    def __init__(self, testcase: TestCase, args: list[str]) -> None:
+        self.testcase = testcase
+        self.args = args
+        self.output = b""
+        self.ended: defer.Deferred[tuple[bytes, bytes, int]] | None = None
+
+    def start(self) -> None:
+        def collect(data: bytes) -> None:
+            self.output = data
+
+        self.ended = run(TWIST, ["--log-format=text", "tenantedge", *self.args], on_stdout=collect, timeout=200)
+        self.testcase.addCleanup(self.stop)
+
+    def pid(self) -> int:
+        marker = self.args[self.args.index("--store") + 1].encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if marker in f.read():
+                            pids.append(int(entry))
+                except OSError:
+                    continue
+        return min(pids)  # the supervisor started first
+
+    async def stop(self) -> None:
+        if self.ended is None or self.ended.called:
+            return
+        try:
+            os.kill(self.pid(), signal.SIGTERM)
+        except (ValueError, ProcessLookupError):
+            pass
+        await self.ended
+
+
+class WorkerTests(TestCase):
+    timeout = 240
+
+    async def _setUp(self) -> None:
+        self.curl = require_tool(self, "curl")
+        self.openssl = require_tool(self, "openssl")
+        self.pebble = Pebble(self)
+        await self.pebble.start()
+        self.backend = Backend()
+        await self.backend.start()
+        self.addCleanup(self.backend.stop)
+        self.store = os.path.join(os.path.abspath(self.mktemp()), "store")
+        self.root = await self.pebble.root_pem(os.path.abspath(self.mktemp()))
+
+    def setUp(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._setUp())
+
+    def server_args(self, https: int, http: int | str, admin: int | str, *extra: str) -> list[str]:
+        return [
+            "--https", f"tcp:{https}:interface=127.0.0.1",
+            "--http", f"tcp:{http}:interface=127.0.0.1" if isinstance(http, int) else http,
+            "--admin", f"tcp:{admin}:interface=127.0.0.1" if isinstance(admin, int) else admin,
+            "--store", self.store, "--ca", self.pebble.directory_url, "--ca-root", self.pebble.ca_root,
+            "--allow-suffix", ".test", "--allow-private-suffix", "--backend", self.backend.url,
+            "--store-poll", "1s", *extra,
+        ]
+
+    async def metrics(self, admin: int) -> str:
+        out, err, code = await run(self.curl, ["--silent", f"http://127.0.0.1:{admin}/metrics"])
+        return out.decode() if code == 0 else ""
+
+    async def wait_for(self, check: object, what: str) -> None:
+        for _ in range(300):
+            if await check():  # type: ignore[operator]
+                return
+            await deferLater(reactor, 0.1, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    async def fetch(self, name: str, port: int, *extra: str) -> tuple[bytes, bytes, int]:
+        return await run(
+            self.curl,
+            ["--silent", "--show-error", "--max-time", "120", "--resolve", f"{name}:{port}:127.0.0.1",
+             "--cacert", self.root, *extra, f"https://{name}:{port}/echo"],
+        )
+
+    async def start_workers(self, *extra: str) -> int:
+        admin = free_port()
+        server = Server(self, self.server_args(self.pebble.tls_port, self.pebble.http_port, admin, "--workers", "2",
+                                               *extra))
+        server.start()
+        self.server = server
+
+        async def both_up() -> bool:
+            text = await self.metrics(admin)
+            return 'worker="0"' in text and 'worker="1"' in text
+
+        await self.wait_for(both_up, "two workers")
+        return admin
+
+    async def test_two_workers(self) -> None:
+        admin = await self.start_workers()
+        port = self.pebble.tls_port
+        out, err, code = await self.fetch("first.test", port)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["path"], "/echo")
+        # A burst of 50 first handshakes for one new name, spread over both
+        # workers: one order.
+        orders = self.pebble.orders
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self.fetch("burst.test", port)) for _ in range(50)]
+        )
+        self.assertEqual([code for _, _, code in results], [0] * 50, results[0][1])
+        self.assertEqual(self.pebble.orders - orders, 1)
+        # Sessions resume whichever worker the next connection reaches.
+        session = os.path.join(os.path.abspath(self.mktemp()))
+        await run(self.openssl, ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", "first.test",
+                                 "-CAfile", self.root, "-ign_eof", "-sess_out", session],
+                  stdin=b"GET /echo HTTP/1.0\r\nHost: first.test\r\n\r\n", timeout=30)
+        reused = 0
+        for _ in range(20):
+            out, err, code = await run(
+                self.openssl, ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", "first.test",
+                               "-CAfile", self.root, "-ign_eof", "-sess_in", session],
+                stdin=b"GET /echo HTTP/1.0\r\nHost: first.test\r\n\r\n", timeout=30)
+            reused += b"Reused, TLSv1.3" in out
+        self.assertEqual(reused, 20)
+        text = await self.metrics(admin)
+        resumed = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'tenantedge_handshakes_total\{worker="(\d)",outcome="resumed"\} ([\d.]+)', text)}
+        self.assertEqual(sorted(resumed), ["0", "1"], text)  # both workers resumed sessions
+        self.assertEqual(sum(resumed.values()), 20)
+
+        # A renewal on one worker (through the supervisor's admin endpoint)
+        # is served by both.
+        before = await self.served_serial("first.test", port)
+        out, err, code = await run(PYTHON, ["-m", "tenantedge", "certs", "renew", "first.test", "--store", self.store,
+                                            "--admin", f"tcp:{admin}:interface=127.0.0.1"])
+        self.assertEqual(code, 0, err)
+
+        async def everyone_serves_the_new_one() -> bool:
+            serials = {await self.served_serial("first.test", port) for _ in range(10)}
+            return len(serials) == 1 and before not in serials
+
+        await self.wait_for(everyone_serves_the_new_one, "both workers to serve the renewed certificate")
+
+        # A worker that dies is restarted; the server keeps serving.
+        text = await self.metrics(admin)
+        self.assertIn("tenantedge_workers 2", text)
+        worker = max(p for p in self.worker_pids())
+        os.kill(worker, signal.SIGKILL)
+
+        async def restarted() -> bool:
+            return "tenantedge_worker_restarts_total 1" in await self.metrics(admin) and len(self.worker_pids()) == 2
+
+        await self.wait_for(restarted, "the dead worker to be restarted")
+        out, err, code = await self.fetch("first.test", port)
+        self.assertEqual(code, 0, err)
+        # SIGTERM on the supervisor stops everything.
+        await self.server.stop()
+        self.assertEqual(self.worker_pids(), [])
+
+    def worker_pids(self) -> list[int]:
+        marker = self.store.encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        cmdline = f.read()
+                    with open(f"/proc/{entry}/stat") as f:
+                        state = f.read().split()[2]
+                except OSError:
+                    continue
+                if marker in cmdline and state != "Z":
+                    pids.append(int(entry))
+        return sorted(pids)[1:]  # the first is the supervisor
+
+    async def served_serial(self, name: str, port: int) -> int:
+        out, err, code = await run(
+            self.openssl, ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", name, "-showcerts"],
+            stdin=b"", timeout=30)
+        pem = out[out.index(b"-----BEGIN CERTIFICATE-----"):]
+        pem = pem[: pem.index(b"-----END CERTIFICATE-----") + 25]
+        return x509.load_pem_x509_certificate(pem).serial_number
+
+    async def test_challenge_answered_by_another_process(self) -> None:
+        """
+        Two servers on one store: the one on Pebble's TLS port orders, the
+        other one holds Pebble's HTTP port. The order is validated through
+        the second, which answers from the shared challenge store (the
+        first has no listener the CA could reach on port 80).
+        """
+        ordering = Server(self, self.server_args(self.pebble.tls_port, free_port(), "none", "--workers", "1"))
+        answering = Server(self, self.server_args(free_port(), self.pebble.http_port, "none", "--workers", "1"))
+        ordering.start()
+        answering.start()
+
+        async def up() -> bool:
+            return b"listening: https" in ordering.output and b"listening: http " in answering.output
+
+        await self.wait_for(up, "both servers")
+        out, err, code = await self.fetch("shared.test", self.pebble.tls_port)
+        self.assertEqual(code, 0, err + ordering.output[-3000:])
+        self.assertEqual(json.loads(out)["path"], "/echo")
+        self.assertEqual(self.pebble.orders, 1)
