@@ -220,9 +220,17 @@ class Supervisor(MultiService):
         self._monitor.start(0.5, now=False)
 
     def worker_config(self, slot: int) -> OnDemandConfig:
-        """A worker's configuration: its admin endpoint is a private UNIX socket."""
+        """
+        A worker's configuration: its admin endpoint is a private UNIX
+        socket, and it runs its share of the concurrent orders (the window
+        limits are counted across workers through the store; the number of
+        orders running at once is per process).
+        """
         assert self.rundir is not None
-        return attrs.evolve(self.config, admin=f"unix:{self.admin_socket(slot)}", workers=1)
+        share = max(1, -(-self.config.max_concurrent_issuance // self.count))
+        return attrs.evolve(
+            self.config, admin=f"unix:{self.admin_socket(slot)}", workers=1, max_concurrent_issuance=share
+        )
 
     def admin_socket(self, slot: int) -> str:
         assert self.rundir is not None
