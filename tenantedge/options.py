@@ -20,7 +20,7 @@ from twisted.python import usage
 from . import __version__
 from .config import ConfigError, OnDemandConfig, load_toml, settings, show_default
 
-__all__ = ["Options", "BadValue"]
+__all__ = ["Options", "PluginOptions", "BadValue"]
 
 
 class BadValue(usage.UsageError):
@@ -136,3 +136,18 @@ for _field in settings():
     if _field.metadata["kind"] == "list":
         setattr(Options, "opt_" + _field.name, _list_option(_option_name(_field), _field.metadata["doc"] + _default_note(_field)))
 del _field
+
+
+class PluginOptions(Options):
+    """
+    The twistd plugin's options (L{tenantedge.tap.Options}). twistd and
+    twist print the whole C{--help} before any usage error; for a bad
+    value, one line naming the setting (and the file) says all there is
+    to say, so it ends the process with just that line (status 1).
+    """
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except BadValue as e:
+            raise SystemExit(f"tenantedge: {e}") from None

@@ -15,9 +15,8 @@ reactor.
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401  (see below)
-import os
-import socket
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -32,30 +31,13 @@ from .config import OnDemandConfig
 from .demo import DemoBackendService
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
-from .options import BadValue
-from .options import Options as _Options
+from .options import PluginOptions as Options
 from .http1 import AccessLog, BackendPool, EdgeHTTPFactory, H1Proxy
 from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, make_backend_pool
-from .contexts import ServingContexts
 from .service import OnDemandTLS, StartupError
-from .workers import Supervisor, adopted_endpoints, fresh_reactor, watch_parent
+from .workers import Supervisor, run_worker
 
 __all__ = ["Options", "makeService", "build_edge", "EdgeService"]
-
-class Options(_Options):
-    """
-    The plugin's options (see L{tenantedge.options.Options}). twistd and
-    twist print the whole C{--help} before any usage error; for a bad
-    value, one line naming the setting (and the file) says all there is
-    to say, so it ends the process with just that line (status 1).
-    """
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        try:
-            super().parseOptions(options)
-        except BadValue as e:
-            raise SystemExit(f"tenantedge: {e}") from None
-
 
 # encodings.idna is imported above, before twistd drops privileges (-u/-g):
 # the resolver needs it for host names, and an interpreter installed where
@@ -239,22 +221,7 @@ def makeService(options: Options) -> EdgeService | Supervisor:
     if count == 1:
         return build_edge(config, reactor, runner_options=runner_options)
     return Supervisor(
-        config, reactor, count, run_worker,
+        config, reactor, count, partial(run_worker, build_edge),
         prepare=lambda: OnDemandTLS.from_config(config, reactor).prepare(),
         on_parent=lambda parent: _log_as_asked(config, runner_options, parent),
     )
-
-
-def run_worker(config: OnDemandConfig, sockets: dict[str, socket.socket], contexts: ServingContexts,
-               slot: int) -> None:
-    """One forked worker: a fresh reactor, the parent's sockets, the whole edge, until it stops."""
-    parent = os.getppid()
-    reactor = fresh_reactor()
-    endpoints = adopted_endpoints(reactor, sockets)
-    for sock in sockets.values():
-        sock.close()  # this process's copies; the adopted duplicates remain
-    edge = build_edge(config, reactor, endpoints=endpoints, contexts=contexts)
-    edge.startService()
-    watch_parent(reactor, parent)
-    reactor.addSystemEventTrigger("before", "shutdown", edge.stopService)
-    reactor.run()

@@ -65,7 +65,7 @@ from .listening import ListenFailed, ListeningService
 from .pools import quiet_pool
 from .proxy import EdgeSite
 
-__all__ = ["Supervisor", "bind_listening_socket"]
+__all__ = ["Supervisor", "bind_listening_socket", "run_worker"]
 
 #: A worker that dies sooner than this after starting is restarted after a
 #: growing delay (up to MAX_RESTART_DELAY).
@@ -406,6 +406,26 @@ def watch_parent(reactor: Any, parent: int) -> LoopingCall:
     loop.clock = reactor
     loop.start(1.0, now=False)
     return loop
+
+
+def run_worker(
+    build: Callable[..., Any], config: OnDemandConfig, sockets: dict[str, socket.socket],
+    contexts: ServingContexts, slot: int,
+) -> None:
+    """
+    One forked worker: a fresh reactor, the parent's sockets, the whole edge
+    from C{build} (L{tenantedge.tap.build_edge}), until it stops.
+    """
+    parent = os.getppid()
+    reactor = fresh_reactor()
+    endpoints = adopted_endpoints(reactor, sockets)
+    for sock in sockets.values():
+        sock.close()  # this process's copies; the adopted duplicates remain
+    edge = build(config, reactor, endpoints=endpoints, contexts=contexts)
+    edge.startService()
+    watch_parent(reactor, parent)
+    reactor.addSystemEventTrigger("before", "shutdown", edge.stopService)
+    reactor.run()
 
 
 # -- the supervisor's admin endpoint --------------------------------------------------------------
