@@ -15,8 +15,9 @@ certificates once with curl; here only the servers' cost is of interest):
         (SSLSocket.session_reused).
   fill  Handshake once (no request) with each of --count distinct names
         <prefix><i>.test (i from --start), --threads at a time, stopping at
-        --timeout. For the memory figures: each name makes the server obtain
-        (from its CA) and cache one more certificate.
+        --timeout (a failed name is retried, see fill()). For the memory
+        figures: each name makes the server obtain (from its CA) and cache
+        one more certificate.
 
 The result is one JSON object on stdout.
 
@@ -33,7 +34,7 @@ import ssl
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 
@@ -63,7 +64,7 @@ def one_request(context: ssl.SSLContext, port: int, name: str, session: ssl.SSLS
             response = b"".join(chunks)
             # The session is read after the response: TLS 1.3 tickets come
             # after the handshake, so this is the newest one.
-            return response.startswith(b"HTTP/1.1 200"), tls.session_reused, tls.session
+            return response.startswith(b"HTTP/1.1 200"), bool(tls.session_reused), tls.session
         finally:
             tls.close()
     finally:
@@ -75,6 +76,7 @@ def rate(port: int, name: str, mode: str, duration: float, threads: int, timeout
     lock = threading.Lock()
     totals: Counter[str] = Counter()
     latencies: list[float] = []
+    examples: list[str] = []
     start = time.monotonic() + 0.05
     deadline = start + duration
 
@@ -93,6 +95,9 @@ def rate(port: int, name: str, mode: str, duration: float, threads: int, timeout
                                                       timeout)
             except (OSError, ssl.SSLError) as e:
                 mine["error:" + type(e).__name__] += 1
+                with lock:
+                    if len(examples) < 5:
+                        examples.append(str(e))
                 session = None
                 continue
             ended = time.monotonic()
@@ -125,17 +130,27 @@ def rate(port: int, name: str, mode: str, duration: float, threads: int, timeout
         "ok": totals["ok"],
         "reused": totals["reused"],
         "errors": {k: v for k, v in totals.items() if k.startswith("error:") or k == "bad_response"},
+        "error_examples": examples,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
     }
 
 
 def fill(port: int, prefix: str, first: int, count: int, threads: int, timeout: float,
-         per_connection_timeout: float) -> dict[str, Any]:
+         per_connection_timeout: float, retries: int) -> dict[str, Any]:
+    """
+    A name whose handshake fails is tried again (after 50 ms x attempt), up
+    to `retries` more times: Caddy 2.6 refuses some concurrent first
+    handshakes with "on-demand rate limit exceeded" even with no rate limit
+    configured (certmagic's limiter hands out one ticket at a time through
+    an unbuffered channel); the memory figure needs every name cached.
+    """
     context = client_context()
     lock = threading.Lock()
-    names = iter(range(first, first + count))
+    todo: deque[tuple[int, int]] = deque((i, 0) for i in range(first, first + count))
+    in_flight = [0]
     totals: Counter[str] = Counter()
+    examples: list[str] = []
     started = time.monotonic()
     deadline = started + timeout
 
@@ -143,17 +158,38 @@ def fill(port: int, prefix: str, first: int, count: int, threads: int, timeout: 
         mine: Counter[str] = Counter()
         while time.monotonic() < deadline:
             with lock:
-                i = next(names, None)
-            if i is None:
-                break
+                if todo:
+                    i, attempt = todo.popleft()
+                    in_flight[0] += 1
+                elif in_flight[0] == 0:
+                    break
+                else:
+                    i = -1
+            if i < 0:  # others may still put a retry back
+                time.sleep(0.01)
+                continue
             name = f"{prefix}{i}.test"
+            if attempt:
+                time.sleep(0.05 * attempt)
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=per_connection_timeout) as raw:
                     with context.wrap_socket(raw, server_hostname=name):
                         pass
                 mine["ok"] += 1
+                if attempt:
+                    mine["ok_after_retry"] += 1
             except (OSError, ssl.SSLError) as e:
-                mine["error:" + type(e).__name__] += 1
+                mine["attempt_failed:" + type(e).__name__] += 1
+                with lock:
+                    if len(examples) < 5:
+                        examples.append(f"{name}: {e}")
+                    if attempt < retries:
+                        todo.append((i, attempt + 1))
+                    else:
+                        mine["failed"] += 1
+            finally:
+                with lock:
+                    in_flight[0] -= 1
         with lock:
             totals.update(mine)
 
@@ -161,12 +197,15 @@ def fill(port: int, prefix: str, first: int, count: int, threads: int, timeout: 
     for w in workers:
         w.start()
     for w in workers:
-        w.join(timeout + per_connection_timeout + 30)
+        w.join(timeout + (retries + 1) * per_connection_timeout + 30)
     return {
         "elapsed": time.monotonic() - started,
         "requested": count,
         "ok": totals["ok"],
-        "errors": {k: v for k, v in totals.items() if k != "ok"},
+        "ok_after_retry": totals["ok_after_retry"],
+        "failed": totals["failed"],
+        "failed_attempts": {k.split(":", 1)[1]: v for k, v in totals.items() if k.startswith("attempt_failed:")},
+        "error_examples": examples,
         "timed_out": time.monotonic() >= deadline,
     }
 
@@ -189,12 +228,13 @@ def main() -> int:
     f.add_argument("--threads", type=int, default=8)
     f.add_argument("--timeout", type=float, default=300.0, help="for the whole fill")
     f.add_argument("--connection-timeout", type=float, default=30.0)
+    f.add_argument("--retries", type=int, default=5, help="more attempts for a name whose handshake failed")
     args = parser.parse_args()
     if args.command == "rate":
         result = rate(args.port, args.name, args.mode, args.duration, args.threads, args.timeout)
     else:
         result = fill(args.port, args.prefix, args.start, args.count, args.threads, args.timeout,
-                      args.connection_timeout)
+                      args.connection_timeout, args.retries)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0
