@@ -36,8 +36,9 @@ from twisted.internet.interfaces import IHandshakeListener
 
 from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, error_body
 from .hostnames import InvalidHostname, host_from_header
+from .writethrough import set_no_delay, write_through
 
-__all__ = ["BackendPool", "H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory"]
+__all__ = ["BackendPool", "H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "set_no_delay"]
 
 #: Largest request head (request line and headers) accepted: 431 beyond.
 MAX_HEAD = 32 * 1024
@@ -134,6 +135,7 @@ class BackendConnection(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         set_no_delay(self.transport)
+        write_through(self.transport)
         self._new_parser()
 
     def _new_parser(self) -> None:
@@ -229,16 +231,6 @@ class BackendConnection(Protocol):
         self.connected = False
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
-
-
-def set_no_delay(transport: Any) -> None:
-    """Nagle off: a response must not wait for the client's delayed ACK."""
-    set_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_delay is not None:
-        try:
-            set_delay(True)
-        except OSError:
-            pass
 
 
 class AccessLog:

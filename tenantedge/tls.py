@@ -36,7 +36,7 @@ from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnec
 
 from .challenges import ACME_TLS_1
 from .contexts import FixedTLS, TenantTLS, resumed_for_another_name, session_reused
-from .http1 import set_no_delay
+from .writethrough import set_no_delay, write_through
 from .clienthello import (
     MAX_HELLO_SIZE,
     Incomplete,
@@ -277,6 +277,7 @@ class SniffingProtocol(Protocol):
         # Nagle off: with it, the response waited behind the session-ticket
         # flight for the client's delayed ACK (45 ms per new connection).
         set_no_delay(self.transport)
+        write_through(self.transport)
         self._hello_timer = self.factory.clock.callLater(
             self.factory.hello_timeout, self._hello_timed_out
         )
