@@ -63,4 +63,4 @@ def write_through(transport: Any) -> None:
         if sent < len(data):
             queued_write(data[sent:])
 
-    transport.write = write
+    transport.write = write  # type: ignore[method-assign]
