@@ -144,7 +144,7 @@ def downstream_headers(backend_headers: Headers, connection_headers: Headers | N
     return out
 
 
-def make_backend_pool(reactor: Any, max_per_host: int = 64) -> HTTPConnectionPool:
+def make_backend_pool(reactor: Any, max_per_host: int = 512) -> HTTPConnectionPool:
     """
     A persistent pool for backend connections: requests reuse idle
     connections instead of opening one per request.
