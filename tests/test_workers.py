@@ -44,7 +44,8 @@ class Server:
         self.testcase.addCleanup(self.stop)
 
     def pid(self) -> int:
-        marker = self.args[self.args.index("--store") + 1].encode()
+        # Its HTTPS endpoint is unique to it (servers may share a store).
+        marker = self.args[self.args.index("--https") + 1].encode()
         pids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
