@@ -31,6 +31,9 @@ from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamC
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 from twisted.internet.interfaces import IHandshakeListener
 
@@ -38,7 +41,7 @@ from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, error_body
 from .hostnames import InvalidHostname, host_from_header
 from .writethrough import set_no_delay, write_through
 
-__all__ = ["BackendPool", "H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "set_no_delay"]
+__all__ = ["BackendPool", "H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "StreamRelay", "upstream_head"]
 
 #: Largest request head (request line and headers) accepted: 431 beyond.
 MAX_HEAD = 32 * 1024
@@ -761,61 +764,7 @@ class H1ProxyProtocol(Protocol):
     def _upstream_head(
         self, method: bytes, version: bytes
     ) -> tuple[tuple[int, str] | None, bytes, bool, bytes, bytes, bool]:
-        """Validate the request head and build the backend's; (problem, head, chunked, referer, agent, expect)."""
-        hosts: list[bytes] = []
-        extra = connection_tokens(self._headers)
-        out = [b"%s %s%s HTTP/1.1\r\n" % (method, self.proxy.prefix, self._url)]
-        chunked = False
-        length = None
-        referer = agent = b""
-        expect = False
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower == b"host":
-                hosts.append(value)
-                continue
-            if lower == b"transfer-encoding":
-                chunked = True
-                continue
-            if lower == b"content-length":
-                length = value
-                continue
-            if lower == b"expect":
-                expect = value.strip().lower() == b"100-continue"
-                continue
-            if lower == b"referer":
-                referer = value
-            elif lower == b"user-agent":
-                agent = value
-            if lower in HOP_BY_HOP or lower in extra or lower in EDGE_ONLY or lower.startswith(b"x-forwarded-"):
-                continue
-            out.append(b"%s: %s\r\n" % (name, value))
-        if not self._url.startswith(b"/"):
-            return (400, "Only origin-form request targets are accepted."), b"", False, referer, agent, False
-        if len(hosts) != 1:
-            return (400, "The request needs exactly one Host header."), b"", False, referer, agent, False
-        host = hosts[0]
-        try:
-            host_name = host_from_header(host)
-        except InvalidHostname:
-            return (400, "The Host header is not a valid host name."), b"", False, referer, agent, False
-        if host_name != self.server_name:
-            return (421, "This connection was opened for another host name."), b"", False, referer, agent, False
-        limit = self.proxy.max_body_size
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                return (400, "Bad Content-Length."), b"", False, referer, agent, False
-            if limit and declared > limit:
-                return (413, ""), b"", False, referer, agent, False
-            if not chunked:
-                out.append(b"Content-Length: %s\r\n" % (length,))
-        if chunked:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        out.append(b"Host: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: %s\r\n\r\n"
-                   % (host, self.peer.encode("ascii", "replace"), host))
-        return None, b"".join(out), chunked, referer, agent, expect and (chunked or length is not None)
+        return upstream_head(method, self._url, self._headers, self.peer, self.server_name, self.proxy)
 
     def _enqueue(self, exchange: _Exchange) -> None:
         if self._exchange is None:
@@ -889,6 +838,240 @@ class H1ProxyProtocol(Protocol):
         # transport closes at once once its buffer is flushed.
         self._closing = True
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def upstream_head(
+    method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], peer: str, server_name: str, proxy: H1Proxy
+) -> tuple[tuple[int, str] | None, bytes, bool, bytes, bytes, bool]:
+    """
+    Validate a request head and build the backend's: (problem, head,
+    chunked, referer, user agent, expects 100-continue). C{problem} is
+    (status, detail) for a request refused without the backend.
+    """
+    hosts: list[bytes] = []
+    extra = connection_tokens(headers)
+    out = [b"%s %s%s HTTP/1.1\r\n" % (method, proxy.prefix, url)]
+    chunked = False
+    length = None
+    referer = agent = b""
+    expect = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"host":
+            hosts.append(value)
+            continue
+        if lower == b"transfer-encoding":
+            chunked = True
+            continue
+        if lower == b"content-length":
+            length = value
+            continue
+        if lower == b"expect":
+            expect = value.strip().lower() == b"100-continue"
+            continue
+        if lower == b"referer":
+            referer = value
+        elif lower == b"user-agent":
+            agent = value
+        if lower in HOP_BY_HOP or lower in extra or lower in EDGE_ONLY or lower.startswith(b"x-forwarded-"):
+            continue
+        out.append(b"%s: %s\r\n" % (name, value))
+    if not url.startswith(b"/"):
+        return (400, "Only origin-form request targets are accepted."), b"", False, referer, agent, False
+    if len(hosts) != 1:
+        return (400, "The request needs exactly one Host header."), b"", False, referer, agent, False
+    host = hosts[0]
+    try:
+        host_name = host_from_header(host)
+    except InvalidHostname:
+        return (400, "The Host header is not a valid host name."), b"", False, referer, agent, False
+    if host_name != server_name:
+        return (421, "This connection was opened for another host name."), b"", False, referer, agent, False
+    limit = proxy.max_body_size
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            return (400, "Bad Content-Length."), b"", False, referer, agent, False
+        if limit and declared > limit:
+            return (413, ""), b"", False, referer, agent, False
+        if not chunked:
+            out.append(b"Content-Length: %s\r\n" % (length,))
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(b"Host: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: %s\r\n\r\n"
+               % (host, peer.encode("ascii", "replace"), host))
+    return None, b"".join(out), chunked, referer, agent, expect and (chunked or length is not None)
+
+
+class _StreamExchange(_Exchange):
+    """
+    An exchange whose client is a twisted.web request (an HTTP/2 stream):
+    the same backend pool, deadlines, retries and cancellation as the
+    HTTP/1.1 relay, the response given through the request's API.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, client: _RequestClient, method: bytes, path: bytes, head: bytes) -> None:
+        super().__init__(client, method, path, b"2", True, head, False, b"", b"")  # type: ignore[arg-type]
+        self.request = client.request
+        self.request_done = True  # bodiless: the request is all in the head
+
+    def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.code = code
+        proxy = self.proxy
+        if proxy.observe is not None:
+            proxy.observe(code, proxy.clock.seconds() - self.started)
+        request = self.request
+        request.setResponseCode(code, reason or None)
+        out = Headers()
+        extra = connection_tokens(headers)
+        for name, value in headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in extra:
+                continue
+            out.addRawHeader(name, value)
+        request.responseHeaders = out
+        request.defaultContentType = None
+        if not keep_alive:
+            self.response_close = True
+        self.response_started = True
+        if self.backend is not None and self.method != b"HEAD" and code not in _NO_RESPONSE_BODY:
+            self.down = request
+            request.registerProducer(self.backend.transport, True)
+
+    def backend_body(self, data: bytes) -> None:
+        if not self.finished:
+            self.request.write(data)
+
+    def backend_closed_complete(self) -> bool:
+        return self.response_started and self.response_close
+
+    def backend_done(self, conn: BackendConnection | None) -> None:
+        if self.finished:
+            return
+        self.release_producers()
+        self.backend = None
+        if conn is not None:
+            if not self.response_close:
+                self.proxy.pool.give_back(conn)
+            else:
+                conn.close()
+        self._finished()
+
+    def fail(self, code: int, detail: str, quiet: bool = False) -> None:
+        if self.finished:
+            return
+        if not quiet and code >= 500:
+            self.proxy._log.warn(
+                "backend request for {path} failed with {code}: {error}",
+                path=self.path.decode("ascii", "replace")[:200], code=code, error=detail,
+            )
+        self.abandon_backend()
+        if self.response_started:
+            self.finished = True
+            self.client.exchange_aborted(self)
+            return
+        if self.proxy.observe is not None and code >= 500:
+            self.proxy.observe(code, self.proxy.clock.seconds() - self.started)
+        self.code = code
+        body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
+        request = self.request
+        request.setResponseCode(code, _REASONS[code])
+        request.responseHeaders = Headers(
+            {b"content-type": [b"text/html; charset=utf-8"], b"cache-control": [b"no-store"],
+             b"content-length": [b"%d" % len(body)]}
+        )
+        request.write(body)
+        self.response_started = True
+        self._finished()
+
+
+class _RequestClient:
+    """The client side of a L{_StreamExchange}: a twisted.web request."""
+
+    def __init__(self, proxy: H1Proxy, request: Any, peer: str) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.peer = peer
+        self.transport = request
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def exchange_finished(self, exchange: _Exchange) -> None:
+        if not self.request.finished and not getattr(self.request, "_disconnected", False):
+            self.request.finish()
+
+    def exchange_aborted(self, exchange: _Exchange) -> None:
+        # Part of the response went out: reset this stream (HTTP/2:
+        # RST_STREAM; the connection's other streams go on) so it never
+        # looks complete.
+        channel = getattr(self.request, "channel", None)
+        if channel is not None:
+            channel.abortConnection()
+
+
+#: Methods whose requests the stream relay takes when they carry no body.
+_BODILESS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
+
+
+class StreamRelay(Resource):
+    """
+    The HTTP/2 side of the relay, as a twisted.web resource: a request
+    without a body goes through the HTTP/1.1 relay's backend pool
+    (L{_StreamExchange}); anything else to C{fallback} (the
+    L{tenantedge.proxy.ProxyResource}, which streams spooled bodies).
+    """
+
+    isLeaf = True
+
+    def __init__(self, proxy: H1Proxy, fallback: Resource) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.fallback = fallback
+
+    def render(self, request: Any) -> bytes | int:
+        content = request.content
+        has_body = content is not None and content.seek(0, 2) > 0
+        if content is not None:
+            content.seek(0)
+        if has_body or request.method not in _BODILESS:
+            return self.fallback.render(request)  # type: ignore[no-any-return]
+        from .tls import tls_server_name
+
+        peer = str(getattr(request.getClientAddress(), "host", ""))
+        headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+        problem, head, _chunked, _referer, _agent, _expect = upstream_head(
+            request.method, request.uri, headers, peer, tls_server_name(request) or "", self.proxy
+        )
+        client = _RequestClient(self.proxy, request, peer)
+        exchange = _StreamExchange(client, request.method, request.uri, head)
+
+        def gone(failure: Any) -> None:
+            if not exchange.finished:
+                exchange.finished = True
+                exchange.abandon_backend()
+
+        request.notifyFinish().addErrback(gone)
+        if problem is not None:
+            exchange.fail(*problem, quiet=True)
+        else:
+            exchange.start()
+        return NOT_DONE_YET
 
 
 @implementer(IHandshakeListener)

@@ -32,7 +32,7 @@ from .demo import DemoBackendService
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
 from .options import PluginOptions as Options
-from .http1 import AccessLog, BackendPool, EdgeHTTPFactory, H1Proxy
+from .http1 import AccessLog, BackendPool, EdgeHTTPFactory, H1Proxy, StreamRelay
 from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, make_backend_pool
 from .service import OnDemandTLS, StartupError
 from .workers import Supervisor, run_worker
@@ -147,19 +147,21 @@ def build_edge(
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
     demo = DemoBackendService(reactor) if config.demo else None
     backend = demo.url if demo is not None else config.backend
-    # HTTP/2 through twisted.web (the proxy resource, on Twisted's Agent)...
+    # HTTP/1.1 through the fast relay; HTTP/2 through twisted.web, with
+    # bodiless requests on the relay's backend pool too and the others on
+    # the proxy resource (Twisted's Agent), all with the same rules.
+    observe = on_demand.timings.observe_request
     pool = make_backend_pool(reactor)
     backend_url, agent = backend_agent(reactor, backend, pool, endpoints=demo)
-    observe = on_demand.timings.observe_request
     proxy = ProxyResource(backend_url, agent, reactor, timeout=config.backend_timeout, observe=observe)
-    site = EdgeSite(proxy, logPath=config.access_log, reactor=reactor, max_body_size=config.max_body_size)
-    # ...HTTP/1.1 through the fast relay, with the same rules.
     h1_pool = BackendPool(reactor, backend_endpoints(reactor, backend, demo))
     h1 = H1Proxy(
         h1_pool, reactor, prefix=URI.fromBytes(backend_url).path, timeout=config.backend_timeout,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
     )
+    site = EdgeSite(StreamRelay(h1, proxy), logPath=config.access_log, reactor=reactor,
+                    max_body_size=config.max_body_size)
     https = _listener(config.https, on_demand.wrap(EdgeHTTPFactory(h1, site)), "tenant traffic", "https")
     listeners = [("https", https)]
     if config.http is not None:
