@@ -20,7 +20,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .shared import StateFile
+from .shared import KEEP, StateFile
 
 __all__ = ["FailureBackoff", "LADDER"]
 
@@ -110,7 +110,7 @@ class FailureBackoff:
         """Change the state on top of the latest persisted one, under the file's lock."""
 
         def change(data: Any) -> Any:
-            if self.path is not None:
+            if self.path is not None and data is not KEEP:
                 self._parse(data)
             mutate()
             now = self.clock.seconds()

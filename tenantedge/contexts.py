@@ -196,7 +196,10 @@ def resumed_for_another_name(connection: SSL.Connection, server_name: str) -> bo
     if session is None:
         return True
     name = _session_host_name(_session_der(session))
-    return name is not None and name != server_name.encode("ascii")
+    if name is None:
+        return False
+    # The session keeps the SNI as the client sent it; ours is normalised.
+    return name.lower().rstrip(b".") != server_name.encode("ascii")
 
 
 def _session_der(session: SSL.Session) -> bytes:

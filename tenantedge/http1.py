@@ -47,6 +47,9 @@ __all__ = ["BackendPool", "H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "Stre
 MAX_HEAD = 32 * 1024
 #: Most request header lines accepted: 431 beyond.
 MAX_HEADERS = 100
+#: Seconds a client has to send a whole request head once it has begun
+#: (a byte every few seconds must not hold a connection for ever).
+HEADER_TIMEOUT = 15.0
 #: Node (and so Next.js) closes idle keep-alive connections after 5 s; a
 #: pooled connection idle longer than this is not reused.
 BACKEND_IDLE = 4.0
@@ -56,7 +59,7 @@ PENDING_BODY = 256 * 1024
 
 _NO_RESPONSE_BODY = frozenset({204, 304})
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_REASONS = {400: b"Bad Request", 413: b"Content Too Large", 421: b"Misdirected Request",
+_REASONS = {501: b"Not Implemented", 408: b"Request Timeout", 400: b"Bad Request", 413: b"Content Too Large", 421: b"Misdirected Request",
             431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 504: b"Gateway Timeout"}
 
 
@@ -106,6 +109,8 @@ class BackendPool:
             return
         conn.idle_since = self.clock.seconds()
         conn.pool = self
+        # Back-pressure may have paused it (a slow client); idle, it must read.
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
         self._idle.append(conn)
 
     def forget(self, conn: BackendConnection) -> None:
@@ -147,6 +152,7 @@ class BackendConnection(Protocol):
         self._reason = b""
         self._head_done = False
         self._skip_body = False
+        self._stray = False
 
     def send(self, exchange: _Exchange, head: bytes) -> None:
         self.exchange = exchange
@@ -200,9 +206,10 @@ class BackendConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.exchange is None:
-            if not self._skip_body:
-                # Bytes while idle: the backend is confused; never reuse.
-                self.close()
+            # Bytes while idle (after a HEAD, or unasked): the backend is
+            # confused; never reuse the connection, or a later request could
+            # take these bytes for its response.
+            self.close()
             return
         try:
             self._parser.feed_data(data)
@@ -211,6 +218,13 @@ class BackendConnection(Protocol):
             self.close()
             if exchange is not None:
                 exchange.backend_failed(f"malformed response from the backend: {e}", self._head_done)
+            return
+        if self._stray:
+            self.close()
+
+    def on_message_begin(self) -> None:
+        if self.exchange is None:
+            self._stray = True  # a response nobody asked for, right after one
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.connected = False
@@ -232,6 +246,8 @@ class BackendConnection(Protocol):
 
     def close(self) -> None:
         self.connected = False
+        if self.pool is not None:
+            self.pool.forget(self)
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -312,7 +328,7 @@ class _Exchange:
         "backend", "connecting", "pending", "pending_size", "request_done", "response_started",
         "response_chunked", "response_close", "timer", "code", "sent", "finished", "retried",
         "referer", "agent", "body_limit", "body_seen", "close_delimited", "expect_continue", "up", "down",
-        "problem",
+        "problem", "backend_framed",
     )
 
     def __init__(self, client: H1ProxyProtocol, method: bytes, path: bytes, version: bytes, keep_alive: bool,
@@ -351,15 +367,27 @@ class _Exchange:
         self.down: Any = None
         #: (code, detail) when the request is refused without the backend.
         self.problem: tuple[int, str] | None = None
+        #: The backend's response had its own framing (chunked): its end is
+        #: the last chunk, never the connection closing.
+        self.backend_framed = False
 
     def release_producers(self) -> None:
-        """Undo any producer registration this exchange made."""
+        """
+        Undo any producer registration this exchange made, and resume what
+        back-pressure had paused: Twisted resumes a paused producer only
+        when the consumer's buffer drains, and an unregistered one never,
+        so a kept-alive connection would otherwise stay paused for good.
+        """
         up, self.up = self.up, None
         if up is not None:
             up.unregisterProducer()
+            self.client.resume_paused_transport()
         down, self.down = self.down, None
         if down is not None:
             down.unregisterProducer()
+            backend = self.backend
+            if backend is not None and backend.transport is not None:
+                backend.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # -- request direction ---------------------------------------------------------
 
@@ -432,6 +460,7 @@ class _Exchange:
             up, self.up = self.up, None
             if up is not None:
                 up.unregisterProducer()
+                self.client.resume_paused_transport()
 
     # -- response direction ---------------------------------------------------------
 
@@ -453,6 +482,8 @@ class _Exchange:
         length: int | None = None
         for name, value in headers:
             lower = name.lower()
+            if lower == b"transfer-encoding":
+                self.backend_framed = True
             if lower in HOP_BY_HOP or lower in extra:
                 continue
             if lower == b"content-length":
@@ -473,6 +504,8 @@ class _Exchange:
             self.response_close = True  # the backend closes: its body may end with the connection
         if not self.keep_alive:
             out.append(b"Connection: close\r\n")
+        elif self.version == b"1.0":
+            out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.sent = length
         self.response_started = True
@@ -490,14 +523,15 @@ class _Exchange:
             self.client.write(data)
 
     def backend_closed_complete(self) -> bool:
-        """Did a close-delimited response just end normally?"""
-        return self.response_started and self.response_close and self.sent is None
+        """Did a close-delimited response (no length, not chunked) just end normally?"""
+        return self.response_started and self.response_close and self.sent is None and not self.backend_framed
 
     def backend_done(self, conn: BackendConnection | None) -> None:
         if self.finished:
             return
         if self.response_chunked:
             self.client.write(b"0\r\n\r\n")
+        self.backend = conn
         self.release_producers()
         self.backend = None
         if conn is not None:
@@ -557,7 +591,7 @@ class _Exchange:
             self.proxy.observe(code, self.proxy.clock.seconds() - self.started)
         self.code = code
         body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
-        closing = code in (400, 413, 431) or not self.request_done or not self.keep_alive
+        closing = code in (400, 408, 413, 431, 501) or not self.request_done or not self.keep_alive
         if closing:
             self.keep_alive = False
         self.sent = len(body)
@@ -619,8 +653,11 @@ class H1ProxyProtocol(Protocol):
         self._exchange: _Exchange | None = None
         self._queue: deque[_Exchange] = deque()
         self._closing = False
+        self._stopped = False
         self._paused = False
         self._idle_timer: Any = None
+        self._in_head = False
+        self._head_bytes = 0
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -640,7 +677,7 @@ class H1ProxyProtocol(Protocol):
         self._arm_idle()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._stopped:
             return
         try:
             self._parser.feed_data(data)
@@ -648,14 +685,36 @@ class H1ProxyProtocol(Protocol):
             # Upgrade (WebSocket) is not relayed on this path: the request
             # went to the backend as a plain one; close after it.
             self._closing_after_current()
+            return
         except httptools.HttpParserError:
-            if self._current is not None and self._current.finished:
-                return
+            self._stop_reading()
+            if self._refused:
+                return  # the refusal is queued and answers in its turn
             if self._exchange is None and self._current is None:
                 self._answer_now(400, "malformed request")
-            else:
+            elif self._current is not None and not self._current.finished:
+                # Broken mid-body: nothing sensible can follow.
                 self._closing = True
                 self.transport.loseConnection()  # type: ignore[union-attr]
+            else:
+                # Broken after its answer went out (or between requests in a
+                # pipeline): answer what is pending, then close.
+                self._closing_after_current()
+            return
+        if self._in_head:
+            # llhttp reports a header only once its line is complete, so a
+            # never-ending line must be counted here.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._stop_reading()
+                self._refused = True
+                self._answer_now(431, "")
+
+    def _stop_reading(self) -> None:
+        """No more input will be parsed on this connection."""
+        self._stopped = True
+        if not self._closing:
+            self.pause_reading()
 
     def abort(self) -> None:
         self._closing = True
@@ -686,11 +745,29 @@ class H1ProxyProtocol(Protocol):
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
+    def resume_paused_transport(self) -> None:
+        """Resume reading after back-pressure, unless this protocol itself paused it."""
+        if not self._paused and not self._closing:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
     def _arm_idle(self) -> None:
+        self._arm_timer(self.proxy.idle_timeout, self._idle_timed_out)
+
+    def _arm_timer(self, seconds: float, call: Callable[[], None]) -> None:
         if self._closing:
             return
         self._cancel_idle()
-        self._idle_timer = self.proxy.clock.callLater(self.proxy.idle_timeout, self._idle_timed_out)
+        self._idle_timer = self.proxy.clock.callLater(seconds, call)
+
+    def _head_timed_out(self) -> None:
+        self._idle_timer = None
+        if self._exchange is None and not self._queue:
+            self._stop_reading()
+            self._refused = True
+            self._answer_now(408, "")
+        else:
+            self._closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _cancel_idle(self) -> None:
         if self._idle_timer is not None:
@@ -706,8 +783,11 @@ class H1ProxyProtocol(Protocol):
     # -- llhttp callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._cancel_idle()
         self._reset_head()
+        self._in_head = True
+        self._head_bytes = 0
+        # The idle timer becomes the head's deadline.
+        self._arm_timer(HEADER_TIMEOUT, self._head_timed_out)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -728,6 +808,8 @@ class H1ProxyProtocol(Protocol):
             raise httptools.HttpParserCallbackError("refused")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_idle()
         parser = self._parser
         method = parser.get_method()
         version = parser.get_http_version().encode("ascii")
@@ -787,13 +869,12 @@ class H1ProxyProtocol(Protocol):
         exchange.start()
 
     def _answer_now(self, code: int, detail: str) -> None:
+        """Refuse the request being read: at once, or in its turn behind those in flight."""
         exchange = _Exchange(self, b"GET", self._url or b"-", b"1.1", False, b"", False, b"", b"")
         exchange.request_done = True
-        if self._exchange is None:
-            self._exchange = exchange
-        else:
-            self._queue.append(exchange)
-        exchange.fail(code, detail, quiet=True)
+        exchange.problem = (code, detail)
+        self._current = None
+        self._enqueue(exchange)
 
     def _closing_after_current(self) -> None:
         if self._exchange is None:
@@ -861,6 +942,8 @@ def upstream_head(
             hosts.append(value)
             continue
         if lower == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                return (501, "Only the chunked transfer coding is accepted."), b"", False, referer, agent, False
             chunked = True
             continue
         if lower == b"content-length":
@@ -1007,6 +1090,9 @@ class _RequestClient:
         pass
 
     def resume_reading(self) -> None:
+        pass
+
+    def resume_paused_transport(self) -> None:
         pass
 
     def write(self, data: bytes) -> None:

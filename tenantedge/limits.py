@@ -33,7 +33,7 @@ from zope.interface import implementer
 from .acme import ValidationFailed
 from .certificates import CertificateBundle
 from .interfaces import IIssuer, IRenewalExemption, IReplacesRefused, LimitExceeded
-from .shared import StateFile
+from .shared import KEEP, StateFile
 
 __all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded"]
 
@@ -103,7 +103,7 @@ class IssuanceLimits:
         """Change the windows on top of the latest persisted ones, under the file's lock."""
 
         def change(data: Any) -> Any:
-            if self.path is not None:
+            if self.path is not None and data is not KEEP:
                 self._parse(data)
             mutate()
             self._prune()

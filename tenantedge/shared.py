@@ -38,7 +38,11 @@ from .hostnames import InvalidHostname, normalize
 from .interfaces import IChallengeStore, INameLock
 from .store import atomic_write, ensure_private_directory
 
-__all__ = ["DirectoryChallengeStore", "DirectoryNameLock", "StateFile"]
+__all__ = ["DirectoryChallengeStore", "DirectoryNameLock", "StateFile", "KEEP"]
+
+#: Passed to a L{StateFile.update} change when the file could not be
+#: locked or read: keep the state in memory as it is and change that.
+KEEP = object()
 
 #: ACME tokens are base64url (RFC 8555 section 8.1).
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -241,7 +245,11 @@ class StateFile:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
                 current = self.read()
-            except (OSError, ValueError) as e:
+            except OSError as e:
+                # Passing trouble (EMFILE, EIO): keep what this process has.
+                self._log.error("cannot read state {file}: {error}", file=self.path, error=str(e))
+                current = KEEP
+            except ValueError as e:
                 self._log.error("ignoring unreadable state {file}: {error}", file=self.path, error=str(e))
             new = change(current)
             try:
@@ -252,9 +260,11 @@ class StateFile:
                 self._log.error("cannot save state to {file}: {error}", file=self.path, error=str(e))
             return new
         except OSError as e:
-            # The lock itself is unavailable: change what we have.
+            # The lock itself is unavailable (no descriptors left, a
+            # read-only disk): change the state this process has, never an
+            # empty one, or the limits would be forgotten.
             self._log.error("cannot lock state {file}: {error}", file=self.path, error=str(e))
-            return change(current)
+            return change(KEEP)
         finally:
             if lock_fd is not None:
                 os.close(lock_fd)

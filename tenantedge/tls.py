@@ -131,6 +131,8 @@ class _EdgeTLSProtocol(TLSMemoryBIOProtocol):
 
     tenantedge_tls: TenantTLS | FixedTLS
     tenantedge_server_name: str
+    #: The deadline for the handshake to complete (cancelled by the guard).
+    tenantedge_handshake_timer: Any = None
 
 
 @implementer(IHandshakeListener)
@@ -150,6 +152,9 @@ class _HandshakeGuard(Protocol):
 
     def handshakeCompleted(self) -> None:
         tls = cast(_EdgeTLSProtocol, self.transport)
+        timer, tls.tenantedge_handshake_timer = tls.tenantedge_handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         events = self.factory.events
         connection = tls.getHandle()
         if session_reused(connection):
@@ -296,10 +301,22 @@ class SniffingProtocol(Protocol):
             return
         self._try_parse()
 
+    def _handshake_timed_out(self) -> None:
+        tls = self._tls
+        if tls is not None:
+            tls.tenantedge_handshake_timer = None
+        if not self._done:
+            self.factory.events["handshake-timeout"] += 1
+            self._done = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._done = True
         self._cancel_hello_timer()
         if self._tls is not None:
+            timer, self._tls.tenantedge_handshake_timer = self._tls.tenantedge_handshake_timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
             self._tls.connectionLost(reason)
             self._tls = None
         elif self._pending is not None:
@@ -433,6 +450,11 @@ class SniffingProtocol(Protocol):
         assert self.server_name is not None
         tls = self.factory.tls_protocol(self.addr, self.server_name, context)
         self._tls = tls
+        # The handshake has the hello's time limit too: a client that sends
+        # its ClientHello and then nothing must not hold the connection.
+        tls.tenantedge_handshake_timer = self.factory.clock.callLater(
+            self.factory.hello_timeout, self._handshake_timed_out
+        )
         buffered, self._buffer = self._buffer, b""
         tls.makeConnection(self.transport)
         tls.dataReceived(buffered)

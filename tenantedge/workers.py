@@ -198,6 +198,8 @@ class Supervisor(MultiService):
         super().privilegedStartService()
 
     def startService(self) -> None:
+        # After twistd daemonised (a new pid): this is the supervisor.
+        self._parent_pid = os.getpid()
         # twist (unlike twistd) starts services without the privileged step.
         self.privilegedStartService()
         self.prepare()
@@ -482,17 +484,21 @@ class SupervisorAdmin(Resource):
     def render_GET(self, request: Request) -> bytes | int:
         if request.path == b"/metrics":
             slots = self.supervisor.live_workers()
-            d = gatherResults([self._ask(slot, b"GET", b"/metrics") for slot in slots], consumeErrors=True)
+            # One worker that does not answer (restarting, busy) must not
+            # hide the others: it is left out and marked down.
+            asks = [self._ask(slot, b"GET", b"/metrics").addErrback(lambda f: (0, b"")) for slot in slots]
+            d = gatherResults(asks)
 
             def done(results: list[tuple[int, bytes]]) -> None:
+                answered = {slot: body for slot, (code, body) in zip(slots, results) if code == 200}
+                up = {slot: slot in answered for slot in range(self.supervisor.count)}
                 request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-                request.write(merge_metrics(dict(zip(slots, (body for _, body in results))),
-                                            self.supervisor.restarts, len(slots)))
+                request.write(merge_metrics(answered, self.supervisor.restarts, len(slots), up))
                 request.finish()
 
             def failed(failure: Any) -> None:
                 request.setResponseCode(502)
-                request.write(b"a worker did not answer: " + failure.getErrorMessage().encode() + b"\n")
+                request.write(b"metrics could not be gathered: " + failure.getErrorMessage().encode() + b"\n")
                 request.finish()
 
             d.addCallbacks(done, failed)
@@ -529,7 +535,7 @@ class SupervisorAdmin(Resource):
         return NOT_DONE_YET
 
 
-def merge_metrics(by_worker: dict[int, bytes], restarts: int, live: int) -> bytes:
+def merge_metrics(by_worker: dict[int, bytes], restarts: int, live: int, up: dict[int, bool] | None = None) -> bytes:
     """
     One exposition for the whole server: each worker's samples with a
     C{worker} label, each metric's C{# HELP}/C{# TYPE} once, and the
@@ -569,6 +575,10 @@ def merge_metrics(by_worker: dict[int, bytes], restarts: int, live: int) -> byte
     out = [b"\n".join(families[f]) for f in order]
     out.append(b"# HELP tenantedge_workers Worker processes running.\n# TYPE tenantedge_workers gauge\n"
                b"tenantedge_workers %d" % live)
+    if up is not None:
+        out.append(b"# HELP tenantedge_worker_up Whether a worker answered this scrape.\n"
+                   b"# TYPE tenantedge_worker_up gauge\n"
+                   + b"\n".join(b'tenantedge_worker_up{worker="%d"} %d' % (slot, ok) for slot, ok in sorted(up.items())))
     out.append(b"# HELP tenantedge_worker_restarts_total Workers restarted after they died.\n"
                b"# TYPE tenantedge_worker_restarts_total counter\ntenantedge_worker_restarts_total %d" % restarts)
     return b"\n".join(out) + b"\n"

@@ -99,6 +99,14 @@ class ContextTests(SynchronousTestCase):
         self.assertTrue(session_reused(server))
         self.assertTrue(resumed_for_another_name(server, "b.test"))
 
+    def test_same_name_in_other_case(self) -> None:
+        """A client sending its SNI in capitals or with a trailing dot resumes its own session."""
+        first = handshake(self.a.connection(), b"A.Test.")
+        server = self.a.connection()
+        handshake(server, b"A.Test.", first.get_session())
+        self.assertTrue(session_reused(server))
+        self.assertFalse(resumed_for_another_name(server, "a.test"))
+
     def test_session_host_name_parser(self) -> None:
         self.assertIsNone(_session_host_name(b""))
         self.assertIsNone(_session_host_name(b"\x30\x03\x02\x01\x01"))

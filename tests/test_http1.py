@@ -274,6 +274,92 @@ class RelayTests(SynchronousTestCase):
         self.assertTrue(self.wire.disconnecting)
 
 
+class ReviewFixTests(RelayTests):
+    """Defects found in review, each pinned."""
+
+    def test_paused_backend_resumed_before_reuse(self) -> None:
+        """A backend paused by a slow client is resumed before it goes back to the pool."""
+        self.client.dataReceived(b"GET /big HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        bwire.pauseProducing()  # the client's buffer is full
+        backend.dataReceived(b"cd")
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertEqual(bwire.producerState, "producing")
+
+    def test_paused_client_resumed_after_upload(self) -> None:
+        """A client paused by a slow backend reads its next request after the response."""
+        self.client.dataReceived(b"POST /up HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 4\r\n\r\nab")
+        backend, bwire = self.endpoint.complete()
+        self.wire.pauseProducing()  # the backend's buffer is full
+        self.client.dataReceived(b"cd")
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.wire.producerState, "producing")
+
+    def test_endless_header_line(self) -> None:
+        """A header line that never ends is cut at the head limit (431), not buffered for ever."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\nX-Long: ")
+        for _ in range(10):
+            self.client.dataReceived(b"a" * 8192)
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(self.wire.disconnecting)
+
+    def test_head_deadline(self) -> None:
+        """A head trickled a byte at a time gets 408 when its deadline passes."""
+        from tenantedge.http1 import HEADER_TIMEOUT
+
+        for byte in b"GET / HT":
+            self.client.dataReceived(bytes([byte]))
+            self.clock.advance(1)
+        self.clock.advance(HEADER_TIMEOUT)
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(self.wire.disconnecting)
+
+    def test_pipelined_refusal_waits_its_turn(self) -> None:
+        self.client.dataReceived(
+            b"GET /1 HTTP/1.1\r\nHost: shop.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: shop.test\r\nX-Big: "
+            + b"a" * 40000 + b"\r\n\r\n"
+        )
+        self.assertEqual(self.wire.value(), b"")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+        out = self.wire.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK"))
+        self.assertIn(b"HTTP/1.1 431 ", out)
+        self.assertLess(out.index(b"\r\n\r\n1"), out.index(b"431"))
+
+    def test_truncated_chunked_with_close_is_cut(self) -> None:
+        """A chunked response whose backend dies mid-way is not made to look complete."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n")
+        backend.connectionLost(_failure(ConnectionResetError()))
+        self.assertFalse(self.wire.value().endswith(b"0\r\n\r\n"))
+        self.assertTrue(self.wire.disconnecting or getattr(self.wire, "aborted", False))
+
+    def test_only_chunked_coding(self) -> None:
+        self.client.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+        )
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 501 "))
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_http10_keep_alive_said(self) -> None:
+        self.client.dataReceived(b"GET / HTTP/1.0\r\nHost: shop.test\r\nConnection: keep-alive\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertIn(b"Connection: keep-alive\r\n", self.wire.value())
+        self.assertFalse(self.wire.disconnecting)
+
+    def test_stray_backend_bytes_close_it(self) -> None:
+        """Bytes after a complete response (nobody asked) mean the connection is never reused."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertTrue(getattr(bwire, "aborted", False) or bwire.disconnecting)
+
+
 class _Peer:
     def __init__(self, host: str) -> None:
         self.host = host

@@ -108,6 +108,28 @@ class SharedStateTests(SynchronousTestCase):
         other.record_success("a.test")
         self.assertIsNone(one.blocked_until("a.test"))
 
+    def test_lock_failure_keeps_the_state(self) -> None:
+        """
+        When the state file cannot be locked (no descriptors left), a change
+        applies to what this process knows, never to an empty state.
+        """
+        path = os.path.join(self.directory, "limits.json")
+        limits = IssuanceLimits(path, self.clock, registered_domain, max_new_orders=3)
+        limits.load()
+        for _ in range(3):
+            limits.record_order("ca")
+        import errno
+
+        from tenantedge import shared
+
+        def no_descriptors(fd: int, operation: int) -> None:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        self.patch(shared.fcntl, "flock", no_descriptors)
+        limits.record_failed_validation("ca", "x.example.com")
+        self.assertRaises(LimitExceeded, limits.check, "ca", "y.example.com")
+        self.flushLoggedErrors()
+
     def test_limits_count_across_workers(self) -> None:
         """Two workers together stop at the account's limit, not twice it."""
         path = os.path.join(self.directory, "limits.json")

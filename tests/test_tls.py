@@ -254,6 +254,27 @@ class HandshakeTests(SnifferTestsMixin, SynchronousTestCase):
         peer = client.getPeerCertificate()
         self.assertIn("new-tenant.test", str(peer.get_subject()))
 
+    def test_handshake_deadline(self) -> None:
+        """
+        A client that sends its ClientHello for a known name and then
+        nothing is cut off after the hello timeout; a completed handshake
+        leaves no timer behind.
+        """
+        self.store.bundles["slow.test"] = self.successResultOf(self.ca.issue("slow.test"))
+        proto, transport = self.connect()
+        proto.dataReceived(build_hello(sni(b"slow.test")))
+        self.successResultOf(self.resolver.context_for("slow.test"))
+        self.assertIsNotNone(proto._tls)
+        self.clock.advance(self.factory.hello_timeout + 1)
+        self.assertEqual(self.factory.events["handshake-timeout"], 1)
+        self.assertTrue(transport.disconnecting or getattr(transport, "aborted", False))
+        client, server, pump = self.handshake("slow.test")
+        pump.flush()
+        self.assertEqual(client.wrappedProtocol.received, b"ping")
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if "handshake" in repr(c)], []
+        )
+
     def test_cached_handshake(self) -> None:
         self.store.bundles["cached.test"] = self.successResultOf(self.ca.issue("cached.test"))
         client, server, pump = self.handshake("cached.test", [b"h2", b"http/1.1"])
