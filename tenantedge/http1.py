@@ -573,10 +573,14 @@ class _Exchange:
 
     # -- endings ---------------------------------------------------------------------
 
-    def fail(self, code: int, detail: str, quiet: bool = False) -> None:
-        """Answer with an error page (or cut the connection if the response began)."""
+    def _failing(self, code: int, detail: str, quiet: bool) -> bool:
+        """
+        The part of a failure common to every client: log, drop the backend
+        side, and cut a response already begun. True if an error page is
+        still to be sent.
+        """
         if self.finished:
-            return
+            return False
         if not quiet and code >= 500:
             self.proxy._log.warn(
                 "backend request for {path} failed with {code}: {error}",
@@ -586,10 +590,16 @@ class _Exchange:
         if self.response_started:
             self.finished = True
             self.client.exchange_aborted(self)
-            return
+            return False
         if self.proxy.observe is not None and code >= 500:
             self.proxy.observe(code, self.proxy.clock.seconds() - self.started)
         self.code = code
+        return True
+
+    def fail(self, code: int, detail: str, quiet: bool = False) -> None:
+        """Answer with an error page (or cut the connection if the response began)."""
+        if not self._failing(code, detail, quiet):
+            return
         body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
         closing = code in (400, 408, 413, 431, 501) or not self.request_done or not self.keep_alive
         if closing:
@@ -1050,21 +1060,8 @@ class _StreamExchange(_Exchange):
         self._finished()
 
     def fail(self, code: int, detail: str, quiet: bool = False) -> None:
-        if self.finished:
+        if not self._failing(code, detail, quiet):
             return
-        if not quiet and code >= 500:
-            self.proxy._log.warn(
-                "backend request for {path} failed with {code}: {error}",
-                path=self.path.decode("ascii", "replace")[:200], code=code, error=detail,
-            )
-        self.abandon_backend()
-        if self.response_started:
-            self.finished = True
-            self.client.exchange_aborted(self)
-            return
-        if self.proxy.observe is not None and code >= 500:
-            self.proxy.observe(code, self.proxy.clock.seconds() - self.started)
-        self.code = code
         body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
         request = self.request
         request.setResponseCode(code, _REASONS[code])
