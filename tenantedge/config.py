@@ -372,6 +372,11 @@ class OnDemandConfig:
         0, "Worker processes sharing the listening sockets; 0: one per CPU. 1 keeps one process.",
         lambda v: _workers(v), show=lambda v: str(v) if v else "one per CPU", metavar="N",
     )
+    ticket_key_lifetime: float = _setting(
+        86400.0, "How long TLS session-ticket keys are used; with workers, each is then replaced in turn "
+        "(it finishes its connections) by one with new keys (duration).", parse_duration, show=format_duration,
+        metavar="DURATION",
+    )
     log_format: str = _setting("text", "Log format: text or json (one flat JSON object per line).",
                                _choice(*LOG_FORMATS), metavar="FORMAT")
 

@@ -105,11 +105,11 @@ class TenantTLS:
     cert: crypto.X509
     key: crypto.PKey
     context: SSL.Context
-    base: SSL.Context
+    contexts: ServingContexts
 
     def connection(self) -> SSL.Connection:
         """A server connection presenting this tenant's certificate."""
-        connection = SSL.Connection(self.base, None)
+        connection = SSL.Connection(self.contexts.base, None)
         connection.set_context(self.context)
         connection.use_certificate(self.cert)
         connection.use_privatekey(self.key)
@@ -146,7 +146,7 @@ class ServingContexts:
             crypto.X509.from_cryptography(bundle.leaf),
             crypto.PKey.from_cryptography_key(bundle.key),
             self._chain_context(bundle),
-            self.base,
+            self,
         )
 
     def _chain_context(self, bundle: CertificateBundle) -> SSL.Context:
@@ -162,6 +162,16 @@ class ServingContexts:
                 context.add_extra_chain_cert(crypto.X509.from_cryptography(certificate))
             self._chains[key] = context
         return context
+
+    def rotate(self) -> None:
+        """
+        New session-ticket keys for this process: a new base context for
+        the next connections (sessions issued before are not resumed any
+        more; each client does one full handshake). Workers rotate through
+        their supervisor instead (L{tenantedge.workers}), so that they keep
+        sharing keys.
+        """
+        self.base = make_base_context(self.protocols)
 
     def chain_count(self) -> int:
         """Distinct chain contexts made so far."""

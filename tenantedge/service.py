@@ -152,6 +152,7 @@ class OnDemandTLS(MultiService):
     @ivar timings: the metrics registry and histograms.
     @ivar handshakes: TLS handshake outcomes of every L{wrap}ped factory.
     @ivar local_ca: the local CA, if one is configured.
+    @ivar contexts: the TLS contexts every tenant shares (ticket keys).
     @ivar acme_issuers: the ACME issuers, one per configured CA.
     @ivar backoff: the per-name failure backoff.
     @ivar preparations: the start-up steps, run in order by L{startService}.
@@ -173,6 +174,7 @@ class OnDemandTLS(MultiService):
     handshakes: Counter[str]
     allow_results: Counter[str] | None = None
     local_ca: LocalCA | None = None
+    contexts: ServingContexts | None = None
     acme_issuers: Sequence[AcmeIssuer] = ()
     backoff: FailureBackoff | None = None
     preparations: Sequence[Preparation] = ()
@@ -425,7 +427,12 @@ def _build(
     pipeline = IssuancePipeline(
         store, BackoffIssuer(chain, backoff), reactor, check, lock=storage.lock, observe=timings.observe_issuance
     )
-    contexts = contexts if contexts is not None else ServingContexts()
+    rotation: list[Any] = []
+    if contexts is None:
+        contexts = ServingContexts()
+        # Keys of our own: rotate them on schedule (a supervisor that passed
+        # its contexts rotates them itself).
+        rotation.append(periodic(config.ticket_key_lifetime, contexts.rotate, reactor, "ticket-keys"))
     resolver = CertificateResolver(
         store, policy, pipeline, reactor, check, cache_size=config.cache_size, make_context=contexts.tenant
     )
@@ -460,6 +467,7 @@ def _build(
         acme_issuers=tuple(acme_issuers),
         backoff=backoff,
         preparations=tuple(preparations),
-        children=(refresher, summarising),
+        contexts=contexts,
+        children=(refresher, summarising, *rotation),
         on_stop=(api_pool.closeCachedConnections,),
     )

@@ -113,6 +113,20 @@ class EdgeService(MultiService):
         if self.demo_backend is not None:
             self._log.info("demo backend (built in) on {address}", address=self.demo_backend.address())
 
+    async def stop_listening(self) -> None:
+        """Stop accepting tenant traffic (HTTPS and port 80); open connections go on."""
+        for name in ("https", "http"):
+            listener = self.listeners.get(name)
+            if listener is not None and listener.running:
+                stopped = listener.stopService()
+                if stopped is not None:
+                    await stopped
+
+    def open_connections(self) -> int:
+        """HTTPS connections open right now."""
+        factory = self.listeners["https"].factory
+        return int(getattr(factory, "open", 0))
+
     async def _stop(self) -> None:
         await super().stopService()
         for stop in self._on_stop:

@@ -230,6 +230,8 @@ class OnDemandTLSFactory(Factory):
         self.resolve_timeout = resolve_timeout
         self.challenge_context = challenge_context
         self.events: Counter[str] = events if events is not None else Counter()
+        #: Connections open right now (a worker being replaced waits for 0).
+        self.open = 0
         self._tls_factory = TLSMemoryBIOFactory(
             _ChosenContextCreator(), False, _GuardFactory(self), clock=clock
         )
@@ -281,6 +283,7 @@ class SniffingProtocol(Protocol):
     def connectionMade(self) -> None:
         # Nagle off: with it, the response waited behind the session-ticket
         # flight for the client's delayed ACK (45 ms per new connection).
+        self.factory.open += 1
         set_no_delay(self.transport)
         write_through(self.transport)
         self._hello_timer = self.factory.clock.callLater(
@@ -311,6 +314,7 @@ class SniffingProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.factory.open -= 1
         self._done = True
         self._cancel_hello_timer()
         if self._tls is not None:

@@ -73,6 +73,8 @@ QUICK_DEATH = 5.0
 MAX_RESTART_DELAY = 30.0
 #: How long stopping workers get after SIGTERM before SIGKILL.
 STOP_GRACE = 10.0
+#: How long a worker replaced at a key rotation may finish its connections.
+DRAIN = 30.0
 
 
 def bind_listening_socket(description: str, purpose: str) -> socket.socket:
@@ -129,6 +131,8 @@ class _Worker:
     started: float = 0.0
     quick_deaths: int = 0
     restart: Any = None
+    #: Bumped each time the slot gets a new process (its admin socket's name).
+    generation: int = 0
 
 
 class Supervisor(MultiService):
@@ -168,9 +172,13 @@ class Supervisor(MultiService):
         self.workers = [_Worker(slot) for slot in range(count)]
         self.rundir: str | None = None
         self.restarts = 0
+        self.rotations = 0
         self._monitor: LoopingCall | None = None
         self._stopping = False
         self._parent_pid = os.getpid()
+        self._rotation: LoopingCall | None = None
+        #: Old workers finishing their connections after a rotation: pid -> deadline.
+        self.retiring: dict[int, float] = {}
         if config.admin is not None:
             admin = ListeningService(
                 serverFromString(reactor, config.admin),
@@ -220,6 +228,9 @@ class Supervisor(MultiService):
         self._monitor = LoopingCall(self._reap)
         self._monitor.clock = self.reactor
         self._monitor.start(0.5, now=False)
+        self._rotation = LoopingCall(self._rotate)
+        self._rotation.clock = self.reactor
+        self._rotation.start(self.config.ticket_key_lifetime, now=False)
 
     def worker_config(self, slot: int) -> OnDemandConfig:
         """
@@ -236,10 +247,11 @@ class Supervisor(MultiService):
 
     def admin_socket(self, slot: int) -> str:
         assert self.rundir is not None
-        return os.path.join(self.rundir, f"worker-{slot}.sock")
+        return os.path.join(self.rundir, f"worker-{slot}.{self.workers[slot].generation}.sock")
 
     def _fork(self, worker: _Worker) -> None:
         worker.restart = None
+        worker.generation += 1
         config = self.worker_config(slot=worker.slot)
         pid = os.fork()
         if pid == 0:  # the worker
@@ -261,6 +273,17 @@ class Supervisor(MultiService):
     # -- watch -------------------------------------------------------------------------
 
     def _reap(self) -> None:
+        now = self.reactor.seconds()
+        for pid, deadline in list(self.retiring.items()):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                del self.retiring[pid]
+                self._log.info("retired worker (pid {pid}) has finished", pid=pid)
+            elif now > deadline:
+                _signal(pid, signal.SIGKILL)
         for worker in self.workers:
             if not worker.pid:
                 continue
@@ -284,6 +307,35 @@ class Supervisor(MultiService):
             )
             worker.restart = self.reactor.callLater(delay, self._fork, worker)
 
+    def _rotate(self) -> Deferred[None]:
+        """
+        New session-ticket keys: a new base context, then each worker
+        replaced in turn by one forked with it; the old one stops accepting
+        and finishes its connections (up to L{DRAIN} seconds). Sessions
+        issued before resume no more (one full handshake each).
+        """
+        return Deferred.fromCoroutine(self._rotate_all()).addErrback(
+            lambda f: self._log.failure("rotating the session-ticket keys failed", f)
+        )
+
+    async def _rotate_all(self) -> None:
+        if self._stopping:
+            return
+        self.base_context = make_base_context()
+        self.rotations += 1
+        self._log.info("rotating TLS session-ticket keys: replacing {count} workers", count=self.count)
+        for worker in self.workers:
+            if self._stopping or not worker.pid:
+                continue
+            old = worker.pid
+            self._fork(worker)
+            for _ in range(100):  # up to 10 s for the new one to serve
+                if os.path.exists(self.admin_socket(worker.slot)) or self._stopping:
+                    break
+                await deferLater(self.reactor, 0.1, lambda: None)
+            self.retiring[old] = self.reactor.seconds() + DRAIN + 5
+            _signal(old, signal.SIGUSR2)
+
     def live_workers(self) -> list[int]:
         """Slots of the workers running now."""
         return [w.slot for w in self.workers if w.pid]
@@ -292,8 +344,9 @@ class Supervisor(MultiService):
 
     def stopService(self) -> Deferred[None]:
         self._stopping = True
-        if self._monitor is not None and self._monitor.running:
-            self._monitor.stop()
+        for loop in (self._monitor, self._rotation):
+            if loop is not None and loop.running:
+                loop.stop()
         for worker in self.workers:
             if worker.restart is not None and worker.restart.active():
                 worker.restart.cancel()
@@ -304,6 +357,8 @@ class Supervisor(MultiService):
     async def _stop_workers(self) -> None:
         if os.getpid() != self._parent_pid:
             return
+        for pid in self.retiring:
+            _signal(pid, signal.SIGTERM)
         for worker in self.workers:
             if worker.pid:
                 _signal(worker.pid, signal.SIGTERM)
@@ -389,6 +444,20 @@ def fresh_reactor() -> Any:
     return reactor
 
 
+def _retire(reactor: Any, edge: Any) -> None:
+    """Stop listening, let open connections finish (up to L{DRAIN} seconds), then stop."""
+    Deferred.fromCoroutine(_drain(reactor, edge))
+
+
+async def _drain(reactor: Any, edge: Any) -> None:
+    await edge.stop_listening()
+    waited = 0.0
+    while edge.open_connections() and waited < DRAIN:
+        await deferLater(reactor, 0.2, lambda: None)
+        waited += 0.2
+    reactor.stop()
+
+
 def adopted_endpoints(reactor: Any, sockets: dict[str, socket.socket]) -> dict[str, AdoptedStreamServerEndpoint]:
     """Endpoints that adopt the parent's listening sockets (a duplicate of each)."""
     return {
@@ -426,6 +495,8 @@ def run_worker(
     edge = build(config, reactor, endpoints=endpoints, contexts=contexts)
     edge.startService()
     watch_parent(reactor, parent)
+    # SIGUSR2 (a key rotation): stop accepting, finish, then exit.
+    signal.signal(signal.SIGUSR2, lambda *_: reactor.callFromThread(_retire, reactor, edge))
     reactor.addSystemEventTrigger("before", "shutdown", edge.stopService)
     reactor.run()
 
@@ -493,7 +564,8 @@ class SupervisorAdmin(Resource):
                 answered = {slot: body for slot, (code, body) in zip(slots, results) if code == 200}
                 up = {slot: slot in answered for slot in range(self.supervisor.count)}
                 request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-                request.write(merge_metrics(answered, self.supervisor.restarts, len(slots), up))
+                request.write(merge_metrics(answered, self.supervisor.restarts, len(slots), up,
+                                            self.supervisor.rotations))
                 request.finish()
 
             def failed(failure: Any) -> None:
@@ -535,7 +607,9 @@ class SupervisorAdmin(Resource):
         return NOT_DONE_YET
 
 
-def merge_metrics(by_worker: dict[int, bytes], restarts: int, live: int, up: dict[int, bool] | None = None) -> bytes:
+def merge_metrics(
+    by_worker: dict[int, bytes], restarts: int, live: int, up: dict[int, bool] | None = None, rotations: int = 0
+) -> bytes:
     """
     One exposition for the whole server: each worker's samples with a
     C{worker} label, each metric's C{# HELP}/C{# TYPE} once, and the
@@ -579,6 +653,9 @@ def merge_metrics(by_worker: dict[int, bytes], restarts: int, live: int, up: dic
         out.append(b"# HELP tenantedge_worker_up Whether a worker answered this scrape.\n"
                    b"# TYPE tenantedge_worker_up gauge\n"
                    + b"\n".join(b'tenantedge_worker_up{worker="%d"} %d' % (slot, ok) for slot, ok in sorted(up.items())))
+    out.append(b"# HELP tenantedge_ticket_key_rotations_total Session-ticket key rotations (workers replaced).\n"
+               b"# TYPE tenantedge_ticket_key_rotations_total counter\n"
+               b"tenantedge_ticket_key_rotations_total %d" % rotations)
     out.append(b"# HELP tenantedge_worker_restarts_total Workers restarted after they died.\n"
                b"# TYPE tenantedge_worker_restarts_total counter\ntenantedge_worker_restarts_total %d" % restarts)
     return b"\n".join(out) + b"\n"

@@ -188,6 +188,46 @@ class WorkerTests(TestCase):
         await self.server.stop()
         self.assertEqual(self.worker_pids(), [])
 
+    async def resumed(self, name: str, port: int, session: str) -> bool:
+        out, err, code = await run(
+            self.openssl, ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", name, "-CAfile", self.root,
+                           "-ign_eof", "-sess_in", session],
+            stdin=f"GET /echo HTTP/1.0\r\nHost: {name}\r\n\r\n".encode(), timeout=30)
+        self.assertIn(b"HTTP/1.1 200", out)
+        return b"Reused, TLSv1.3" in out
+
+    async def new_session(self, name: str, port: int) -> str:
+        session = os.path.join(os.path.abspath(self.mktemp()))
+        await run(self.openssl, ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", name,
+                                 "-CAfile", self.root, "-ign_eof", "-sess_out", session],
+                  stdin=f"GET /echo HTTP/1.0\r\nHost: {name}\r\n\r\n".encode(), timeout=30)
+        return session
+
+    async def test_ticket_key_rotation(self) -> None:
+        """
+        On schedule the supervisor makes new ticket keys and replaces each
+        worker in turn (the old one finishes first): sessions from before no
+        longer resume, new ones resume on either worker, and nothing fails.
+        """
+        admin = await self.start_workers("--ticket-key-lifetime", "8s")
+        port = self.pebble.tls_port
+        out, err, code = await self.fetch("rotate.test", port)
+        self.assertEqual(code, 0, err)
+        before = await self.new_session("rotate.test", port)
+        self.assertTrue(await self.resumed("rotate.test", port, before))
+        pids = self.worker_pids()
+
+        async def rotated() -> bool:
+            text = await self.metrics(admin)
+            return ("tenantedge_ticket_key_rotations_total 1" in text and 'tenantedge_worker_up{worker="1"} 1' in text
+                    and not set(self.worker_pids()) & set(pids))
+
+        await self.wait_for(rotated, "the workers to be replaced with new keys")
+        self.assertFalse(await self.resumed("rotate.test", port, before))
+        after = await self.new_session("rotate.test", port)
+        results = [await self.resumed("rotate.test", port, after) for _ in range(10)]
+        self.assertEqual(results, [True] * 10)
+
     def worker_pids(self) -> list[int]:
         marker = self.store.encode()
         pids = []
