@@ -21,7 +21,7 @@ concurrent checks for one name share a single request.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Any
 from urllib.parse import quote
 
@@ -36,6 +36,9 @@ from .singleflight import SingleFlight
 from .timeouts import TimeoutError, describe_error, with_deadline
 
 __all__ = ["AllowChecker", "Decision", "build_check_url", "DEFINITE_DENY"]
+
+#: The "status" of a check refused because too many were waiting.
+_OVERFLOW = -1
 
 #: The answers that mean "not a tenant any more" when a renewal re-asks.
 DEFINITE_DENY = frozenset({403, 404, 410})
@@ -65,7 +68,10 @@ class AllowChecker:
     @ivar allow_ttl: how long an allow is cached.
     @ivar deny_ttl: how long a deny or an unknown is cached.
     @ivar max_entries: bound on cached decisions (least recently used go).
-    @ivar results: checks by result, for metrics.
+    @ivar max_in_flight: requests to the endpoint at once.
+    @ivar max_waiting: checks waiting for a free slot; beyond, unknown at once.
+    @ivar results: checks by result, for metrics (C{overflow}: refused
+        because too many were waiting).
     """
 
     template: str
@@ -76,7 +82,11 @@ class AllowChecker:
     allow_ttl: float = 600.0
     deny_ttl: float = 60.0
     max_entries: int = 100_000
+    max_in_flight: int = 16
+    max_waiting: int = 256
     results: Counter[str] = attrs.field(factory=Counter, init=False)
+    _in_flight: int = attrs.field(default=0, init=False)
+    _waiting: deque[Deferred[None]] = attrs.field(factory=deque, init=False)
     _cache: OrderedDict[str, tuple[Decision, float]] = attrs.field(factory=OrderedDict, init=False)
     _flights: SingleFlight[Decision] = attrs.field(factory=SingleFlight, init=False)
     _log = Logger()
@@ -110,14 +120,18 @@ class AllowChecker:
 
     async def _recheck(self, server_name: str) -> Decision:
         decision, code = await self._ask(server_name)
-        self._remember(server_name, decision)
+        if code != _OVERFLOW:
+            self._remember(server_name, decision)
         if decision is Decision.DENY and code not in DEFINITE_DENY:
             return Decision.UNKNOWN
         return decision
 
     async def _ask_and_cache(self, server_name: str) -> Decision:
-        decision, _ = await self._ask(server_name)
-        self._remember(server_name, decision)
+        decision, code = await self._ask(server_name)
+        if code != _OVERFLOW:
+            # Refused for want of a slot is not an answer about the name:
+            # it is not cached.
+            self._remember(server_name, decision)
         return decision
 
     def _remember(self, server_name: str, decision: Decision) -> None:
@@ -129,6 +143,31 @@ class AllowChecker:
         self.results[decision.value] += 1
 
     async def _ask(self, server_name: str) -> tuple[Decision, int | None]:
+        """
+        One request to the endpoint, at most C{max_in_flight} at once: a
+        flood of random names must not become a flood on the SaaS's API.
+        Up to C{max_waiting} more wait their turn; beyond that the answer
+        is unknown at once (fail closed, fast).
+        """
+        if self._in_flight >= self.max_in_flight:
+            if len(self._waiting) >= self.max_waiting:
+                self.results["overflow"] += 1
+                self._log.debug("too many allow checks waiting; refusing {host}", host=server_name)
+                return Decision.UNKNOWN, _OVERFLOW
+            turn: Deferred[None] = Deferred(self._waiting.remove)
+            self._waiting.append(turn)
+            await turn
+        else:
+            self._in_flight += 1
+        try:
+            return await self._request(server_name)
+        finally:
+            if self._waiting:
+                self._waiting.popleft().callback(None)  # the slot passes on
+            else:
+                self._in_flight -= 1
+
+    async def _request(self, server_name: str) -> tuple[Decision, int | None]:
         url = build_check_url(self.template, server_name, self.caddy_style)
 
         async def exchange() -> int:

@@ -372,6 +372,18 @@ class OnDemandConfig:
         0, "Worker processes sharing the listening sockets; 0: one per CPU. 1 keeps one process.",
         lambda v: _workers(v), show=lambda v: str(v) if v else "one per CPU", metavar="N",
     )
+    max_connections: int = _setting(
+        20000, "Open HTTPS connections at most (per worker); beyond, new ones are closed at once.",
+        _positive_int, endpoint=True, metavar="N",
+    )
+    max_connections_per_address: int = _setting(
+        256, "Open HTTPS connections at most from one client address (per worker).", _positive_int,
+        endpoint=True, metavar="N",
+    )
+    max_allow_checks: int = _setting(
+        16, "Allow-endpoint checks in flight at once; up to 256 more wait, beyond that a name is refused at "
+        "once (fail closed).", _positive_int, endpoint=True, metavar="N",
+    )
     ticket_key_lifetime: float = _setting(
         86400.0, "How long TLS session-ticket keys are used; with workers, each is then replaced in turn "
         "(it finishes its connections) by one with new keys (duration).", parse_duration, show=format_duration,

@@ -255,6 +255,8 @@ class OnDemandTLS(MultiService):
             resolve_timeout=self.config.issue_timeout,
             challenge_context=self.tls_alpn.context_for,
             events=self.handshakes,
+            max_connections=self.config.max_connections,
+            max_per_address=self.config.max_connections_per_address,
         )
 
     def http_resource(self, https_port: int | Callable[[], int] = 443) -> HTTPRedirectRoot:
@@ -420,6 +422,7 @@ def _build(
                 timeout=config.allow_timeout,
                 allow_ttl=config.allow_ttl,
                 deny_ttl=config.deny_ttl,
+                max_in_flight=config.max_allow_checks,
             )
         policy = EdgePolicy(config.static_policy, checker)
 

@@ -222,6 +222,8 @@ class OnDemandTLSFactory(Factory):
         resolve_timeout: float = 90.0,
         challenge_context: Callable[[str], defer.Deferred[SSL.Context | None]] | None = None,
         events: Counter[str] | None = None,
+        max_connections: int = 0,
+        max_per_address: int = 0,
     ) -> None:
         self.resolver = resolver
         self.wrapped_factory = wrapped_factory
@@ -232,6 +234,10 @@ class OnDemandTLSFactory(Factory):
         self.events: Counter[str] = events if events is not None else Counter()
         #: Connections open right now (a worker being replaced waits for 0).
         self.open = 0
+        #: Caps on open connections, overall and per client address (0: none).
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.per_address: Counter[str] = Counter()
         self._tls_factory = TLSMemoryBIOFactory(
             _ChosenContextCreator(), False, _GuardFactory(self), clock=clock
         )
@@ -243,7 +249,20 @@ class OnDemandTLSFactory(Factory):
     def doStop(self) -> None:
         self.wrapped_factory.doStop()
 
-    def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SniffingProtocol | None:
+        """
+        A protocol for a new connection, or None (Twisted then closes it at
+        once, before anything is read) when a connection cap is reached: a
+        flood of idle sockets from one address, or overall, costs one
+        accept and one close each, while established connections go on.
+        """
+        if self.max_connections and self.open >= self.max_connections:
+            self.events["refused-connections-full"] += 1
+            return None
+        host = str(getattr(addr, "host", ""))
+        if self.max_per_address and host and self.per_address[host] >= self.max_per_address:
+            self.events["refused-address-full"] += 1
+            return None
         return SniffingProtocol(self, addr)
 
     def tls_protocol(
@@ -284,6 +303,9 @@ class SniffingProtocol(Protocol):
         # Nagle off: with it, the response waited behind the session-ticket
         # flight for the client's delayed ACK (45 ms per new connection).
         self.factory.open += 1
+        self._host = str(getattr(self.addr, "host", ""))
+        if self._host:
+            self.factory.per_address[self._host] += 1
         set_no_delay(self.transport)
         write_through(self.transport)
         self._hello_timer = self.factory.clock.callLater(
@@ -315,6 +337,12 @@ class SniffingProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.factory.open -= 1
+        host = getattr(self, "_host", "")
+        if host:
+            per_address = self.factory.per_address
+            per_address[host] -= 1
+            if per_address[host] <= 0:
+                del per_address[host]
         self._done = True
         self._cancel_hello_timer()
         if self._tls is not None:

@@ -162,6 +162,27 @@ class AllowURLTests(CheckerTestCase):
         self.assertEqual(build_check_url("https://x.test/ask?k=1", "a.b", True), "https://x.test/ask?k=1&domain=a.b")
 
 
+class ConcurrencyCapTests(CheckerTestCase):
+    def test_bounded_in_flight_and_queue(self) -> None:
+        """
+        A flood of new names puts at most max_in_flight requests on the
+        endpoint at once; a bounded number wait; the rest are refused at
+        once (not cached: the name is asked properly next time).
+        """
+        self.checker.max_in_flight = 3
+        self.checker.max_waiting = 2
+        self.endpoint.hang = True
+        pending = [self.checker.decide(f"n{i}.example.com") for i in range(8)]
+        self.http.flush()
+        self.assertEqual(len(self.endpoint.asked), 3)
+        refused = [self.successResultOf(d) for d in pending[5:]]
+        self.assertEqual(refused, [Decision.UNKNOWN] * 3)
+        self.assertEqual(self.checker.results["overflow"], 3)
+        for d in pending[:5]:
+            self.assertNoResult(d)
+        self.assertEqual(self.checker.cache_length(), 0)
+
+
 class AskTests(CheckerTestCase):
     caddy_style = True
     template = "https://api.saas.test/ask"

@@ -14,6 +14,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.localca import LocalCA
@@ -274,6 +275,34 @@ class HandshakeTests(SnifferTestsMixin, SynchronousTestCase):
         self.assertEqual(
             [c for c in self.clock.getDelayedCalls() if "handshake" in repr(c)], []
         )
+
+    def test_connection_caps(self) -> None:
+        """
+        Beyond the caps (overall, per client address) new connections get
+        no protocol (closed at once); established ones are untouched, and a
+        closed one frees its place.
+        """
+        from twisted.internet.address import IPv4Address
+
+        self.factory.max_connections = 3
+        self.factory.max_per_address = 2
+        a, b = IPv4Address("TCP", "198.51.100.1", 1), IPv4Address("TCP", "198.51.100.2", 1)
+        first = self.factory.buildProtocol(a)
+        assert first is not None
+        first.makeConnection(StringTransport())
+        second = self.factory.buildProtocol(a)
+        assert second is not None
+        second.makeConnection(StringTransport())
+        self.assertIsNone(self.factory.buildProtocol(a))
+        self.assertEqual(self.factory.events["refused-address-full"], 1)
+        third = self.factory.buildProtocol(b)
+        assert third is not None
+        third.makeConnection(StringTransport())
+        self.assertIsNone(self.factory.buildProtocol(IPv4Address("TCP", "198.51.100.3", 1)))
+        self.assertEqual(self.factory.events["refused-connections-full"], 1)
+        first.connectionLost(Failure(ConnectionError()))
+        self.assertIsNotNone(self.factory.buildProtocol(a))
+        self.assertEqual(self.factory.per_address["198.51.100.1"], 1)
 
     def test_cached_handshake(self) -> None:
         self.store.bundles["cached.test"] = self.successResultOf(self.ca.issue("cached.test"))
