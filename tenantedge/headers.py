@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable
 
-__all__ = ["HOP_BY_HOP", "EDGE_ONLY", "ADMIN_HEADER", "connection_tokens", "error_body"]
+__all__ = ["HOP_BY_HOP", "EDGE_ONLY", "ADMIN_HEADER", "connection_tokens", "edge_only", "error_body"]
 
 #: RFC 9110 section 7.6.1 connection-specific headers, plus the
 #: non-standard ones clients and old proxies still send.
@@ -39,6 +39,17 @@ EDGE_ONLY = frozenset(
 #: Required on every admin POST (a CSRF guard: a web page cannot send it
 #: cross-origin without a preflight, which the admin endpoint never grants).
 ADMIN_HEADER = b"X-Tenantedge-Admin"
+
+
+def edge_only(lower: bytes) -> bool:
+    """
+    Is this (lower-case) request header one only the edge may set? The
+    C{X-Forwarded-*} family, C{Forwarded}, C{X-Real-IP}, Next.js's internal
+    headers, and their underscore spellings (C{X_Forwarded_For}), which
+    some frameworks fold into the dashed name.
+    """
+    dashed = lower.replace(b"_", b"-")
+    return dashed in EDGE_ONLY or dashed.startswith(b"x-forwarded-")
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:

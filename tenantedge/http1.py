@@ -37,8 +37,8 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 from twisted.internet.interfaces import IHandshakeListener
 
-from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, error_body
-from .hostnames import InvalidHostname, host_from_header
+from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body
+from .hostnames import InvalidHostname, canonical_host_header, host_from_header
 from .writethrough import set_no_delay, write_through
 
 __all__ = ["BackendPool", "H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "StreamRelay", "upstream_head"]
@@ -966,16 +966,17 @@ def upstream_head(
             referer = value
         elif lower == b"user-agent":
             agent = value
-        if lower in HOP_BY_HOP or lower in extra or lower in EDGE_ONLY or lower.startswith(b"x-forwarded-"):
+        if lower in HOP_BY_HOP or lower in extra or edge_only(lower):
             continue
         out.append(b"%s: %s\r\n" % (name, value))
     if not url.startswith(b"/"):
         return (400, "Only origin-form request targets are accepted."), b"", False, referer, agent, False
     if len(hosts) != 1:
         return (400, "The request needs exactly one Host header."), b"", False, referer, agent, False
-    host = hosts[0]
     try:
-        host_name = host_from_header(host)
+        host_name = host_from_header(hosts[0])
+        # Forwarded in canonical form: lower case, no trailing dot, no :443.
+        host = canonical_host_header(hosts[0])
     except InvalidHostname:
         return (400, "The Host header is not a valid host name."), b"", False, referer, agent, False
     if host_name != server_name:

@@ -54,8 +54,8 @@ from zope.interface import implementer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, error_body
-from .hostnames import InvalidHostname, host_from_header
+from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, edge_only, error_body
+from .hostnames import InvalidHostname, canonical_host_header, host_from_header
 from .pools import quiet_pool
 from .timeouts import with_deadline
 from .tls import tls_server_name
@@ -109,12 +109,7 @@ def upstream_headers(
     out = Headers()
     for name, values in client_headers.getAllRawHeaders():
         lower = name.lower()
-        if (
-            _forwarding_blocked(name, extra)
-            or lower in EDGE_ONLY
-            or lower in _MANAGED
-            or lower.startswith(b"x-forwarded-")
-        ):
+        if _forwarding_blocked(name, extra) or edge_only(lower) or lower in _MANAGED:
             continue
         out.setRawHeaders(name, list(values))
     out.setRawHeaders(b"host", [host])
@@ -284,7 +279,7 @@ class ProxyResource(Resource):
         if not path.startswith(b"/"):
             return _error_page(request, 400, "Bad Request", "Only origin-form request targets are accepted.")
         headers = upstream_headers(
-            request.requestHeaders, host, getattr(request.getClientAddress(), "host", "") or ""
+            request.requestHeaders, canonical_host_header(host), getattr(request.getClientAddress(), "host", "") or ""
         )
         body = self._body_producer(request)
         try:

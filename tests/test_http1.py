@@ -351,6 +351,16 @@ class ReviewFixTests(RelayTests):
         self.assertIn(b"Connection: keep-alive\r\n", self.wire.value())
         self.assertFalse(self.wire.disconnecting)
 
+    def test_canonical_host_and_underscore_variants(self) -> None:
+        self.client.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: SHOP.TEST.:443\r\nX_Forwarded_For: 6.6.6.6\r\nX-Forwarded_Host: evil\r\n\r\n"
+        )
+        backend, bwire = self.endpoint.complete()
+        sent = bwire.value()
+        self.assertIn(b"Host: shop.test\r\n", sent)
+        self.assertNotIn(b"6.6.6.6", sent)
+        self.assertNotIn(b"evil", sent)
+
     def test_stray_backend_bytes_close_it(self) -> None:
         """Bytes after a complete response (nobody asked) mean the connection is never reused."""
         self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")

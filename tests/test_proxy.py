@@ -60,6 +60,26 @@ class UpstreamHeaderTests(SynchronousTestCase):
         )
         self.assertFalse(out.hasHeader(b"x-middleware-subrequest"))
 
+    def test_underscore_variants_dropped(self) -> None:
+        """X_Forwarded_For and X-Forwarded_Host (folded into the dashed name by some frameworks) never pass."""
+        from twisted.web.http_headers import Headers
+
+        headers = Headers()
+        for name in (b"X_Forwarded_For", b"X-Forwarded_Host", b"X_Real_IP", b"x_middleware_subrequest"):
+            headers.addRawHeader(name, b"evil")
+        headers.addRawHeader(b"X_Custom", b"kept")
+        out = upstream_headers(headers, b"a.test", "192.0.2.7")
+        values = [v for _, vs in out.getAllRawHeaders() for v in vs]
+        self.assertNotIn(b"evil", values)
+        self.assertEqual(out.getRawHeaders(b"X_Custom"), [b"kept"])
+
+    def test_canonical_host(self) -> None:
+        from tenantedge.hostnames import canonical_host_header
+
+        self.assertEqual(canonical_host_header(b"SHOP.TEST.:443"), b"shop.test")
+        self.assertEqual(canonical_host_header(b"Shop.Test:8443"), b"shop.test:8443")
+        self.assertEqual(canonical_host_header(b"shop.test"), b"shop.test")
+
     def test_hop_by_hop_dropped(self) -> None:
         out = upstream_headers(
             self.headers(
