@@ -142,6 +142,25 @@ class OnDemandTests(EdgeTestCase):
         )
         return out + err
 
+    async def test_refusal_closes_at_once_over_tls(self) -> None:
+        """
+        A connection the edge decides to close (413, a head over the limit)
+        is closed as soon as the answer is out, over TLS too: s_client,
+        waiting for the server to close, ends well within its time limit.
+        """
+        for head in (
+            "POST /echo HTTP/1.1\r\nHost: close.test\r\nContent-Length: 999999999999\r\n\r\n",
+            "GET /echo HTTP/1.1\r\nHost: close.test\r\nX-Big: " + "a" * 40000 + "\r\n\r\n",
+        ):
+            out, err, code = await run(
+                self.openssl,
+                ["s_client", "-connect", f"127.0.0.1:{self.https_port}", "-servername", "close.test",
+                 "-CAfile", self.root, "-ign_eof", "-quiet"],
+                stdin=head.encode(), timeout=15,
+            )
+            self.assertRegex(out, rb"HTTP/1.1 (413|431) ")
+            self.assertNotEqual(code, -1)  # not killed at the time limit: the server closed
+
     async def test_session_resumption(self) -> None:
         """
         openssl s_client -sess_out, then -sess_in: the second handshake is
