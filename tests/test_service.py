@@ -50,7 +50,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(os.path.join(self.directory, "localca", "root.pem")))
         self.assertTrue(edge.renewal.running)
         self.assertEqual(
-            sorted(s.name for s in edge), ["refusal-summary", "renewal", "store-refresher"]
+            sorted(s.name for s in edge), ["refusal-summary", "renewal", "store-refresher", "ticket-keys"]
         )
 
     def test_acme_accounts_prepared(self) -> None:
@@ -65,6 +65,25 @@ class ServiceTests(SynchronousTestCase):
         key = edge.acme_issuers[0].accounts.key_path
         self.assertEqual(os.stat(key).st_mode & 0o777, 0o600)
         self.assertEqual(os.stat(os.path.join(self.directory, "accounts")).st_mode & 0o777, 0o700)
+
+    def test_own_ticket_keys_rotate(self) -> None:
+        """
+        A service that made its own TLS contexts rotates their ticket keys
+        on schedule; one given contexts (a supervisor's, shared by workers)
+        leaves that to their owner.
+        """
+        from tenantedge.contexts import ServingContexts
+
+        edge = OnDemandTLS.from_config(self.config(ticket_key_lifetime="1h"), self.reactor, store=MemoryStore())
+        edge.startService()
+        self.addCleanup(edge.stopService)
+        assert edge.contexts is not None
+        first = edge.contexts.base
+        self.reactor.advance(3600)
+        self.assertIsNot(edge.contexts.base, first)
+        shared = ServingContexts()
+        given = OnDemandTLS.from_config(self.config(), self.reactor, store=MemoryStore(), contexts=shared)
+        self.assertNotIn("ticket-keys", [s.name for s in given])
 
     def test_startup_error(self) -> None:
         """An unusable store is a StartupError with one line, not a traceback from deep inside."""
