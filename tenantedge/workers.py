@@ -77,7 +77,7 @@ STOP_GRACE = 10.0
 DRAIN = 30.0
 
 
-def bind_listening_socket(description: str, purpose: str) -> socket.socket:
+def bind_listening_socket(description: str, purpose: str, port: int | None = None) -> socket.socket:
     """
     Bind a listening TCP socket for a TCP endpoint description, read with
     Twisted's own endpoint parser (on a memory reactor, which binds
@@ -94,11 +94,16 @@ def bind_listening_socket(description: str, purpose: str) -> socket.socket:
         raise ListenFailed(f"{description!r} ({purpose}): {e}") from None
     if not recorder.tcpServers:
         raise ListenFailed(f"{description!r} ({purpose}): --workers needs tcp: endpoints")
-    port, _factory, backlog, interface = recorder.tcpServers[0]
+    described, _factory, backlog, interface = recorder.tcpServers[0]
+    port = described if port is None else port
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # One socket per worker on the same port: the kernel spreads new
+        # connections over them evenly (by address and port), where one
+        # shared socket lets whichever worker wakes first take most.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and interface == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((interface or "0.0.0.0", port))
@@ -168,7 +173,9 @@ class Supervisor(MultiService):
         self.prepare = prepare
         # Before any fork: the ticket keys every worker will share.
         self.base_context = make_base_context()
-        self.sockets: dict[str, socket.socket] = {}
+        #: Each worker's listening sockets (one per worker and listener, the
+        #: same port, SO_REUSEPORT), by slot.
+        self.sockets: list[dict[str, socket.socket]] = []
         self.workers = [_Worker(slot) for slot in range(count)]
         self.rundir: str | None = None
         self.restarts = 0
@@ -198,11 +205,22 @@ class Supervisor(MultiService):
     def privilegedStartService(self) -> None:
         if self.sockets:
             return
-        self.sockets["https"] = bind_listening_socket(self.config.https, "tenant traffic")
-        if self.config.http is not None:
-            self.sockets["http"] = bind_listening_socket(
-                self.config.http, "ACME HTTP-01 answers and redirects to HTTPS"
-            )
+        purposes = {"https": "tenant traffic", "http": "ACME HTTP-01 answers and redirects to HTTPS"}
+        descriptions = {"https": self.config.https, "http": self.config.http}
+        ports: dict[str, int] = {}
+        try:
+            for _slot in range(self.count):
+                sockets: dict[str, socket.socket] = {}
+                self.sockets.append(sockets)
+                for name, description in descriptions.items():
+                    if description is None:
+                        continue
+                    sock = bind_listening_socket(description, purposes[name], ports.get(name))
+                    ports.setdefault(name, sock.getsockname()[1])  # port 0: the others take the same
+                    sockets[name] = sock
+        except ListenFailed:
+            self._close_sockets()
+            raise
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -215,8 +233,8 @@ class Supervisor(MultiService):
         super().startService()
         self._log.info(
             "tenantedge: {count} workers on https {https}{http}",
-            count=self.count, https=_address(self.sockets["https"]),
-            http=f", http {_address(self.sockets['http'])}" if "http" in self.sockets else "",
+            count=self.count, https=_address(self.sockets[0]["https"]),
+            http=f", http {_address(self.sockets[0]['http'])}" if "http" in self.sockets[0] else "",
         )
         self.reactor.callWhenRunning(self._start_all)
 
@@ -260,7 +278,12 @@ class Supervisor(MultiService):
                 # A group of its own: a terminal's Ctrl-C or a job-control
                 # signal reaches the supervisor, which stops the workers.
                 os.setpgid(0, 0)
-                self.run_worker(config, self.sockets, ServingContexts(base=self.base_context), worker.slot)
+                mine = self.sockets[worker.slot]
+                for slot, others in enumerate(self.sockets):
+                    if slot != worker.slot:
+                        for sock in others.values():
+                            sock.close()  # only this process's copies
+                self.run_worker(config, mine, ServingContexts(base=self.base_context), worker.slot)
             except BaseException:
                 self._log.failure("worker {slot} failed", slot=worker.slot)
                 code = 1
@@ -384,10 +407,15 @@ class Supervisor(MultiService):
                 except ChildProcessError:
                     pass
                 worker.pid = 0
-        for sock in self.sockets.values():
-            sock.close()
+        self._close_sockets()
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def _close_sockets(self) -> None:
+        for sockets in self.sockets:
+            for sock in sockets.values():
+                sock.close()
+        self.sockets = []
 
 
 def _signal(pid: int, sig: int) -> None:
