@@ -142,7 +142,10 @@ class CLITests(EdgeTestCase):
         @provider(ILogObserver)
         def observe(event: dict[str, Any]) -> None:
             if event.get("host") == "poll.test" and "changed" in event.get("log_format", "") and not noticed.called:
-                noticed.callback(None)
+                # Not from inside the logging call: the test would go on (and
+                # its cleanup stop the server) inside the server's own
+                # running coroutine, which then could never resume.
+                reactor.callLater(0, lambda: None if noticed.called else noticed.callback(None))
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
