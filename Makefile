@@ -11,6 +11,9 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	# Twisted's plugin caches, built now rather than by the first plugin scan
+	# (a test's, or a server's that cannot write them).
+	$(BIN)/python -m tenantedge.plugincache >/dev/null
 	touch $@
 
 # System tools the end-to-end tests drive: curl and openssl (real TLS

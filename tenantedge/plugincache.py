@@ -28,8 +28,8 @@ def regenerate() -> list[str]:
     from twisted.plugin import IPlugin, getPlugins
 
     list(getPlugins(IPlugin, twisted.plugins))
-    caches = []
-    for directory in twisted.plugins.__path__:
+    caches: list[str] = []
+    for directory in dict.fromkeys(twisted.plugins.__path__):  # once each, in order
         if not os.path.isdir(directory):
             continue  # sys.path entries without a twisted/plugins of their own
         if any(name.startswith("tenantedge_") for name in os.listdir(directory)):
