@@ -137,14 +137,14 @@ def host_from_header(value: bytes) -> str:
     return normalize(host)
 
 
-def canonical_host_header(value: bytes) -> bytes:
+def canonical_host_header(name: str, value: bytes) -> bytes:
     """
     The C{Host} header as the backend should see it: the normalised name
     (lower case, no trailing dot), and the port only when it is not 443.
 
-    @raise InvalidHostname: if the header does not name a valid host.
+    @param name: C{host_from_header(value)}, which the caller already has.
+    @param value: the header as the client sent it.
     """
-    name = host_from_header(value)
     _, sep, port = value.rpartition(b":")
     if sep and port.isdigit() and int(port) != 443:
         return b"%s:%d" % (name.encode("ascii"), int(port))

@@ -464,12 +464,8 @@ class _Exchange:
 
     # -- response direction ---------------------------------------------------------
 
-    def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        if code == 100 and self.expect_continue:
-            self.expect_continue = False
-            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+    def _head_arrived(self, code: int) -> None:
+        """The backend's response head is in: no more deadline; time it."""
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -477,6 +473,15 @@ class _Exchange:
         proxy = self.proxy
         if proxy.observe is not None:
             proxy.observe(code, proxy.clock.seconds() - self.started)
+
+    def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if code == 100 and self.expect_continue:
+            self.expect_continue = False
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self._head_arrived(code)
+        proxy = self.proxy
         extra = connection_tokens(headers)
         out = [b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"OK"))]
         length: int | None = None
@@ -976,7 +981,7 @@ def upstream_head(
     try:
         host_name = host_from_header(hosts[0])
         # Forwarded in canonical form: lower case, no trailing dot, no :443.
-        host = canonical_host_header(hosts[0])
+        host = canonical_host_header(host_name, hosts[0])
     except InvalidHostname:
         return (400, "The Host header is not a valid host name."), b"", False, referer, agent, False
     if host_name != server_name:
@@ -1016,13 +1021,7 @@ class _StreamExchange(_Exchange):
         pass
 
     def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        self.code = code
-        proxy = self.proxy
-        if proxy.observe is not None:
-            proxy.observe(code, proxy.clock.seconds() - self.started)
+        self._head_arrived(code)
         request = self.request
         request.setResponseCode(code, reason or None)
         out = Headers()

@@ -279,7 +279,7 @@ class ProxyResource(Resource):
         if not path.startswith(b"/"):
             return _error_page(request, 400, "Bad Request", "Only origin-form request targets are accepted.")
         headers = upstream_headers(
-            request.requestHeaders, canonical_host_header(host), getattr(request.getClientAddress(), "host", "") or ""
+            request.requestHeaders, canonical_host_header(name, host), getattr(request.getClientAddress(), "host", "") or ""
         )
         body = self._body_producer(request)
         try:

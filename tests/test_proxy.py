@@ -74,11 +74,14 @@ class UpstreamHeaderTests(SynchronousTestCase):
         self.assertEqual(out.getRawHeaders(b"X_Custom"), [b"kept"])
 
     def test_canonical_host(self) -> None:
-        from tenantedge.hostnames import canonical_host_header
+        from tenantedge.hostnames import canonical_host_header, host_from_header
 
-        self.assertEqual(canonical_host_header(b"SHOP.TEST.:443"), b"shop.test")
-        self.assertEqual(canonical_host_header(b"Shop.Test:8443"), b"shop.test:8443")
-        self.assertEqual(canonical_host_header(b"shop.test"), b"shop.test")
+        def canonical(value: bytes) -> bytes:
+            return canonical_host_header(host_from_header(value), value)
+
+        self.assertEqual(canonical(b"SHOP.TEST.:443"), b"shop.test")
+        self.assertEqual(canonical(b"Shop.Test:8443"), b"shop.test:8443")
+        self.assertEqual(canonical(b"shop.test"), b"shop.test")
 
     def test_hop_by_hop_dropped(self) -> None:
         out = upstream_headers(
