@@ -21,7 +21,7 @@ concurrent checks for one name share a single request.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from typing import Any
 from urllib.parse import quote
 
@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from .interfaces import Decision
 from .singleflight import SingleFlight
+from .slots import NoSlot, Slots
 from .timeouts import TimeoutError, describe_error, with_deadline
 
 __all__ = ["AllowChecker", "Decision", "build_check_url", "DEFINITE_DENY"]
@@ -85,8 +86,9 @@ class AllowChecker:
     max_in_flight: int = 16
     max_waiting: int = 256
     results: Counter[str] = attrs.field(factory=Counter, init=False)
-    _in_flight: int = attrs.field(default=0, init=False)
-    _waiting: deque[Deferred[None]] = attrs.field(factory=deque, init=False)
+    _slots: Slots = attrs.field(
+        init=False, default=attrs.Factory(lambda self: Slots(self.max_in_flight, self.max_waiting), takes_self=True)
+    )
     _cache: OrderedDict[str, tuple[Decision, float]] = attrs.field(factory=OrderedDict, init=False)
     _flights: SingleFlight[Decision] = attrs.field(factory=SingleFlight, init=False)
     _log = Logger()
@@ -149,23 +151,13 @@ class AllowChecker:
         Up to C{max_waiting} more wait their turn; beyond that the answer
         is unknown at once (fail closed, fast).
         """
-        if self._in_flight >= self.max_in_flight:
-            if len(self._waiting) >= self.max_waiting:
-                self.results["overflow"] += 1
-                self._log.debug("too many allow checks waiting; refusing {host}", host=server_name)
-                return Decision.UNKNOWN, _OVERFLOW
-            turn: Deferred[None] = Deferred(self._waiting.remove)
-            self._waiting.append(turn)
-            await turn
-        else:
-            self._in_flight += 1
         try:
-            return await self._request(server_name)
-        finally:
-            if self._waiting:
-                self._waiting.popleft().callback(None)  # the slot passes on
-            else:
-                self._in_flight -= 1
+            async with self._slots.held():
+                return await self._request(server_name)
+        except NoSlot:
+            self.results["overflow"] += 1
+            self._log.debug("too many allow checks waiting; refusing {host}", host=server_name)
+            return Decision.UNKNOWN, _OVERFLOW
 
     async def _request(self, server_name: str) -> tuple[Decision, int | None]:
         url = build_check_url(self.template, server_name, self.caddy_style)

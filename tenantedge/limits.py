@@ -20,12 +20,13 @@ not reset them.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
+from contextlib import AbstractAsyncContextManager
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -34,6 +35,7 @@ from .acme import ValidationFailed
 from .certificates import CertificateBundle
 from .interfaces import IIssuer, IRenewalExemption, IReplacesRefused, LimitExceeded
 from .shared import KEEP, StateFile
+from .slots import Slots
 
 __all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded"]
 
@@ -62,8 +64,9 @@ class IssuanceLimits:
     max_new_orders: int = 300
     max_per_domain: int = 50
     max_failed_validations: int = 5
-    running: int = attrs.field(default=0, init=False)
-    _waiting: deque[Deferred[None]] = attrs.field(factory=deque, init=False)
+    slots: Slots = attrs.field(
+        init=False, default=attrs.Factory(lambda self: Slots(self.max_concurrent, self.max_waiting), takes_self=True)
+    )
     _inflight: Counter[tuple[str, str]] = attrs.field(factory=Counter, init=False)
     _orders: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     _domains: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
@@ -205,29 +208,19 @@ class IssuanceLimits:
 
     # -- concurrency -------------------------------------------------------------
 
-    def acquire(self, server_name: str) -> Deferred[None]:
-        """
-        A slot for one order; waits (bounded) when all are busy.
+    @property
+    def running(self) -> int:
+        """Orders running now."""
+        return self.slots.running
 
-        @raise LimitExceeded: (as a failed Deferred) if too many are waiting.
+    def slot(self, server_name: str) -> AbstractAsyncContextManager[None]:
         """
-        if self.running < self.max_concurrent:
-            self.running += 1
-            d: Deferred[None] = Deferred()
-            d.callback(None)
-            return d
-        if len(self._waiting) >= self.max_waiting:
-            return fail(LimitExceeded(
-                server_name, "concurrent", f"{self.running} orders running and {len(self._waiting)} waiting"))
-        waiter: Deferred[None] = Deferred(self._waiting.remove)
-        self._waiting.append(waiter)
-        return waiter
+        Hold one of the C{max_concurrent} order slots for the body of an
+        C{async with}; waits (bounded) when all are busy.
 
-    def release(self) -> None:
-        if self._waiting:
-            self._waiting.popleft().callback(None)  # the slot passes on
-        else:
-            self.running -= 1
+        @raise LimitExceeded: on entry, if too many are waiting already.
+        """
+        return self.slots.held(lambda why: LimitExceeded(server_name, "concurrent", f"orders: {why}"))
 
 
 def _recent(times: list[float], now: float, window: float) -> list[float]:
@@ -269,23 +262,22 @@ class LimitedIssuer:
         # gets instead is checked and counted (IssuanceLimits.replaces_refused).
         exempt = bool(self.exemption is not None and await self.exemption.renewal_exempt(replaces))
         self.limits.check(ca, server_name, exempt=exempt)
-        await self.limits.acquire(server_name)
-        try:
-            self.limits.check(ca, server_name, exempt=exempt)  # the window may have filled while waiting
-            if not exempt:
-                self.limits.record_order(ca)
-                self.limits.reserve(ca, server_name)
+        async with self.limits.slot(server_name):
             try:
-                bundle: CertificateBundle = await self.wrapped.issue(server_name, replaces=replaces)
-            except ValidationFailed:
-                self.limits.record_failed_validation(ca, server_name)
-                raise
-            finally:
+                self.limits.check(ca, server_name, exempt=exempt)  # the window may have filled while waiting
                 if not exempt:
-                    self.limits.unreserve(ca, server_name)
-            downgraded = self.limits.take_downgraded(ca, server_name)
-            self.limits.record_issued(ca, server_name, exempt=exempt and not downgraded)
-            return bundle
-        finally:
-            self.limits.take_downgraded(ca, server_name)
-            self.limits.release()
+                    self.limits.record_order(ca)
+                    self.limits.reserve(ca, server_name)
+                try:
+                    bundle: CertificateBundle = await self.wrapped.issue(server_name, replaces=replaces)
+                except ValidationFailed:
+                    self.limits.record_failed_validation(ca, server_name)
+                    raise
+                finally:
+                    if not exempt:
+                        self.limits.unreserve(ca, server_name)
+                downgraded = self.limits.take_downgraded(ca, server_name)
+                self.limits.record_issued(ca, server_name, exempt=exempt and not downgraded)
+                return bundle
+            finally:
+                self.limits.take_downgraded(ca, server_name)

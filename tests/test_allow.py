@@ -169,8 +169,9 @@ class ConcurrencyCapTests(CheckerTestCase):
         endpoint at once; a bounded number wait; the rest are refused at
         once (not cached: the name is asked properly next time).
         """
-        self.checker.max_in_flight = 3
-        self.checker.max_waiting = 2
+        self.checker = AllowChecker(
+            self.template, self.caddy_style, self.http, self.clock, max_in_flight=3, max_waiting=2
+        )
         self.endpoint.hang = True
         pending = [self.checker.decide(f"n{i}.example.com") for i in range(8)]
         self.http.flush()

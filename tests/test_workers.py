@@ -43,6 +43,12 @@ class Server:
         self.ended = run(TWIST, ["--log-format=text", "tenantedge", *self.args], on_stdout=collect, timeout=200)
         self.testcase.addCleanup(self.stop)
 
+    def alive(self) -> bool:
+        """Still running; if it ended, the test fails with what it printed."""
+        if self.ended is not None and self.ended.called:
+            self.testcase.fail(f"tenantedge {' '.join(self.args)} ended early:\n{self.output[-3000:].decode()}")
+        return True
+
     def pid(self) -> int:
         # Its HTTPS endpoint is unique to it (servers may share a store).
         marker = self.args[self.args.index("--https") + 1].encode()
@@ -98,12 +104,13 @@ class WorkerTests(TestCase):
         out, err, code = await run(self.curl, ["--silent", f"http://127.0.0.1:{admin}/metrics"])
         return out.decode() if code == 0 else ""
 
-    async def wait_for(self, check: object, what: str) -> None:
-        for _ in range(300):
+    async def wait_for(self, check: object, what: str, *servers: Server) -> None:
+        for _ in range(600):
             if await check():  # type: ignore[operator]
                 return
             await deferLater(reactor, 0.1, lambda: None)
-        self.fail(f"timed out waiting for {what}")
+        printed = "".join(f"\n--- {' '.join(s.args)}:\n{s.output[-2000:].decode()}" for s in servers)
+        self.fail(f"timed out waiting for {what}{printed}")
 
     async def fetch(self, name: str, port: int, *extra: str) -> tuple[bytes, bytes, int]:
         return await run(
@@ -121,9 +128,9 @@ class WorkerTests(TestCase):
 
         async def both_up() -> bool:
             text = await self.metrics(admin)
-            return 'worker="0"' in text and 'worker="1"' in text
+            return server.alive() and 'worker="0"' in text and 'worker="1"' in text
 
-        await self.wait_for(both_up, "two workers")
+        await self.wait_for(both_up, "two workers", server)
         return admin
 
     async def test_two_workers(self) -> None:
@@ -170,7 +177,7 @@ class WorkerTests(TestCase):
             serials = {await self.served_serial("first.test", port) for _ in range(10)}
             return len(serials) == 1 and before not in serials
 
-        await self.wait_for(everyone_serves_the_new_one, "both workers to serve the renewed certificate")
+        await self.wait_for(everyone_serves_the_new_one, "both workers to serve the renewed certificate", self.server)
 
         # A worker that dies is restarted; the server keeps serving.
         text = await self.metrics(admin)
@@ -181,7 +188,7 @@ class WorkerTests(TestCase):
         async def restarted() -> bool:
             return "tenantedge_worker_restarts_total 1" in await self.metrics(admin) and len(self.worker_pids()) == 2
 
-        await self.wait_for(restarted, "the dead worker to be restarted")
+        await self.wait_for(restarted, "the dead worker to be restarted", self.server)
         out, err, code = await self.fetch("first.test", port)
         self.assertEqual(code, 0, err)
         # SIGTERM on the supervisor stops everything.
@@ -222,7 +229,7 @@ class WorkerTests(TestCase):
             return ("tenantedge_ticket_key_rotations_total 1" in text and 'tenantedge_worker_up{worker="1"} 1' in text
                     and not set(self.worker_pids()) & set(pids))
 
-        await self.wait_for(rotated, "the workers to be replaced with new keys")
+        await self.wait_for(rotated, "the workers to be replaced with new keys", self.server)
         self.assertFalse(await self.resumed("rotate.test", port, before))
         after = await self.new_session("rotate.test", port)
         results = [await self.resumed("rotate.test", port, after) for _ in range(10)]
@@ -265,9 +272,10 @@ class WorkerTests(TestCase):
         answering.start()
 
         async def up() -> bool:
-            return b"listening: https" in ordering.output and b"listening: http " in answering.output
+            return (ordering.alive() and answering.alive()
+                    and b"listening: https" in ordering.output and b"listening: http " in answering.output)
 
-        await self.wait_for(up, "both servers")
+        await self.wait_for(up, "both servers", ordering, answering)
         out, err, code = await self.fetch("shared.test", self.pebble.tls_port)
         self.assertEqual(code, 0, err + ordering.output[-3000:])
         self.assertEqual(json.loads(out)["path"], "/echo")
