@@ -3,7 +3,7 @@ A bounded number of slots with a bounded, first-come queue: how the allow
 checker caps requests to the SaaS's API and the issuance limits cap ACME
 orders at once.
 
-Why not L{twisted.internet.defer.DeferredSemaphore}: it queues without
+Why not Twisted's C{DeferredSemaphore}: it queues without
 bound (a flood of names must be refused at once, not queued), and the
 slot is held with C{async with} so that a coroutine closed unfinished
 (garbage-collected while it waits on something that will never fire)
