@@ -23,11 +23,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import httptools
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,11 +37,12 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 from twisted.internet.interfaces import IHandshakeListener
 
+from .backend import NO_RESPONSE_BODY, BackendConnection, BackendPool
 from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body
 from .hostnames import InvalidHostname, canonical_host_header, host_from_header
 from .writethrough import set_no_delay, write_through
 
-__all__ = ["BackendPool", "H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "StreamRelay", "upstream_head"]
+__all__ = ["H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "StreamRelay", "upstream_head"]
 
 #: Largest request head (request line and headers) accepted: 431 beyond.
 MAX_HEAD = 32 * 1024
@@ -50,206 +51,13 @@ MAX_HEADERS = 100
 #: Seconds a client has to send a whole request head once it has begun
 #: (a byte every few seconds must not hold a connection for ever).
 HEADER_TIMEOUT = 15.0
-#: Node (and so Next.js) closes idle keep-alive connections after 5 s; a
-#: pooled connection idle longer than this is not reused.
-BACKEND_IDLE = 4.0
 #: Request body bytes held while the backend connection is being made;
 #: beyond this the client is paused.
 PENDING_BODY = 256 * 1024
 
-_NO_RESPONSE_BODY = frozenset({204, 304})
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _REASONS = {501: b"Not Implemented", 408: b"Request Timeout", 400: b"Bad Request", 413: b"Content Too Large", 421: b"Misdirected Request",
             431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 504: b"Gateway Timeout"}
-
-
-class BackendPool:
-    """
-    Keep-alive connections to one backend, reused last-in first-out (the
-    warmest socket first); a connection idle longer than C{idle} is closed
-    instead of reused, so a socket the backend is about to close is never
-    picked.
-
-    @ivar connect: makes the endpoint for a new connection.
-    @ivar max_idle: idle connections kept at most.
-    """
-
-    def __init__(
-        self, clock: IReactorTime, connect: Callable[[], IStreamClientEndpoint], idle: float = BACKEND_IDLE,
-        max_idle: int = 256,
-    ) -> None:
-        self.clock = clock
-        self.connect = connect
-        self.idle = idle
-        self.max_idle = max_idle
-        self._idle: list[BackendConnection] = []
-        self.opened = 0
-
-    def take(self) -> BackendConnection | None:
-        """An idle connection fit for reuse, or None."""
-        now = self.clock.seconds()
-        while self._idle:
-            conn = self._idle.pop()
-            if now - conn.idle_since < self.idle and conn.connected:
-                return conn
-            conn.close()
-        return None
-
-    def open(self) -> defer.Deferred[BackendConnection]:
-        """A new connection (cancellable while connecting)."""
-        self.opened += 1
-        factory = Factory.forProtocol(BackendConnection)
-        factory.noisy = False
-        return cast("defer.Deferred[BackendConnection]", self.connect().connect(factory))
-
-    def give_back(self, conn: BackendConnection) -> None:
-        """Return a connection whose exchange ended cleanly."""
-        if not conn.connected or len(self._idle) >= self.max_idle:
-            conn.close()
-            return
-        conn.idle_since = self.clock.seconds()
-        conn.pool = self
-        # Back-pressure may have paused it (a slow client); idle, it must read.
-        conn.transport.resumeProducing()  # type: ignore[union-attr]
-        self._idle.append(conn)
-
-    def forget(self, conn: BackendConnection) -> None:
-        try:
-            self._idle.remove(conn)
-        except ValueError:
-            pass
-
-    def close(self) -> None:
-        """Close every idle connection (at shutdown)."""
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-    def idle_count(self) -> int:
-        return len(self._idle)
-
-
-class BackendConnection(Protocol):
-    """
-    One connection to the backend, carrying one exchange at a time; parses
-    responses with llhttp and hands them to the exchange.
-    """
-
-    exchange: _Exchange | None = None
-    pool: BackendPool | None = None
-    idle_since = 0.0
-    connected = False
-
-    def connectionMade(self) -> None:
-        self.connected = True
-        set_no_delay(self.transport)
-        write_through(self.transport)
-        self._new_parser()
-
-    def _new_parser(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
-        self._head_done = False
-        self._skip_body = False
-        self._stray = False
-
-    def send(self, exchange: _Exchange, head: bytes) -> None:
-        self.exchange = exchange
-        if self._head_done or self._headers:
-            self._new_parser()
-        self.transport.write(head)  # type: ignore[union-attr]
-
-    # -- llhttp callbacks ---------------------------------------------------------
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        code = self._parser.get_status_code()
-        if 100 <= code < 200 and code != 101:
-            # An interim response (100 Continue, 103 Early Hints): forward
-            # it, then wait for the real one on a fresh parser.
-            headers, self._headers = self._headers, []
-            if self.exchange is not None:
-                self.exchange.backend_interim(code, self._reason, headers)
-            self._reason = b""
-            return
-        self._head_done = True
-        exchange = self.exchange
-        if exchange is None:
-            return
-        self._skip_body = exchange.method == b"HEAD" or code in _NO_RESPONSE_BODY
-        exchange.backend_head(code, self._reason, self._headers, self._parser.should_keep_alive())
-        if self._skip_body:
-            # llhttp cannot be told a HEAD response has no body: end the
-            # exchange here and parse the next response afresh.
-            self._finish()
-
-    def on_body(self, data: bytes) -> None:
-        if self.exchange is not None and not self._skip_body:
-            self.exchange.backend_body(data)
-
-    def on_message_complete(self) -> None:
-        if not self._skip_body and self._head_done:
-            self._finish()
-
-    def _finish(self) -> None:
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.backend_done(self)
-
-    # -- transport ----------------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.exchange is None:
-            # Bytes while idle (after a HEAD, or unasked): the backend is
-            # confused; never reuse the connection, or a later request could
-            # take these bytes for its response.
-            self.close()
-            return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            exchange, self.exchange = self.exchange, None
-            self.close()
-            if exchange is not None:
-                exchange.backend_failed(f"malformed response from the backend: {e}", self._head_done)
-            return
-        if self._stray:
-            self.close()
-
-    def on_message_begin(self) -> None:
-        if self.exchange is None:
-            self._stray = True  # a response nobody asked for, right after one
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self.connected = False
-        if self.pool is not None:
-            self.pool.forget(self)
-        exchange, self.exchange = self.exchange, None
-        if exchange is None:
-            return
-        if self._head_done and not self._skip_body:
-            try:
-                # A close-delimited body ends with the connection.
-                self._parser.feed_data(b"")
-            except httptools.HttpParserError:
-                pass
-            if exchange.backend_closed_complete():
-                exchange.backend_done(None)
-                return
-        exchange.backend_failed(reason.getErrorMessage(), self._head_done)
-
-    def close(self) -> None:
-        self.connected = False
-        if self.pool is not None:
-            self.pool.forget(self)
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 class AccessLog:
@@ -497,7 +305,7 @@ class _Exchange:
                 except ValueError:
                     continue
             out.append(b"%s: %s\r\n" % (name, value))
-        has_body = self.method != b"HEAD" and code not in _NO_RESPONSE_BODY
+        has_body = self.method != b"HEAD" and code not in NO_RESPONSE_BODY
         if has_body and length is None:
             if self.version == b"1.1":
                 self.response_chunked = True
@@ -1036,7 +844,7 @@ class _StreamExchange(_Exchange):
         if not keep_alive:
             self.response_close = True
         self.response_started = True
-        if self.backend is not None and self.method != b"HEAD" and code not in _NO_RESPONSE_BODY:
+        if self.backend is not None and self.method != b"HEAD" and code not in NO_RESPONSE_BODY:
             self.down = request
             request.registerProducer(self.backend.transport, True)
 

@@ -32,7 +32,8 @@ from .demo import DemoBackendService
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
 from .options import PluginOptions as Options
-from .http1 import AccessLog, BackendPool, EdgeHTTPFactory, H1Proxy, StreamRelay
+from .backend import BackendPool
+from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy, StreamRelay
 from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, make_backend_pool
 from .service import OnDemandTLS, StartupError
 from .workers import Supervisor, run_worker

@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tenantedge.http1 import BackendPool, H1Proxy, H1ProxyProtocol
+from tenantedge.backend import BackendPool
+from tenantedge.http1 import H1Proxy, H1ProxyProtocol
 
 
 class FakeEndpoint:
