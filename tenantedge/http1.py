@@ -14,8 +14,9 @@ L{tenantedge.headers}): C{Host} kept and checked against the TLS name
 edge-only headers dropped both ways, 502 when the backend is down, 504 when
 it is slow, request and response bodies streamed, and the backend request
 abandoned (its connection closed) as soon as the client goes away, at every
-stage. HTTP/2 and embedders' sites go through twisted.web
-(L{tenantedge.proxy.ProxyResource}); L{EdgeHTTPFactory} picks by ALPN.
+stage. HTTP/2 streams ride the same exchanges (L{tenantedge.http2});
+L{EdgeHTTPFactory} picks by ALPN. Embedders' own sites use the twisted.web
+resource (L{tenantedge.proxy.ProxyResource}).
 """
 
 from __future__ import annotations
@@ -27,13 +28,10 @@ from typing import Any
 
 import httptools
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 from twisted.internet.interfaces import IHandshakeListener
 
@@ -42,7 +40,7 @@ from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body
 from .hostnames import InvalidHostname, canonical_host_header, host_from_header
 from .writethrough import set_no_delay, write_through
 
-__all__ = ["H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "StreamRelay", "upstream_head"]
+__all__ = ["H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "upstream_head"]
 
 #: Largest request head (request line and headers) accepted: 431 beyond.
 MAX_HEAD = 32 * 1024
@@ -117,7 +115,7 @@ class H1Proxy:
         self.access_log = access_log
         self.idle_timeout = idle_timeout
         #: Open client connections, closed when the server stops.
-        self.connections: set[H1ProxyProtocol] = set()
+        self.connections: set[Any] = set()  # H1ProxyProtocol and H2ProxyProtocol: abort()
 
     def close_all(self) -> None:
         """Close every client connection (the server is stopping)."""
@@ -811,160 +809,6 @@ def upstream_head(
     return None, b"".join(out), chunked, referer, agent, expect and (chunked or length is not None)
 
 
-class _StreamExchange(_Exchange):
-    """
-    An exchange whose client is a twisted.web request (an HTTP/2 stream):
-    the same backend pool, deadlines, retries and cancellation as the
-    HTTP/1.1 relay, the response given through the request's API.
-    """
-
-    __slots__ = ("request",)
-
-    def __init__(self, client: _RequestClient, method: bytes, path: bytes, head: bytes) -> None:
-        super().__init__(client, method, path, b"2", True, head, False, b"", b"")  # type: ignore[arg-type]
-        self.request = client.request
-        self.request_done = True  # bodiless: the request is all in the head
-
-    def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        pass
-
-    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
-        self._head_arrived(code)
-        request = self.request
-        request.setResponseCode(code, reason or None)
-        out = Headers()
-        extra = connection_tokens(headers)
-        for name, value in headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in extra:
-                continue
-            out.addRawHeader(name, value)
-        request.responseHeaders = out
-        request.defaultContentType = None
-        if not keep_alive:
-            self.response_close = True
-        self.response_started = True
-        if self.backend is not None and self.method != b"HEAD" and code not in NO_RESPONSE_BODY:
-            self.down = request
-            request.registerProducer(self.backend.transport, True)
-
-    def backend_body(self, data: bytes) -> None:
-        if not self.finished:
-            self.request.write(data)
-
-    def backend_closed_complete(self) -> bool:
-        return self.response_started and self.response_close
-
-    def backend_done(self, conn: BackendConnection | None) -> None:
-        if self.finished:
-            return
-        self.release_producers()
-        self.backend = None
-        if conn is not None:
-            if not self.response_close:
-                self.proxy.pool.give_back(conn)
-            else:
-                conn.close()
-        self._finished()
-
-    def fail(self, code: int, detail: str, quiet: bool = False) -> None:
-        if not self._failing(code, detail, quiet):
-            return
-        body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
-        request = self.request
-        request.setResponseCode(code, _REASONS[code])
-        request.responseHeaders = Headers(
-            {b"content-type": [b"text/html; charset=utf-8"], b"cache-control": [b"no-store"],
-             b"content-length": [b"%d" % len(body)]}
-        )
-        request.write(body)
-        self.response_started = True
-        self._finished()
-
-
-class _RequestClient:
-    """The client side of a L{_StreamExchange}: a twisted.web request."""
-
-    def __init__(self, proxy: H1Proxy, request: Any, peer: str) -> None:
-        self.proxy = proxy
-        self.request = request
-        self.peer = peer
-        self.transport = request
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def resume_paused_transport(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        self.request.write(data)
-
-    def exchange_finished(self, exchange: _Exchange) -> None:
-        if not self.request.finished and not getattr(self.request, "_disconnected", False):
-            self.request.finish()
-
-    def exchange_aborted(self, exchange: _Exchange) -> None:
-        # Part of the response went out: reset this stream (HTTP/2:
-        # RST_STREAM; the connection's other streams go on) so it never
-        # looks complete.
-        channel = getattr(self.request, "channel", None)
-        if channel is not None:
-            channel.abortConnection()
-
-
-#: Methods whose requests the stream relay takes when they carry no body.
-_BODILESS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
-
-
-class StreamRelay(Resource):
-    """
-    The HTTP/2 side of the relay, as a twisted.web resource: a request
-    without a body goes through the HTTP/1.1 relay's backend pool
-    (L{_StreamExchange}); anything else to C{fallback} (the
-    L{tenantedge.proxy.ProxyResource}, which streams spooled bodies).
-    """
-
-    isLeaf = True
-
-    def __init__(self, proxy: H1Proxy, fallback: Resource) -> None:
-        super().__init__()
-        self.proxy = proxy
-        self.fallback = fallback
-
-    def render(self, request: Any) -> bytes | int:
-        content = request.content
-        has_body = content is not None and content.seek(0, 2) > 0
-        if content is not None:
-            content.seek(0)
-        if has_body or request.method not in _BODILESS:
-            return self.fallback.render(request)  # type: ignore[no-any-return]
-        from .tls import tls_server_name
-
-        peer = str(getattr(request.getClientAddress(), "host", ""))
-        headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
-        problem, head, _chunked, _referer, _agent, _expect = upstream_head(
-            request.method, request.uri, headers, peer, tls_server_name(request) or "", self.proxy
-        )
-        client = _RequestClient(self.proxy, request, peer)
-        exchange = _StreamExchange(client, request.method, request.uri, head)
-
-        def gone(failure: Any) -> None:
-            if not exchange.finished:
-                exchange.finished = True
-                exchange.abandon_backend()
-
-        request.notifyFinish().addErrback(gone)
-        if problem is not None:
-            exchange.fail(*problem, quiet=True)
-        else:
-            exchange.start()
-        return NOT_DONE_YET
-
-
 @implementer(IHandshakeListener)
 class _ALPNDispatch(Protocol):
     """
@@ -990,10 +834,12 @@ class _ALPNDispatch(Protocol):
         if getattr(tls, "wrappedProtocol", None) is not self:
             return getattr(tls, "wrappedProtocol", None)
         negotiated = getattr(tls, "negotiatedProtocol", None)
+        name = str(getattr(tls, "tenantedge_server_name", ""))
         if negotiated == b"h2":
-            real = self.factory.site.buildProtocol(self.addr)
+            from .http2 import H2ProxyProtocol
+
+            real: Protocol = H2ProxyProtocol(self.factory.proxy, name)
         else:
-            name = str(getattr(tls, "tenantedge_server_name", ""))
             real = H1ProxyProtocol(self.factory.proxy, name)
         tls.wrappedProtocol = real  # type: ignore[union-attr]
         real.makeConnection(tls)
@@ -1007,21 +853,15 @@ class _ALPNDispatch(Protocol):
 
 class EdgeHTTPFactory(Factory):
     """
-    The application factory the HTTPS listener wraps: HTTP/1.1 on the fast
-    relay (L{H1ProxyProtocol}), HTTP/2 on twisted.web's C{site}.
+    The application factory the HTTPS listener wraps: by ALPN, HTTP/1.1
+    (L{H1ProxyProtocol}) or HTTP/2 (L{tenantedge.http2.H2ProxyProtocol}),
+    both relaying to C{proxy}'s backend.
     """
 
     noisy = False
 
-    def __init__(self, proxy: H1Proxy, site: IProtocolFactory) -> None:
+    def __init__(self, proxy: H1Proxy) -> None:
         self.proxy = proxy
-        self.site = site
-
-    def doStart(self) -> None:
-        self.site.doStart()
-
-    def doStop(self) -> None:
-        self.site.doStop()
 
     def buildProtocol(self, addr: Any) -> _ALPNDispatch:
         return _ALPNDispatch(self, addr)

@@ -413,6 +413,13 @@ def backend_endpoints(
     return lambda: factory.endpointForURI(uri)
 
 
+def backend_prefix(backend: str) -> bytes:
+    """The path of a C{--backend} URL, put before each request's path (none for C{unix:})."""
+    if backend.startswith("unix:"):
+        return b""
+    return bytes(URI.fromBytes(backend.encode("ascii")).path)
+
+
 def backend_agent(
     reactor: Any, backend: str, pool: HTTPConnectionPool | None = None,
     endpoints: IAgentEndpointFactory | None = None,

@@ -23,7 +23,6 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.web.client import URI
 from twisted.logger import Logger
 
 from .admin import AdminActions, AdminResource
@@ -33,8 +32,8 @@ from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
 from .options import PluginOptions as Options
 from .backend import BackendPool
-from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy, StreamRelay
-from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, make_backend_pool
+from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy
+from .proxy import EdgeSite, backend_endpoints, backend_prefix
 from .service import OnDemandTLS, StartupError
 from .workers import Supervisor, run_worker
 
@@ -162,22 +161,16 @@ def build_edge(
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
     demo = DemoBackendService(reactor) if config.demo else None
     backend = demo.url if demo is not None else config.backend
-    # HTTP/1.1 through the fast relay; HTTP/2 through twisted.web, with
-    # bodiless requests on the relay's backend pool too and the others on
-    # the proxy resource (Twisted's Agent), all with the same rules.
+    # HTTP/1.1 and HTTP/2 through the relay (tenantedge.http1, .http2):
+    # one backend pool, one set of rules.
     observe = on_demand.timings.observe_request
-    pool = make_backend_pool(reactor)
-    backend_url, agent = backend_agent(reactor, backend, pool, endpoints=demo)
-    proxy = ProxyResource(backend_url, agent, reactor, timeout=config.backend_timeout, observe=observe)
     h1_pool = BackendPool(reactor, backend_endpoints(reactor, backend, demo))
     h1 = H1Proxy(
-        h1_pool, reactor, prefix=URI.fromBytes(backend_url).path, timeout=config.backend_timeout,
+        h1_pool, reactor, prefix=backend_prefix(backend), timeout=config.backend_timeout,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
     )
-    site = EdgeSite(StreamRelay(h1, proxy), logPath=config.access_log, reactor=reactor,
-                    max_body_size=config.max_body_size)
-    https = _listener(config.https, on_demand.wrap(EdgeHTTPFactory(h1, site)), "tenant traffic", "https")
+    https = _listener(config.https, on_demand.wrap(EdgeHTTPFactory(h1)), "tenant traffic", "https")
     listeners = [("https", https)]
     if config.http is not None:
         port_80 = on_demand.http_resource(https_port=_https_port(https))
@@ -191,7 +184,7 @@ def build_edge(
         admin_site = EdgeSite(AdminResource(on_demand.timings.registry, actions.table()), reactor=reactor,
                               max_body_size=SMALL_BODIES)
         listeners.append(("admin", _listener(config.admin, admin_site, "metrics and the certs CLI", "admin")))
-    return EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections, _closing(h1_pool, h1)),
+    return EdgeService(on_demand, listeners, demo, on_stop=(_closing(h1_pool, h1),),
                        runner_options=runner_options)
 
 

@@ -1,0 +1,292 @@
+"""
+Tests for L{tenantedge.http2}, HTTP/2 on the relay, driven frame by frame:
+a real C{h2} client on one side of a C{StringTransport}, the backend
+connections on C{StringTransport}s made by a controllable endpoint (as in
+C{tests/test_http1.py}). End-to-end tests with curl over TLS are in
+C{tests/test_e2e.py}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset, WindowUpdated
+from h2.settings import SettingCodes, Settings
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from tenantedge.backend import BackendPool
+from tenantedge.http1 import H1Proxy
+from tenantedge.http2 import MAX_RESETS, QUEUE_HIGH, H2ProxyProtocol
+
+from .test_http1 import FakeEndpoint, _Peer
+
+
+class Client:
+    """An h2 client wired to the edge's protocol through StringTransport."""
+
+    def __init__(self, proto: H2ProxyProtocol, wire: StringTransport, window: int | None = None) -> None:
+        self.proto = proto
+        self.wire = wire
+        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False))
+        if window is not None:
+            self.h2.local_settings = Settings(client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.h2.initiate_connection()
+        self.events: list[Any] = []
+        self.pump()
+
+    def pump(self) -> None:
+        for _ in range(100):
+            data = self.h2.data_to_send()
+            if data:
+                self.proto.dataReceived(data)
+            out = self.wire.value()
+            self.wire.clear()
+            if out:
+                self.events.extend(self.h2.receive_data(out))
+            if not data and not out:
+                return
+
+    def request(self, method: bytes = b"GET", path: bytes = b"/", authority: bytes = b"shop.test",
+                headers: list[tuple[bytes, bytes]] = (), end: bool = True) -> int:  # type: ignore[assignment]
+        sid = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(sid, [(b":method", method), (b":scheme", b"https"), (b":path", path),
+                                   (b":authority", authority), *headers], end_stream=end)
+        self.pump()
+        return sid
+
+    def send(self, sid: int, data: bytes, end: bool = False) -> None:
+        self.h2.send_data(sid, data, end_stream=end)
+        self.pump()
+
+    def of(self, sid: int, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind) and getattr(e, "stream_id", sid) == sid]
+
+    def status(self, sid: int) -> bytes:
+        (response,) = self.of(sid, ResponseReceived)
+        return dict(response.headers)[b":status"]
+
+    def body(self, sid: int) -> bytes:
+        return b"".join(e.data for e in self.of(sid, DataReceived))
+
+
+class H2RelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1000)
+        self.endpoint = FakeEndpoint()
+        self.pool = BackendPool(self.clock, lambda: self.endpoint)
+        self.proxy = H1Proxy(self.pool, self.clock, timeout=30, max_body_size=1000, idle_timeout=60)
+        self.client = self.connect()
+
+    def connect(self, window: int | None = None) -> Client:
+        proto = H2ProxyProtocol(self.proxy, "shop.test")
+        wire = StringTransport(peerAddress=_Peer("203.0.113.9"))
+        proto.makeConnection(wire)
+        self.proto = proto
+        return Client(proto, wire, window)
+
+    def backend(self) -> tuple[Any, StringTransport]:
+        return self.endpoint.complete()
+
+    def test_get_relayed(self) -> None:
+        """
+        :authority becomes Host, X-Forwarded-* are set, cookies are one
+        header again; the response comes back with hop-by-hop headers
+        dropped and names in lower case, and the connection is pooled.
+        """
+        sid = self.client.request(headers=[(b"cookie", b"a=1"), (b"cookie", b"b=2"),
+                                           (b"x-forwarded-for", b"6.6.6.6")])
+        backend, bwire = self.backend()
+        sent = bwire.value()
+        self.assertTrue(sent.startswith(b"GET / HTTP/1.1\r\n"), sent)
+        self.assertIn(b"Host: shop.test\r\n", sent)
+        self.assertIn(b"X-Forwarded-For: 203.0.113.9\r\n", sent)
+        self.assertIn(b"cookie: a=1; b=2\r\n", sent)
+        self.assertNotIn(b"6.6.6.6", sent)
+        self.assertNotIn(b"Transfer-Encoding", sent)
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, X-Internal\r\n"
+                             b"X-Internal: s\r\nX-App: yes\r\n\r\nhello")
+        self.client.pump()
+        self.assertEqual(self.client.status(sid), b"200")
+        (response,) = self.client.of(sid, ResponseReceived)
+        names = [name for name, _ in response.headers]
+        self.assertIn(b"x-app", names)
+        self.assertNotIn(b"x-internal", names)
+        self.assertNotIn(b"connection", names)
+        self.assertEqual(self.client.body(sid), b"hello")
+        self.assertTrue(self.client.of(sid, StreamEnded))
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertEqual(self.proto.streams, {})
+
+    def test_streamed_upload(self) -> None:
+        """
+        A body without a declared length goes to the backend chunked, each
+        DATA frame as it arrives, before the stream ends.
+        """
+        sid = self.client.request(b"POST", end=False)
+        backend, bwire = self.backend()
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", bwire.value())
+        bwire.clear()
+        self.client.send(sid, b"part one")
+        self.assertEqual(bwire.value(), b"8\r\npart one\r\n")
+        bwire.clear()
+        self.client.send(sid, b"", end=True)
+        self.assertEqual(bwire.value(), b"0\r\n\r\n")
+        backend.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.client.pump()
+        self.assertEqual(self.client.status(sid), b"201")
+
+    def test_declared_length_forwarded(self) -> None:
+        sid = self.client.request(b"PUT", headers=[(b"content-length", b"3")], end=False)
+        backend, bwire = self.backend()
+        self.assertIn(b"Content-Length: 3\r\n", bwire.value())
+        bwire.clear()
+        self.client.send(sid, b"abc", end=True)
+        self.assertEqual(bwire.value(), b"abc")
+
+    def test_upload_back_pressure(self) -> None:
+        """
+        While the backend connection cannot take more (it paused its
+        producer, the stream), the stream's window is not reopened; once
+        it resumes, it is.
+        """
+        self.proxy.max_body_size = 0  # no limit
+        sid = self.client.request(b"POST", end=False)
+        backend, bwire = self.backend()
+        bwire.producer.pauseProducing()
+        for _ in range(4):
+            self.client.send(sid, b"x" * 160_000)  # more than half the window: due an update
+        self.assertEqual([e for e in self.client.of(sid, WindowUpdated) if e.stream_id == sid], [])
+        bwire.producer.resumeProducing()
+        self.client.pump()
+        self.assertTrue([e for e in self.client.of(sid, WindowUpdated) if e.stream_id == sid])
+
+    def test_oversize_body_resets_only_its_stream(self) -> None:
+        """
+        A declared length over the limit is 413 at once; an undeclared one
+        413 once it crosses it, then RST_STREAM (NO_ERROR) to stop the
+        upload. A GET on the same connection is answered.
+        """
+        declared = self.client.request(b"POST", headers=[(b"content-length", b"5000")], end=False)
+        self.assertEqual(self.client.status(declared), b"413")
+        self.assertEqual(self.endpoint.attempts, [])
+        undeclared = self.client.request(b"POST", end=False)
+        _, upload_wire = self.backend()
+        other = self.client.request()
+        backend, bwire = self.backend()
+        self.client.send(undeclared, b"y" * 600)
+        self.client.send(undeclared, b"y" * 600)
+        self.assertEqual(self.client.status(undeclared), b"413")
+        self.assertTrue(upload_wire.disconnecting)  # the backend request abandoned
+        resets = {e.stream_id: e.error_code for e in self.client.events if isinstance(e, StreamReset)}
+        self.assertEqual(resets.get(undeclared), ErrorCodes.NO_ERROR)
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.client.pump()
+        self.assertEqual(self.client.status(other), b"200")
+        self.assertEqual(self.client.body(other), b"ok")
+        self.assertFalse(self.client.wire.disconnecting)
+
+    def test_host_disagreeing_with_authority(self) -> None:
+        sid = self.client.request(headers=[(b"host", b"other.test")])
+        self.assertEqual(self.client.status(sid), b"400")
+        sid = self.client.request(authority=b"other.test")
+        self.assertEqual(self.client.status(sid), b"421")
+        sid = self.client.request(b"CONNECT")
+        self.assertEqual(self.client.status(sid), b"501")
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_header_injection_refused(self) -> None:
+        """
+        h2 carries any bytes in a header; CR, LF or NUL would split the
+        HTTP/1.1 request to the backend (and a colon in a name forge one):
+        400, never forwarded.
+        """
+        for header in [(b"x-a", b"1\r\nX-Forwarded-For: 6.6.6.6"), (b"x-b\nx-c", b"1"), (b"x-d:e", b"1"),
+                       (b"x-f", b"a\0b")]:
+            sid = self.client.request(headers=[header])
+            self.assertEqual(self.client.status(sid), b"400", header)
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_reset_abandons_backend(self) -> None:
+        """A stream the client resets closes its backend connection, at once."""
+        sid = self.client.request()
+        backend, bwire = self.backend()
+        self.client.h2.reset_stream(sid, ErrorCodes.CANCEL)
+        self.client.pump()
+        self.assertTrue(bwire.disconnecting)
+        self.assertEqual(self.proto.streams, {})
+        # Resetting while the backend connection is still being made cancels it.
+        sid = self.client.request()
+        self.client.h2.reset_stream(sid, ErrorCodes.CANCEL)
+        self.client.pump()
+        self.assertTrue(self.endpoint.attempts[-1][1].called)
+
+    def test_rapid_reset(self) -> None:
+        """More than MAX_RESETS resets within the window: GOAWAY, closed."""
+        for _ in range(MAX_RESETS + 1):
+            sid = self.client.request()
+            self.client.h2.reset_stream(sid, ErrorCodes.CANCEL)
+            self.client.pump()
+        (goaway,) = [e for e in self.client.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(self.client.wire.disconnecting)
+
+    def test_response_flow_control(self) -> None:
+        """
+        A client whose window is small gets the response as it reopens it;
+        meanwhile, past QUEUE_HIGH queued bytes, the backend is paused.
+        """
+        client = self.connect(window=1000)
+        sid = client.request()
+        backend, bwire = self.backend()
+        size = QUEUE_HIGH + 100_000
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        backend.dataReceived(b"z" * (size - 10))
+        client.pump()
+        self.assertEqual(len(client.body(sid)), 1000)
+        self.assertEqual(bwire.producerState, "paused")
+        client.h2.increment_flow_control_window(size, stream_id=sid)
+        client.h2.increment_flow_control_window(size)
+        client.pump()
+        self.assertEqual(bwire.producerState, "producing")
+        backend.dataReceived(b"z" * 10)
+        client.pump()
+        self.assertEqual(len(client.body(sid)), size)
+        self.assertTrue(client.of(sid, StreamEnded))
+
+    def test_backend_failures(self) -> None:
+        """Down: 502 on that stream. Cut mid-body: RST_STREAM on that stream only."""
+        sid = self.client.request()
+        self.endpoint.attempts[-1][1].errback(ConnectionRefusedError())
+        self.client.pump()
+        self.assertEqual(self.client.status(sid), b"502")
+        sid = self.client.request()
+        backend, bwire = self.backend()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        backend.connectionLost()
+        self.client.pump()
+        resets = {e.stream_id: e.error_code for e in self.client.events if isinstance(e, StreamReset)}
+        self.assertEqual(resets[sid], ErrorCodes.INTERNAL_ERROR)
+        self.assertFalse(self.client.wire.disconnecting)
+
+    def test_idle_connection_closed(self) -> None:
+        sid = self.client.request()
+        backend, _ = self.backend()
+        backend.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.client.pump()
+        self.clock.advance(59)
+        self.assertFalse(self.client.wire.disconnecting)
+        self.clock.advance(2)
+        self.client.pump()
+        self.assertTrue(self.client.wire.disconnecting)
+        self.assertTrue([e for e in self.client.events if isinstance(e, ConnectionTerminated)])
+
+    def test_settings(self) -> None:
+        """The edge announces its stream cap and large windows for bulk transfers."""
+        remote = self.client.h2.remote_settings
+        self.assertEqual(remote[SettingCodes.MAX_CONCURRENT_STREAMS], 100)
+        self.assertGreaterEqual(remote[SettingCodes.INITIAL_WINDOW_SIZE], 1 << 20)
