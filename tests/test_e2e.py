@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -499,3 +500,74 @@ class ProxyTests(EdgeTestCase):
         out, err, code = await self.fetch("down.test", "/", "-D", "-", port=https_port)
         self.assertIn(b" 502 ", out.split(b"\r\n")[0])
         self.assertIn(b"Bad Gateway", out)
+
+
+def established(port: int) -> int:
+    """TCP connections to C{port} on this machine that are open both ways (the kernel's count)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.readlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+class _HoldingClient(protocol.ProcessProtocol):
+    """A client script that prints one JSON line, then waits for its stdin to close."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.report: defer.Deferred[Any] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        if b"\n" in self.out and not self.report.called:
+            self.report.callback(json.loads(self.out.split(b"\n")[0]))
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.report.called:
+            self.report.errback(RuntimeError(f"client ended: {self.err.decode(errors='replace')[-2000:]}"))
+        self.ended.callback(None)
+
+
+class AttackTests(EdgeTestCase):
+    async def test_slowed_rapid_reset(self) -> None:
+        """
+        One HTTP/2 connection keeps 3 streams open and opens and resets 60
+        more, each 50 ms after opening it, all to a backend route that
+        takes 30 s: the backend never has more connections open than the
+        client has live streams (each reset abandons its backend request;
+        before, 700 stayed open until the backend timeout).
+        """
+        live = 3
+        client = _HoldingClient()
+        process = reactor.spawnProcess(
+            client, sys.executable,
+            [sys.executable, os.path.join(os.path.dirname(__file__), "support", "h2reset.py"), "reset.test",
+             str(self.https_port), self.root, "/slow?s=30", str(live), "60", "0.05"],
+            env=os.environ.copy(),
+        )
+
+        def stop() -> defer.Deferred[None]:
+            if not client.ended.called:
+                process.closeStdin()
+            return client.ended
+
+        self.addCleanup(stop)
+        report = await client.report.addTimeout(120, reactor)
+        self.assertFalse(report["goaway"])  # 60 resets in 3 s stays under the cap
+        assert self.backend.port is not None
+        open_now = established(self.backend.port)
+        # The live streams' requests are still at the backend; nothing else is.
+        self.assertEqual(open_now, live)
