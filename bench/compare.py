@@ -191,13 +191,20 @@ class Procs(Processes):
             while group_members(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
-    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-        """Run a tool to completion (bounded by timeout); (exit code, stdout, stderr)."""
+    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None,
+            sample: Callable[[], None] | None = None) -> tuple[int, str, str]:
+        """Run a tool to completion (bounded by timeout); (exit code, stdout, stderr).
+        With sample, call it every 0.1 s while the tool runs (peak RSS)."""
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
         self.procs.append(proc)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            if sample is not None:
+                deadline = time.monotonic() + timeout
+                while proc.poll() is None and time.monotonic() < deadline:
+                    sample()
+                    time.sleep(0.1)
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()) if sample else timeout)
             return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
         except subprocess.TimeoutExpired:
             self.stop(proc)
@@ -638,17 +645,25 @@ class Bench:
                 "--cacert", t.root, "-o", "/dev/null"]
         if direction == "up":
             # No "Expect: 100-continue" round trip: the figure is throughput.
+            # -T streams the file (--data-binary would read it all into
+            # curl's memory first, which a 1 GiB run makes slow).
             argv += ["-H", "Expect:", "-H", "Content-Type: application/octet-stream",
-                     "--data-binary", "@" + self.blob,
+                     "-X", "POST", "-T", self.blob,
                      "-w", "%{http_code} %{size_upload} %{time_total} %{http_version}",
                      f"https://{t.name}:{t.port}/upload"]
         else:
             argv += ["-w", "%{http_code} %{size_download} %{time_total} %{http_version}",
                      f"https://{t.name}:{t.port}/download"]
         self.note_command(f"{direction} h{http} {t.label}", argv)
-        rc, out, err = self.procs.run(argv, timeout=330)
+        before = rss_mib(t.pids)
+        peak = [before]
+
+        def sample() -> None:
+            peak[0] = max(peak[0], rss_mib(t.pids))
+
+        rc, out, err = self.procs.run(argv, timeout=30 + BLOB_MIB * 1.5, sample=sample)
         fields = out.split()
-        r: dict[str, Any] = {"rc": rc, "raw": out.strip()}
+        r: dict[str, Any] = {"rc": rc, "raw": out.strip(), "rss_before_mib": before, "rss_peak_mib": peak[0]}
         if len(fields) == 4:
             code, size, seconds, version = fields[0], int(fields[1]), float(fields[2]), fields[3]
             r.update(http_code=code, bytes=size, seconds=seconds, http_version=version)
@@ -787,12 +802,16 @@ ROWS: list[tuple[str, str, str | None, str]] = [
     ("hs_resume_cpu_us", "  server CPU us per handshake", "lower", "{:.0f}"),
     ("up_h1_mib_s", "upload 200 MiB HTTP/1.1 MiB/s", "higher", "{:.0f}"),
     ("up_h1_s", "  seconds", "lower", "{:.2f}"),
+    ("up_h1_rss_peak", "  server peak RSS MiB (all processes)", "lower", "{:.0f}"),
     ("down_h1_mib_s", "download 200 MiB HTTP/1.1 MiB/s", "higher", "{:.0f}"),
     ("down_h1_s", "  seconds", "lower", "{:.2f}"),
+    ("down_h1_rss_peak", "  server peak RSS MiB (all processes)", "lower", "{:.0f}"),
     ("up_h2_mib_s", "upload 200 MiB HTTP/2 MiB/s", "higher", "{:.0f}"),
     ("up_h2_s", "  seconds", "lower", "{:.2f}"),
+    ("up_h2_rss_peak", "  server peak RSS MiB (all processes)", "lower", "{:.0f}"),
     ("down_h2_mib_s", "download 200 MiB HTTP/2 MiB/s", "higher", "{:.0f}"),
     ("down_h2_s", "  seconds", "lower", "{:.2f}"),
+    ("down_h2_rss_peak", "  server peak RSS MiB (all processes)", "lower", "{:.0f}"),
     ("first_s", "first request, new name (ACME) s", "lower", "{:.3f}"),
     ("rss_after_load", "RSS after the load tests MiB", "lower", "{:.1f}"),
     ("rss_idle", "RSS idle (local CA) MiB", "lower", "{:.1f}"),
@@ -803,6 +822,14 @@ ROWS: list[tuple[str, str, str | None, str]] = [
     ("rss_10000_pss", "  PSS MiB", "lower", "{:.1f}"),
     ("fill_per_s", "new tenants/s (local CA, incl. retries)", "higher", "{:.0f}"),
 ]
+
+def set_transfer_size(mib: int) -> None:
+    """The transfer measure moves a file of this many MiB (the table's labels say so)."""
+    global BLOB_MIB, BLOB_BYTES
+    BLOB_MIB, BLOB_BYTES = mib, mib * 1024 * 1024
+    ROWS[:] = [(key, label.replace("200 MiB", f"{mib} MiB"), better, pattern)
+               for key, label, better, pattern in ROWS]
+
 
 CPU_ROWS = [("h1", "HTTP/1.1 keep-alive"), ("h2", "HTTP/2"), ("hs_full", "full handshakes"),
             ("hs_resume", "resumed handshakes"), ("up_h1", "upload h1"), ("down_h1", "download h1"),
@@ -943,8 +970,12 @@ def main() -> int:
                         help="run this git revision of tenantedge (exported with git archive to a temp dir and put "
                              "first on PYTHONPATH) instead of the working tree")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    parser.add_argument("--transfer-mib", type=int, default=BLOB_MIB, metavar="N",
+                        help=f"size of the transfer measure's file in MiB (default {BLOB_MIB}; 1024 for the "
+                             "1 GiB upload memory figure)")
     args = parser.parse_args()
     measures = parse_only(args.only, parser)
+    set_transfer_size(args.transfer_mib)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     for tool in ("pebble", "caddy", "nginx", "wrk", "h2load", "curl"):
@@ -1103,6 +1134,7 @@ def main() -> int:
                             record(run, t, key, r)
                             add(t, f"{key}_mib_s", r["mib_s"])
                             add(t, f"{key}_s", r["seconds"])
+                            add(t, f"{key}_rss_peak", r["rss_peak_mib"])
                             add(t, f"cpu_{key}", r["cpu_pct"])
                             print(f"  {direction:4} h{http:3} {t.label:16} {fmt(r['seconds'], '{:6.2f}')} s "
                                   f"{fmt(r['mib_s'], '{:6.0f}')} MiB/s  {r.get('error', '')}  cpu {r['cpu_pct']}",
