@@ -64,6 +64,7 @@ from .headers import ADMIN_HEADER
 from .listening import ListenFailed, ListeningService
 from .pools import quiet_pool
 from .proxy import EdgeSite
+from .workerlogs import WorkerLogReader, send_logs_to
 
 __all__ = ["Supervisor", "bind_listening_socket", "run_worker"]
 
@@ -271,10 +272,13 @@ class Supervisor(MultiService):
         worker.restart = None
         worker.generation += 1
         config = self.worker_config(slot=worker.slot)
+        log_read, log_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
             try:
+                os.close(log_read)
+                send_logs_to(log_write)  # the supervisor alone writes the log
                 # A group of its own: a terminal's Ctrl-C or a job-control
                 # signal reaches the supervisor, which stops the workers.
                 os.setpgid(0, 0)
@@ -289,6 +293,8 @@ class Supervisor(MultiService):
                 code = 1
             finally:
                 os._exit(code)
+        os.close(log_write)
+        WorkerLogReader(self.reactor, log_read, worker.slot).start()
         worker.pid = pid
         worker.started = self.reactor.seconds()
         self._log.info("worker {slot} started (pid {pid})", slot=worker.slot, pid=pid)

@@ -138,6 +138,9 @@ class WorkerTests(TestCase):
         port = self.pebble.tls_port
         out, err, code = await self.fetch("first.test", port)
         self.assertEqual(code, 0, err)
+        # The workers' log lines come out of the supervisor, marked.
+        for slot in (b"0", b"1"):
+            self.assertIn(b"[worker-" + slot + b"]", self.server.output)
         self.assertEqual(json.loads(out)["path"], "/echo")
         # A burst of 50 first handshakes for one new name, spread over both
         # workers: one order.
