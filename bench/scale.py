@@ -144,6 +144,9 @@ class Server:
             "--allow-suffix", ".test",
             "--backend", f"http://127.0.0.1:{backend}",
             "--cache-size", str(cache_size),
+            # One process: the RSS read below is the server's, not a
+            # supervisor's that forked workers (the default is one per CPU).
+            "--workers", "1",
         ]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
