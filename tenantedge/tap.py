@@ -15,11 +15,12 @@ reactor.
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401  (see below)
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -34,6 +35,10 @@ from .logs import use_json_logs, wants_json
 from .options import PluginOptions as Options
 from .backend import BackendPool
 from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy, StreamRelay
+from .metrics import LimitCollector
+from .proxyheader import ProxyHeaderEndpoint, split_proxy_prefix
+from .resolver import periodic
+from .summaries import LimitSummary
 from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, make_backend_pool
 from .service import OnDemandTLS, StartupError
 from .workers import Supervisor, run_worker
@@ -60,6 +65,9 @@ class EdgeService(MultiService):
     @ivar listeners: the listening services by name (C{https}, C{http},
         C{admin}).
     @ivar demo_backend: the built-in backend of C{--demo}, if running.
+
+    C{children} are further services started and stopped with it (the
+    limits summary).
     """
 
     _log = Logger()
@@ -71,6 +79,7 @@ class EdgeService(MultiService):
         demo_backend: DemoBackendService | None = None,
         on_stop: Sequence[Callable[[], Any]] = (),
         runner_options: Any = None,
+        children: Sequence[IService] = (),
     ) -> None:
         super().__init__()
         self.on_demand = on_demand
@@ -85,6 +94,8 @@ class EdgeService(MultiService):
         for name, listener in listeners:
             listener.setName(name)
             listener.setServiceParent(self)
+        for child in children:
+            child.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -154,9 +165,18 @@ def build_edge(
         worker adopts the sockets its parent bound.
     """
     chosen = dict(endpoints or {})
+    #: What the request path's limits refused or closed (the relay's and
+    #: the PROXY headers'), for metrics and the limits summary.
+    limits: Counter[str] = Counter()
 
     def _listener(description: str, factory: Any, purpose: str, name: str) -> ListeningService:
-        endpoint = chosen.get(name) or serverFromString(reactor, description)
+        # haproxy: is read here rather than by Twisted's endpoint parser:
+        # see tenantedge.proxyheader. A worker's adopted socket is the inner
+        # endpoint, so the PROXY protocol works with --workers too.
+        proxied, inner = split_proxy_prefix(description)
+        endpoint = chosen.get(name) or serverFromString(reactor, inner)
+        if proxied:
+            endpoint = ProxyHeaderEndpoint(endpoint, reactor, config.hello_timeout, limits)
         return ListeningService(endpoint, factory, purpose)
 
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
@@ -168,13 +188,18 @@ def build_edge(
     observe = on_demand.timings.observe_request
     pool = make_backend_pool(reactor)
     backend_url, agent = backend_agent(reactor, backend, pool, endpoints=demo)
-    proxy = ProxyResource(backend_url, agent, reactor, timeout=config.backend_timeout, observe=observe)
+    proxy = ProxyResource(backend_url, agent, reactor, timeout=config.backend_timeout, observe=observe,
+                          trusted_proxies=config.trusted_proxies)
     h1_pool = BackendPool(reactor, backend_endpoints(reactor, backend, demo))
     h1 = H1Proxy(
         h1_pool, reactor, prefix=URI.fromBytes(backend_url).path, timeout=config.backend_timeout,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
+        header_timeout=config.header_timeout, idle_timeout=config.idle_timeout,
+        trusted_proxies=config.trusted_proxies, events=limits,
     )
+    on_demand.timings.registry.register(LimitCollector(limits))
+    summary = LimitSummary(limits, on_demand.handshakes)
     site = EdgeSite(StreamRelay(h1, proxy), logPath=config.access_log, reactor=reactor,
                     max_body_size=config.max_body_size)
     https = _listener(config.https, on_demand.wrap(EdgeHTTPFactory(h1, site)), "tenant traffic", "https")
@@ -192,7 +217,8 @@ def build_edge(
                               max_body_size=SMALL_BODIES)
         listeners.append(("admin", _listener(config.admin, admin_site, "metrics and the certs CLI", "admin")))
     return EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections, _closing(h1_pool, h1)),
-                       runner_options=runner_options)
+                       runner_options=runner_options,
+                       children=[periodic(summary.interval, summary.summarise, reactor, "limits-summary")])
 
 
 def _closing(pool: BackendPool, proxy: H1Proxy) -> Callable[[], Deferred[None]]:
