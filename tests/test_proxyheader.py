@@ -207,3 +207,35 @@ class BehindTheBalancerTests(SynchronousTestCase):
         self.assertEqual([t.disconnected for t in transports], [False, False, True])
         self.assertEqual(tls.events["refused-address-full"], 1)
         self.assertEqual(dict(tls.per_address), {"203.0.113.9": 1, "203.0.113.10": 1})
+
+
+class WiringTests(SynchronousTestCase):
+    """haproxy: in --https/--http, with one process or with --workers."""
+
+    def test_workers_bind_the_inner_socket(self) -> None:
+        from tenantedge.workers import bind_listening_socket
+
+        sock = bind_listening_socket("haproxy:tcp:0:interface=127.0.0.1", "tenant traffic")
+        self.addCleanup(sock.close)
+        self.assertEqual(sock.getsockname()[0], "127.0.0.1")
+
+    def test_adopted_endpoints_wrapped(self) -> None:
+        """A worker's adopted sockets get the PROXY header reader when the description asks for it."""
+        import os
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tenantedge.config import OnDemandConfig
+        from tenantedge.proxyheader import ProxyHeaderEndpoint
+        from tenantedge.tap import build_edge
+
+        config = OnDemandConfig(ca=["internal"], store=os.path.abspath(self.mktemp()),
+                                https="haproxy:tcp:0:interface=127.0.0.1", http="tcp:0:interface=127.0.0.1",
+                                admin=None, hello_timeout=4)
+        adopted = {"https": object(), "http": object()}
+        edge = build_edge(config, MemoryReactorClock(), endpoints=adopted)  # type: ignore[arg-type]
+        https = edge.listeners["https"].endpoint
+        assert isinstance(https, ProxyHeaderEndpoint)
+        self.assertIs(https.wrapped, adopted["https"])
+        self.assertEqual(https.timeout, 4)
+        self.assertIs(edge.listeners["http"].endpoint, adopted["http"])
