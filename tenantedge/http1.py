@@ -10,7 +10,8 @@ parsing, endpoint creation, producer churn per request) and most of the
 rest building C{Request} and C{Headers} objects nobody reads. This path
 keeps every proxy rule of L{tenantedge.proxy} (the same header functions in
 L{tenantedge.headers}): C{Host} kept and checked against the TLS name
-(421), C{X-Forwarded-*} set afresh and never trusted, hop-by-hop and
+(421), C{X-Forwarded-*} set afresh (only a C{--trusted-proxy} peer's
+C{X-Forwarded-For} chain is kept, L{tenantedge.forwarding}), hop-by-hop and
 edge-only headers dropped both ways, 502 when the backend is down, 504 when
 it is slow, request and response bodies streamed, and the backend request
 abandoned (its connection closed) as soon as the client goes away, at every

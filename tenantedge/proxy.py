@@ -12,7 +12,9 @@ for (421 otherwise), so the backend sees nothing but validated tenant names.
 Headers only the edge may set are stripped from client requests and set
 afresh: C{X-Forwarded-*}, C{Forwarded}, C{X-Real-IP}, and Next.js's internal
 C{x-middleware-subrequest}, whose pass-through let clients skip middleware
-(CVE-2025-29927).
+(CVE-2025-29927). The one exception: a C{--trusted-proxy} peer's
+C{X-Forwarded-For} chain is kept, the peer appended
+(L{tenantedge.forwarding}).
 
 Request bodies: twisted.web reads the whole body before a resource runs
 (spooling bodies over 100 KB to a temporary file), so uploads reach the
