@@ -26,6 +26,7 @@ import attrs
 from cryptography import x509
 from hyperlink import URL
 
+from .forwarding import TrustedProxies, parse_network
 from .hostnames import InvalidHostname
 from .policy import StaticPolicy, under_public_suffix
 
@@ -252,6 +253,10 @@ def _endpoint(value: str) -> str:
     return value
 
 
+def _network(value: str) -> str:
+    return parse_network(value)
+
+
 def _workers(value: str | int) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a number")
@@ -384,6 +389,19 @@ class OnDemandConfig:
         16, "Allow-endpoint checks in flight at once; up to 256 more wait, beyond that a name is refused at "
         "once (fail closed).", _positive_int, endpoint=True, metavar="N",
     )
+    trusted_proxy: tuple[str, ...] = _setting(
+        (), "Keep the X-Forwarded-For chain of requests whose peer (after the PROXY protocol) is in this network "
+        "(CIDR or address, IPv4 or IPv6), and append the peer; from any other peer it is dropped.",
+        _network, kind="list", metavar="CIDR",
+    )
+    header_timeout: float = _setting(
+        15.0, "Time an HTTP/1.1 client has to send a whole request head once it began, then 408 (duration).",
+        parse_duration, show=format_duration, metavar="DURATION",
+    )
+    idle_timeout: float = _setting(
+        60.0, "Close an HTTP/1.1 keep-alive connection idle this long (duration).", parse_duration,
+        show=format_duration, metavar="DURATION",
+    )
     ticket_key_lifetime: float = _setting(
         86400.0, "How long TLS session-ticket keys are used; with workers, each is then replaced in turn "
         "(it finishes its connections) by one with new keys (duration).", parse_duration, show=format_duration,
@@ -485,6 +503,8 @@ class OnDemandConfig:
                                     parse_duration, endpoint=True, show=format_duration, metavar="DURATION")
 
     static_policy: StaticPolicy = attrs.field(init=False, repr=False, eq=False)
+    #: The C{trusted_proxy} networks, parsed once (C{None}: trust no peer's chain).
+    trusted_proxies: TrustedProxies | None = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if len(set(self.ca)) != len(self.ca):
@@ -514,6 +534,7 @@ class OnDemandConfig:
         except InvalidHostname as e:
             raise ConfigError("allow-suffix/deny", f"invalid name: {e.reason}") from None
         object.__setattr__(self, "static_policy", static)
+        object.__setattr__(self, "trusted_proxies", TrustedProxies.from_cidrs(self.trusted_proxy))
         for suffix in static.allow_suffixes:
             if static.require_public_suffix and not under_public_suffix("x" + suffix):
                 raise ConfigError(

@@ -10,7 +10,8 @@ parsing, endpoint creation, producer churn per request) and most of the
 rest building C{Request} and C{Headers} objects nobody reads. This path
 keeps every proxy rule of L{tenantedge.proxy} (the same header functions in
 L{tenantedge.headers}): C{Host} kept and checked against the TLS name
-(421), C{X-Forwarded-*} set afresh and never trusted, hop-by-hop and
+(421), C{X-Forwarded-*} set afresh (only a C{--trusted-proxy} peer's
+C{X-Forwarded-For} chain is kept, L{tenantedge.forwarding}), hop-by-hop and
 edge-only headers dropped both ways, 502 when the backend is down, 504 when
 it is slow, request and response bodies streamed, and the backend request
 abandoned (its connection closed) as soon as the client goes away, at every
@@ -22,7 +23,7 @@ resource (L{tenantedge.proxy.ProxyResource}).
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IHandshakeListener
 
+from .forwarding import TrustedProxies, forwarded_for
 from .backend import NO_RESPONSE_BODY, BackendConnection, BackendPool
 from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body
 from .hostnames import InvalidHostname, canonical_host_header, host_from_header
@@ -47,7 +49,8 @@ MAX_HEAD = 32 * 1024
 #: Most request header lines accepted: 431 beyond.
 MAX_HEADERS = 100
 #: Seconds a client has to send a whole request head once it has begun
-#: (a byte every few seconds must not hold a connection for ever).
+#: (a byte every few seconds must not hold a connection for ever); the
+#: default of C{--header-timeout}.
 HEADER_TIMEOUT = 15.0
 #: Request body bytes held while the backend connection is being made;
 #: beyond this the client is paused.
@@ -97,6 +100,15 @@ class H1Proxy:
     @ivar max_body_size: largest request body (0: no limit), else 413.
     @ivar observe: C{observe(status, seconds)} for each request, for metrics.
     @ivar access_log: where to log requests, if anywhere.
+    @ivar header_timeout: seconds a client has to send a whole request
+        head once it began (408; C{--header-timeout}).
+    @ivar idle_timeout: seconds a keep-alive connection may stay idle
+        between requests (C{--idle-timeout}).
+    @ivar trusted_proxies: the peers whose C{X-Forwarded-For} chain is
+        kept (C{--trusted-proxy}), or C{None}.
+    @ivar events: requests and connections refused or closed by a limit,
+        by reason (C{header-timeout}, C{idle-timeout}, C{head-too-large},
+        C{body-too-large}), for metrics and the limits summary.
     """
 
     _log = Logger()
@@ -105,6 +117,8 @@ class H1Proxy:
         self, pool: BackendPool, clock: IReactorTime, prefix: bytes = b"", timeout: float = 60.0,
         max_body_size: int = 0, observe: Callable[[int, float], None] | None = None,
         access_log: AccessLog | None = None, idle_timeout: float = 60.0,
+        header_timeout: float = HEADER_TIMEOUT, trusted_proxies: TrustedProxies | None = None,
+        events: Counter[str] | None = None,
     ) -> None:
         self.pool = pool
         self.clock = clock
@@ -114,6 +128,9 @@ class H1Proxy:
         self.observe = observe
         self.access_log = access_log
         self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.trusted_proxies = trusted_proxies
+        self.events: Counter[str] = events if events is not None else Counter()
         #: Open client connections, closed when the server stops.
         self.connections: set[Any] = set()  # H1ProxyProtocol and H2ProxyProtocol: abort()
 
@@ -411,6 +428,8 @@ class _Exchange:
         """Answer with an error page (or cut the connection if the response began)."""
         if not self._failing(code, detail, quiet):
             return
+        if code == 413:
+            self.proxy.events["body-too-large"] += 1
         body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
         closing = code in (400, 408, 413, 431, 501) or not self.request_done or not self.keep_alive
         if closing:
@@ -529,6 +548,7 @@ class H1ProxyProtocol(Protocol):
             if self._head_bytes > MAX_HEAD:
                 self._stop_reading()
                 self._refused = True
+                self.proxy.events["head-too-large"] += 1
                 self._answer_now(431, "")
 
     def _stop_reading(self) -> None:
@@ -582,6 +602,7 @@ class H1ProxyProtocol(Protocol):
 
     def _head_timed_out(self) -> None:
         self._idle_timer = None
+        self.proxy.events["header-timeout"] += 1
         if self._exchange is None and not self._queue:
             self._stop_reading()
             self._refused = True
@@ -598,6 +619,7 @@ class H1ProxyProtocol(Protocol):
 
     def _idle_timed_out(self) -> None:
         self._idle_timer = None
+        self.proxy.events["idle-timeout"] += 1
         self._closing = True
         self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -608,7 +630,7 @@ class H1ProxyProtocol(Protocol):
         self._in_head = True
         self._head_bytes = 0
         # The idle timer becomes the head's deadline.
-        self._arm_timer(HEADER_TIMEOUT, self._head_timed_out)
+        self._arm_timer(self.proxy.header_timeout, self._head_timed_out)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -625,6 +647,7 @@ class H1ProxyProtocol(Protocol):
     def _refuse(self, code: int) -> None:
         if not self._refused:
             self._refused = True
+            self.proxy.events["head-too-large"] += 1
             self._answer_now(code, "")
             raise httptools.HttpParserCallbackError("refused")
 
@@ -749,8 +772,14 @@ def upstream_head(
     Validate a request head and build the backend's: (problem, head,
     chunked, referer, user agent, expects 100-continue). C{problem} is
     (status, detail) for a request refused without the backend.
+
+    C{X-Forwarded-For} is C{peer}, or, when C{peer} is one of the
+    proxy's trusted proxies, the chain the request carried followed by
+    C{peer} (L{tenantedge.forwarding}); every other forwarding header is
+    the edge's own.
     """
     hosts: list[bytes] = []
+    chain: list[bytes] = []
     extra = connection_tokens(headers)
     out = [b"%s %s%s HTTP/1.1\r\n" % (method, proxy.prefix, url)]
     chunked = False
@@ -777,7 +806,11 @@ def upstream_head(
             referer = value
         elif lower == b"user-agent":
             agent = value
-        if lower in HOP_BY_HOP or lower in extra or edge_only(lower):
+        if lower in HOP_BY_HOP or lower in extra:
+            continue
+        if edge_only(lower):
+            if lower == b"x-forwarded-for" and proxy.trusted_proxies is not None:
+                chain.append(value)
             continue
         out.append(b"%s: %s\r\n" % (name, value))
     if not url.startswith(b"/"):
@@ -804,8 +837,11 @@ def upstream_head(
             out.append(b"Content-Length: %s\r\n" % (length,))
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
+    client = peer.encode("ascii", "replace")
+    if chain and proxy.trusted_proxies is not None and proxy.trusted_proxies.trusts(peer):
+        client = forwarded_for(chain, client)
     out.append(b"Host: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: %s\r\n\r\n"
-               % (host, peer.encode("ascii", "replace"), host))
+               % (host, client, host))
     return None, b"".join(out), chunked, referer, agent, expect and (chunked or length is not None)
 
 

@@ -368,6 +368,7 @@ class H2ProxyProtocol(Protocol):
         except ProtocolError as e:
             # h2 has queued a GOAWAY naming the error.
             self._log.debug("HTTP/2 protocol error from {peer}: {error}", peer=self.peer, error=str(e))
+            self.proxy.events["h2-protocol-error"] += 1
             self._close(abort_streams=True)
             return
         dispatch = self._dispatch
@@ -437,6 +438,7 @@ class H2ProxyProtocol(Protocol):
 
     def _idle_timed_out(self) -> None:
         self._idle_timer = None
+        self.proxy.events["idle-timeout"] += 1
         self.h2.close_connection(ErrorCodes.NO_ERROR)
         self._close()
 
@@ -567,8 +569,9 @@ class H2ProxyProtocol(Protocol):
             while resets and resets[0] < now - RESET_WINDOW:
                 resets.popleft()
             if len(resets) > MAX_RESETS:
-                self._log.warn("HTTP/2 client {peer} reset {n} streams within {window}s; closing (rapid reset)",
-                               peer=self.peer, n=len(resets), window=RESET_WINDOW)
+                # Counted (and summarised once a minute), not logged per
+                # connection: an attack is many connections.
+                self.proxy.events["h2-rapid-reset"] += 1
                 self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
                 self._close(abort_streams=True)
 

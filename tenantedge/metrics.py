@@ -17,7 +17,7 @@ import attrs
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-__all__ = ["Timings", "EdgeCollector", "RenewalGauges"]
+__all__ = ["Timings", "EdgeCollector", "RenewalGauges", "LimitCollector"]
 
 
 class Timings:
@@ -140,3 +140,30 @@ class EdgeCollector:
             soonest.add_metric([], soonest_value)
             yield soonest
 
+
+
+@attrs.define(eq=False)
+class LimitCollector:
+    """
+    Connections and requests refused or closed by a limit of the request
+    path, by reason: the HTTP/1.1 relay's (C{header-timeout} (408),
+    C{idle-timeout}, C{head-too-large} (431), C{body-too-large} (413)), the
+    HTTP/2 relay's (C{h2-rapid-reset}, C{h2-protocol-error}, C{idle-timeout})
+    and the PROXY header's (C{proxy-header-invalid}, C{proxy-header-timeout}).
+    The connection caps are handshake outcomes
+    (C{tenantedge_handshakes_total{outcome="refused-address-full"}}).
+
+    @ivar limits: the counts (L{tenantedge.http1.H1Proxy.events}, shared
+        with the PROXY header listeners).
+    """
+
+    limits: Mapping[str, int]
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            "tenantedge_limits", "Connections and requests refused or closed by a limit, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.limits.items()):
+            family.add_metric([reason], count)
+        yield family

@@ -12,7 +12,9 @@ for (421 otherwise), so the backend sees nothing but validated tenant names.
 Headers only the edge may set are stripped from client requests and set
 afresh: C{X-Forwarded-*}, C{Forwarded}, C{X-Real-IP}, and Next.js's internal
 C{x-middleware-subrequest}, whose pass-through let clients skip middleware
-(CVE-2025-29927).
+(CVE-2025-29927). The one exception: a C{--trusted-proxy} peer's
+C{X-Forwarded-For} chain is kept, the peer appended
+(L{tenantedge.forwarding}).
 
 Request bodies: twisted.web reads the whole body before a resource runs
 (spooling bodies over 100 KB to a temporary file), so uploads reach the
@@ -54,6 +56,7 @@ from zope.interface import implementer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from .forwarding import TrustedProxies, forwarded_for
 from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, edge_only, error_body
 from .hostnames import InvalidHostname, canonical_host_header, host_from_header
 from .pools import quiet_pool
@@ -95,7 +98,8 @@ def _forwarding_blocked(name: bytes, extra: set[bytes]) -> bool:
 
 
 def upstream_headers(
-    client_headers: Headers, host: bytes, client_ip: str, proto: bytes = b"https"
+    client_headers: Headers, host: bytes, client_ip: str, proto: bytes = b"https",
+    trusted_proxies: TrustedProxies | None = None,
 ) -> Headers:
     """
     The headers to send to the backend for a client request.
@@ -103,17 +107,27 @@ def upstream_headers(
     Drops hop-by-hop headers (and any the client listed in C{Connection}),
     every client-supplied C{X-Forwarded-*} and the other edge-only headers,
     then sets C{Host} (the client's, already validated), C{X-Forwarded-For},
-    C{X-Forwarded-Proto} and C{X-Forwarded-Host}.
+    C{X-Forwarded-Proto} and C{X-Forwarded-Host}. C{X-Forwarded-For} is
+    the client's address, or for a peer among C{trusted_proxies} the chain
+    it sent followed by its address (L{tenantedge.forwarding}).
     """
     extra = _connection_tokens(client_headers)
     out = Headers()
+    chain: list[bytes] = []
     for name, values in client_headers.getAllRawHeaders():
         lower = name.lower()
-        if _forwarding_blocked(name, extra) or edge_only(lower) or lower in _MANAGED:
+        if _forwarding_blocked(name, extra) or lower in _MANAGED:
+            continue
+        if edge_only(lower):
+            if lower == b"x-forwarded-for" and trusted_proxies is not None:
+                chain.extend(values)
             continue
         out.setRawHeaders(name, list(values))
+    client = client_ip.encode("ascii", "replace")
+    if chain and trusted_proxies is not None and trusted_proxies.trusts(client_ip):
+        client = forwarded_for(chain, client)
     out.setRawHeaders(b"host", [host])
-    out.setRawHeaders(b"x-forwarded-for", [client_ip.encode("ascii")])
+    out.setRawHeaders(b"x-forwarded-for", [client])
     out.setRawHeaders(b"x-forwarded-proto", [proto])
     out.setRawHeaders(b"x-forwarded-host", [host])
     return out
@@ -238,6 +252,8 @@ class ProxyResource(Resource):
         another host than the TLS connection's certificate.
     @ivar observe: called with (status, seconds to response headers) for
         every proxied request, for metrics.
+    @ivar trusted_proxies: the peers whose C{X-Forwarded-For} chain is
+        kept (C{--trusted-proxy}), or C{None}.
     """
 
     isLeaf = True
@@ -251,9 +267,11 @@ class ProxyResource(Resource):
         timeout: float = 60.0,
         require_sni_match: bool = True,
         observe: Callable[[int, float], None] | None = None,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         super().__init__()
         self.observe = observe
+        self.trusted_proxies = trusted_proxies
         self.backend = backend.rstrip(b"/")
         self.agent = agent
         self.clock = clock
@@ -279,7 +297,8 @@ class ProxyResource(Resource):
         if not path.startswith(b"/"):
             return _error_page(request, 400, "Bad Request", "Only origin-form request targets are accepted.")
         headers = upstream_headers(
-            request.requestHeaders, canonical_host_header(name, host), getattr(request.getClientAddress(), "host", "") or ""
+            request.requestHeaders, canonical_host_header(name, host), getattr(request.getClientAddress(), "host", "") or "",
+            trusted_proxies=self.trusted_proxies,
         )
         body = self._body_producer(request)
         try:

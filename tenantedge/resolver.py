@@ -26,6 +26,7 @@ from .contexts import ServingContexts, TenantTLS
 from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal
 from .pipeline import ISSUE, CertificateCheck, IssuancePipeline
 from .singleflight import SingleFlight
+from .summaries import CounterSummary
 from .timeouts import with_deadline
 
 __all__ = ["CertificateResolver", "RefusalSummary", "periodic"]
@@ -208,7 +209,7 @@ def periodic(interval: float, call: Callable[[], Any], clock: IReactorTime, name
 
 
 @attrs.define
-class RefusalSummary:
+class RefusalSummary(CounterSummary):
     """
     One log line per interval with the names refused since the last one,
     counted by reason: a flood of random names costs one line a minute, not
@@ -217,25 +218,8 @@ class RefusalSummary:
     """
 
     events: Counter[str]
-    interval: float = 60.0
-    _last: Counter[str] | None = attrs.field(default=None, init=False)
-    _log = Logger()
+    message = "refused a certificate to {count} name(s) in the last {interval:g}s: {reasons}"
+    event = "refused-summary"
 
-    def _refusals(self) -> Counter[str]:
+    def counts(self) -> Counter[str]:
         return Counter({k.split(":", 1)[1]: v for k, v in self.events.items() if k.startswith("refused:")})
-
-    def summarise(self) -> None:
-        """Log what was refused since the last call, if anything."""
-        now = self._refusals()
-        last, self._last = self._last, now
-        if last is None:
-            return
-        delta = now - last
-        if delta:
-            self._log.info(
-                "refused a certificate to {count} name(s) in the last {interval:g}s: {reasons}",
-                event="refused-summary",
-                count=sum(delta.values()),
-                interval=self.interval,
-                reasons=", ".join(f"{reason} {n}" for reason, n in delta.most_common()),
-            )

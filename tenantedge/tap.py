@@ -15,11 +15,12 @@ reactor.
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401  (see below)
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -33,7 +34,11 @@ from .logs import use_json_logs, wants_json
 from .options import PluginOptions as Options
 from .backend import BackendPool
 from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy
+from .metrics import LimitCollector
 from .proxy import EdgeSite, backend_endpoints, backend_prefix
+from .proxyheader import ProxyHeaderEndpoint, split_proxy_prefix
+from .resolver import periodic
+from .summaries import LimitSummary
 from .service import OnDemandTLS, StartupError
 from .workers import Supervisor, run_worker
 
@@ -59,6 +64,9 @@ class EdgeService(MultiService):
     @ivar listeners: the listening services by name (C{https}, C{http},
         C{admin}).
     @ivar demo_backend: the built-in backend of C{--demo}, if running.
+
+    C{children} are further services started and stopped with it (the
+    limits summary).
     """
 
     _log = Logger()
@@ -70,6 +78,7 @@ class EdgeService(MultiService):
         demo_backend: DemoBackendService | None = None,
         on_stop: Sequence[Callable[[], Any]] = (),
         runner_options: Any = None,
+        children: Sequence[IService] = (),
     ) -> None:
         super().__init__()
         self.on_demand = on_demand
@@ -84,6 +93,8 @@ class EdgeService(MultiService):
         for name, listener in listeners:
             listener.setName(name)
             listener.setServiceParent(self)
+        for child in children:
+            child.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -153,9 +164,18 @@ def build_edge(
         worker adopts the sockets its parent bound.
     """
     chosen = dict(endpoints or {})
+    #: What the request path's limits refused or closed (the relay's and
+    #: the PROXY headers'), for metrics and the limits summary.
+    limits: Counter[str] = Counter()
 
     def _listener(description: str, factory: Any, purpose: str, name: str) -> ListeningService:
-        endpoint = chosen.get(name) or serverFromString(reactor, description)
+        # haproxy: is read here rather than by Twisted's endpoint parser:
+        # see tenantedge.proxyheader. A worker's adopted socket is the inner
+        # endpoint, so the PROXY protocol works with --workers too.
+        proxied, inner = split_proxy_prefix(description)
+        endpoint = chosen.get(name) or serverFromString(reactor, inner)
+        if proxied:
+            endpoint = ProxyHeaderEndpoint(endpoint, reactor, config.hello_timeout, limits)
         return ListeningService(endpoint, factory, purpose)
 
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
@@ -169,7 +189,11 @@ def build_edge(
         h1_pool, reactor, prefix=backend_prefix(backend), timeout=config.backend_timeout,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
+        header_timeout=config.header_timeout, idle_timeout=config.idle_timeout,
+        trusted_proxies=config.trusted_proxies, events=limits,
     )
+    on_demand.timings.registry.register(LimitCollector(limits))
+    summary = LimitSummary(limits, on_demand.handshakes)
     https = _listener(config.https, on_demand.wrap(EdgeHTTPFactory(h1)), "tenant traffic", "https")
     listeners = [("https", https)]
     if config.http is not None:
@@ -185,7 +209,8 @@ def build_edge(
                               max_body_size=SMALL_BODIES)
         listeners.append(("admin", _listener(config.admin, admin_site, "metrics and the certs CLI", "admin")))
     return EdgeService(on_demand, listeners, demo, on_stop=(_closing(h1_pool, h1),),
-                       runner_options=runner_options)
+                       runner_options=runner_options,
+                       children=[periodic(summary.interval, summary.summarise, reactor, "limits-summary")])
 
 
 def _closing(pool: BackendPool, proxy: H1Proxy) -> Callable[[], Deferred[None]]:

@@ -64,6 +64,7 @@ from .headers import ADMIN_HEADER
 from .listening import ListenFailed, ListeningService
 from .pools import quiet_pool
 from .proxy import EdgeSite
+from .proxyheader import split_proxy_prefix
 from .workerlogs import WorkerLogReader, send_logs_to
 
 __all__ = ["Supervisor", "bind_listening_socket", "run_worker"]
@@ -89,12 +90,14 @@ def bind_listening_socket(description: str, purpose: str, port: int | None = Non
         port that cannot be bound.
     """
     recorder = MemoryReactor()
+    # haproxy:tcp:...: the worker wraps the adopted socket (tenantedge.tap).
+    _proxied, inner = split_proxy_prefix(description)
     try:
-        serverFromString(recorder, description).listen(_Nothing())
+        serverFromString(recorder, inner).listen(_Nothing())
     except Exception as e:
         raise ListenFailed(f"{description!r} ({purpose}): {e}") from None
     if not recorder.tcpServers:
-        raise ListenFailed(f"{description!r} ({purpose}): --workers needs tcp: endpoints")
+        raise ListenFailed(f"{description!r} ({purpose}): --workers needs tcp: endpoints (or haproxy:tcp:)")
     described, _factory, backlog, interface = recorder.tcpServers[0]
     port = described if port is None else port
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET

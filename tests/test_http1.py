@@ -381,3 +381,99 @@ def _failure(error: Exception) -> Any:
     from twisted.python.failure import Failure
 
     return Failure(error)
+
+
+class LimitTests(RelayTests):
+    """The relay's deadlines come from the configuration, and every limit is counted."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.proxy.header_timeout = 3.0
+        self.proxy.idle_timeout = 7.0
+        self.client, self.wire = self.connect()
+
+    def test_head_deadline_configurable(self) -> None:
+        self.client.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.clock.advance(2.9)
+        self.assertEqual(self.wire.value(), b"")
+        self.clock.advance(0.2)
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 408 "))
+        self.assertEqual(self.proxy.events["header-timeout"], 1)
+
+    def test_idle_timeout_configurable(self) -> None:
+        self.clock.advance(6.9)
+        self.assertFalse(self.wire.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(self.wire.disconnecting)
+        self.assertEqual(self.proxy.events["idle-timeout"], 1)
+
+    def test_idle_after_a_response(self) -> None:
+        """The idle deadline starts again after each response."""
+        self.clock.advance(5)
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, _bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.clock.advance(6.9)
+        self.assertFalse(self.wire.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(self.wire.disconnecting)
+
+    def test_head_and_body_limits_counted(self) -> None:
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n")
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 431 "))
+        client, wire = self.connect()
+        client.dataReceived(b"POST / HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5000\r\n\r\n")
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(self.proxy.events, {"head-too-large": 1, "body-too-large": 1})
+
+
+class TrustedChainTests(RelayTests):
+    """--trusted-proxy on the relay: the chain of a trusted peer is kept, anyone else's dropped."""
+
+    REQUEST = (b"GET / HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 198.51.100.1\r\n"
+               b"X-Forwarded-For: 198.51.100.2\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: other.test\r\n"
+               b"X-Real-IP: 1.2.3.4\r\nForwarded: for=1.2.3.4\r\nX_Forwarded_For: 6.6.6.6\r\n\r\n")
+
+    def sent_from(self, peer: str, *cidrs: str) -> bytes:
+        from tenantedge.forwarding import TrustedProxies
+
+        self.proxy.trusted_proxies = TrustedProxies.from_cidrs(cidrs)
+        client = H1ProxyProtocol(self.proxy, "shop.test")
+        client.makeConnection(StringTransport(peerAddress=_Peer(peer)))
+        client.dataReceived(self.REQUEST)
+        _backend, bwire = self.endpoint.complete()
+        return bwire.value()
+
+    def assert_only_edge_values(self, sent: bytes, forwarded_for: bytes) -> None:
+        self.assertIn(b"X-Forwarded-For: %s\r\n" % forwarded_for, sent)
+        self.assertEqual(sent.lower().count(b"x-forwarded-for"), 1)
+        self.assertIn(b"X-Forwarded-Proto: https\r\n", sent)
+        self.assertIn(b"X-Forwarded-Host: shop.test\r\n", sent)
+        for dropped in (b"other.test", b"1.2.3.4", b"6.6.6.6", b"Forwarded:"):
+            self.assertNotIn(dropped, sent)
+
+    def test_trusted_ipv4(self) -> None:
+        sent = self.sent_from("10.0.0.5", "10.0.0.0/8")
+        self.assert_only_edge_values(sent, b"198.51.100.1, 198.51.100.2, 10.0.0.5")
+
+    def test_trusted_ipv6(self) -> None:
+        sent = self.sent_from("2001:db8::5", "10.0.0.0/8", "2001:db8::/32")
+        self.assert_only_edge_values(sent, b"198.51.100.1, 198.51.100.2, 2001:db8::5")
+
+    def test_outside_dropped(self) -> None:
+        self.assert_only_edge_values(self.sent_from("203.0.113.9", "10.0.0.0/8"), b"203.0.113.9")
+        self.assert_only_edge_values(self.sent_from("2001:db9::5", "2001:db8::/32"), b"2001:db9::5")
+
+    def test_none_configured_dropped(self) -> None:
+        self.assert_only_edge_values(self.sent_from("10.0.0.5"), b"10.0.0.5")
+
+    def test_host_still_checked(self) -> None:
+        """A trusted peer gets no way around the Host check against the TLS name."""
+        from tenantedge.forwarding import TrustedProxies
+
+        self.proxy.trusted_proxies = TrustedProxies.from_cidrs(["10.0.0.0/8"])
+        client = H1ProxyProtocol(self.proxy, "shop.test")
+        wire = StringTransport(peerAddress=_Peer("10.0.0.5"))
+        client.makeConnection(wire)
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: other.test\r\nX-Forwarded-Host: shop.test\r\n\r\n")
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 421 "))

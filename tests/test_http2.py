@@ -234,6 +234,7 @@ class H2RelayTests(SynchronousTestCase):
         (goaway,) = [e for e in self.client.events if isinstance(e, ConnectionTerminated)]
         self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertTrue(self.client.wire.disconnecting)
+        self.assertEqual(self.proxy.events["h2-rapid-reset"], 1)
 
     def test_response_flow_control(self) -> None:
         """
@@ -284,6 +285,7 @@ class H2RelayTests(SynchronousTestCase):
         self.client.pump()
         self.assertTrue(self.client.wire.disconnecting)
         self.assertTrue([e for e in self.client.events if isinstance(e, ConnectionTerminated)])
+        self.assertEqual(self.proxy.events["idle-timeout"], 1)
 
     def test_settings(self) -> None:
         """The edge announces its stream cap and large windows for bulk transfers."""

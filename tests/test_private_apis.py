@@ -64,3 +64,26 @@ class PrivateAPITests(SynchronousTestCase):
         root._addCACertsToContext = lambda context: (calls.append(context), original(context))  # type: ignore[method-assign]
         CertificateOptions(trustRoot=root).getContext()
         self.assertEqual(len(calls), 1)
+
+
+class HAProxyParserTests(SynchronousTestCase):
+    """
+    L{tenantedge.proxyheader} reads PROXY headers with Twisted's private
+    parsers: C{feed} returns (info, rest) or (None, None), keeps what it
+    has in C{buffer}, raises C{InvalidProxyHeader}; the v2 signature is
+    C{V2Parser.PREFIX}.
+    """
+
+    def test_parsers(self) -> None:
+        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+        from twisted.protocols.haproxy._v1parser import V1Parser
+        from twisted.protocols.haproxy._v2parser import V2Parser
+
+        self.assertEqual(V2Parser.PREFIX, b"\r\n\r\n\x00\r\nQUIT\n")
+        parser = V1Parser()
+        self.assertEqual(parser.feed(b"PROXY TCP4 1.2.3.4 "), (None, None))
+        self.assertEqual(parser.buffer, b"PROXY TCP4 1.2.3.4 ")
+        info, rest = parser.feed(b"5.6.7.8 1000 443\r\nrest")
+        self.assertEqual((info.source.host, info.source.port, rest), ("1.2.3.4", 1000, b"rest"))
+        self.assertRaises(InvalidProxyHeader, V1Parser().feed, b"PROXY TCP9 1 2 3 4\r\n")
+        self.assertRaises(InvalidProxyHeader, V2Parser().feed, V2Parser.PREFIX + b"\x30\x11\x00\x00")
