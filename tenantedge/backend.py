@@ -544,7 +544,7 @@ class _Probe:
             conn.close()
             return
         self.conn = conn
-        conn.send(self, self.check.head)
+        conn.send(self, self.check.heads[self.pool])
 
     def _connect_failed(self, reason: Failure) -> None:
         self.connecting = None
@@ -613,22 +613,26 @@ class HealthCheck(Service):
     answer brings it back, ejected or not.
 
     @ivar path: the request target, the backend URL's path included.
-    @ivar host: the C{Host} header sent.
+    @ivar hosts: the C{Host} header sent to each backend, in the order of
+        C{backends.pools} (C{localhost} for those left out).
     """
 
     _log = Logger()
 
     def __init__(
         self, backends: Backends, clock: IReactorTime, path: bytes, interval: float = 5.0,
-        timeout: float | None = None, host: bytes = b"localhost",
+        timeout: float | None = None, hosts: Sequence[bytes] = (),
     ) -> None:
         self.backends = backends
         self.clock = clock
         self.path = path
         self.interval = interval
         self.timeout = interval if timeout is None else timeout
-        self.head = (b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: tenantedge-health-check\r\n"
-                     b"Connection: close\r\n\r\n" % (path, host))
+        self.heads = {
+            pool: b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: tenantedge-health-check\r\nConnection: close\r\n\r\n"
+            % (path, hosts[i] if i < len(hosts) else b"localhost")
+            for i, pool in enumerate(backends.pools)
+        }
         self._probes: dict[BackendPool, _Probe] = {}
         self._loop: LoopingCall | None = None
 

@@ -27,14 +27,15 @@ from twisted.web.client import URI
 from twisted.logger import Logger
 
 from .admin import AdminActions, AdminResource
-from .config import OnDemandConfig
+from .config import OnDemandConfig, backend_label
 from .demo import DemoBackendService
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
 from .options import PluginOptions as Options
-from .backend import BackendPool
+from .backend import BackendPool, Backends, HealthCheck
 from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy, StreamRelay
-from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, make_backend_pool
+from .metrics import BackendCollector
+from .proxy import EdgeSite, ProxyResource, backend_agent, backend_endpoints, balanced_agent, make_backend_pool
 from .service import OnDemandTLS, StartupError
 from .workers import Supervisor, run_worker
 
@@ -161,17 +162,24 @@ def build_edge(
 
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
     demo = DemoBackendService(reactor) if config.demo else None
-    backend = demo.url if demo is not None else config.backend
+    urls = (demo.url,) if demo is not None else config.backend
     # HTTP/1.1 through the fast relay; HTTP/2 through twisted.web, with
-    # bodiless requests on the relay's backend pool too and the others on
-    # the proxy resource (Twisted's Agent), all with the same rules.
+    # bodiless requests on the relay's backend pools too and the others on
+    # the proxy resource (Twisted's Agent), all with the same rules and
+    # balanced over the same backends.
     observe = on_demand.timings.observe_request
+    backends = Backends(reactor, [
+        BackendPool(reactor, backend_endpoints(reactor, url, demo), name=backend_label(url)) for url in urls
+    ])
+    on_demand.timings.registry.register(BackendCollector(backends.pools))
     pool = make_backend_pool(reactor)
-    backend_url, agent = backend_agent(reactor, backend, pool, endpoints=demo)
-    proxy = ProxyResource(backend_url, agent, reactor, timeout=config.backend_timeout, observe=observe)
-    h1_pool = BackendPool(reactor, backend_endpoints(reactor, backend, demo))
+    # Every backend has the same path (checked by the configuration).
+    backend_url, _ = backend_agent(reactor, urls[0], pool, endpoints=demo)
+    prefix = URI.fromBytes(backend_url).path
+    proxy = ProxyResource(prefix, balanced_agent(reactor, backends, pool), reactor, timeout=config.backend_timeout,
+                          observe=observe, backends=backends)
     h1 = H1Proxy(
-        h1_pool, reactor, prefix=URI.fromBytes(backend_url).path, timeout=config.backend_timeout,
+        backends, reactor, prefix=prefix, timeout=config.backend_timeout,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
     )
@@ -191,11 +199,26 @@ def build_edge(
         admin_site = EdgeSite(AdminResource(on_demand.timings.registry, actions.table()), reactor=reactor,
                               max_body_size=SMALL_BODIES)
         listeners.append(("admin", _listener(config.admin, admin_site, "metrics and the certs CLI", "admin")))
-    return EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections, _closing(h1_pool, h1)),
+    edge = EdgeService(on_demand, listeners, demo, on_stop=(pool.closeCachedConnections, _closing(backends, h1)),
                        runner_options=runner_options)
+    if config.backend_health_path is not None:
+        check = HealthCheck(backends, reactor, prefix.rstrip(b"/") + config.backend_health_path.encode("ascii"),
+                            interval=config.backend_health_interval, hosts=[_health_host(url) for url in urls])
+        check.setName("backend-health")
+        check.setServiceParent(edge)
+    return edge
 
 
-def _closing(pool: BackendPool, proxy: H1Proxy) -> Callable[[], Deferred[None]]:
+def _health_host(url: str) -> bytes:
+    """The Host header of health checks: the backend URL's authority (C{localhost} for a UNIX socket)."""
+    if url.startswith("unix:"):
+        return b"localhost"
+    uri = URI.fromBytes(url.encode("ascii"))
+    default = 443 if uri.scheme == b"https" else 80
+    return uri.host if uri.port == default else b"%s:%d" % (uri.host, uri.port)
+
+
+def _closing(pool: Backends, proxy: H1Proxy) -> Callable[[], Deferred[None]]:
     """At shutdown: close the relay's client connections and its idle backend connections."""
 
     def close() -> Deferred[None]:

@@ -218,7 +218,7 @@ class HealthCheckTests(SynchronousTestCase):
         self.endpoints = [FakeEndpoint() for _ in range(2)]
         self.pools = [BackendPool(self.clock, (lambda e=e: e), name=f"http://b{i}") for i, e in enumerate(self.endpoints)]
         self.backends = Backends(self.clock, self.pools)
-        self.check = HealthCheck(self.backends, self.clock, b"/healthz", interval=5.0, host=b"127.0.0.1:3000")
+        self.check = HealthCheck(self.backends, self.clock, b"/healthz", interval=5.0, hosts=[b"127.0.0.1:3000"] * 2)
         self.logged = _Logged(self)
         self.check.startService()
         self.addCleanup(self.check.stopService)
