@@ -1,30 +1,51 @@
 """
 The backend side of the relay: pooled keep-alive HTTP/1.1 connections to
-the Next.js backend, parsing responses with llhttp (C{httptools}) and
+the Next.js backends, parsing responses with llhttp (C{httptools}) and
 handing each to the exchange that asked (L{BackendExchange}), on the
 client's HTTP/1.1 connection or an HTTP/2 stream alike.
+
+Several backends (one Next.js process per core, say) are one
+L{BackendPool} each, balanced by L{Backends}: least outstanding requests,
+round robin among ties, a failing backend ejected for a while (passive
+health) and, with L{HealthCheck}, a periodic C{GET} on a health path
+(active health).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol as TypingProtocol, cast
 
+import attrs
 import httptools
+from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .writethrough import set_no_delay, write_through
 
-__all__ = ["BACKEND_IDLE", "NO_RESPONSE_BODY", "BackendConnection", "BackendExchange", "BackendPool"]
+__all__ = [
+    "BACKEND_IDLE", "NO_RESPONSE_BODY", "BackendConnection", "BackendExchange", "BackendPool", "Backends",
+    "HealthCheck",
+]
 
 #: Node (and so Next.js) closes idle keep-alive connections after 5 s; a
 #: pooled connection idle longer than this is not reused.
 BACKEND_IDLE = 4.0
 
 NO_RESPONSE_BODY = frozenset({204, 304})
+
+#: Consecutive failures (connect failures, connections reset before a
+#: response) that eject a backend; one refused connection is enough.
+FAIL_AFTER = 3
+#: Seconds an ejected backend gets no traffic at first; doubled each time it
+#: fails again right after coming back, up to L{MAX_COOLDOWN}.
+COOLDOWN = 10.0
+MAX_COOLDOWN = 60.0
 
 
 class BackendExchange(TypingProtocol):
@@ -59,20 +80,41 @@ class BackendPool:
     instead of reused, so a socket the backend is about to close is never
     picked.
 
+    The counters below are kept by L{Backends}, which balances over pools;
+    a pool used on its own leaves them alone.
+
     @ivar connect: makes the endpoint for a new connection.
     @ivar max_idle: idle connections kept at most.
+    @ivar name: the backend as logs and metrics name it (its URL without
+        credentials).
+    @ivar outstanding: requests given this backend and not yet done.
+    @ivar requests: requests given this backend, ever.
+    @ivar failures: requests this backend failed (no connection, or reset
+        before its response), ever.
+    @ivar consecutive: failures since its last good answer.
+    @ivar up: whether it takes traffic (False: ejected or checked down).
     """
 
     def __init__(
         self, clock: IReactorTime, connect: Callable[[], IStreamClientEndpoint], idle: float = BACKEND_IDLE,
-        max_idle: int = 256,
+        max_idle: int = 256, name: str = "backend",
     ) -> None:
         self.clock = clock
         self.connect = connect
         self.idle = idle
         self.max_idle = max_idle
+        self.name = name
         self._idle: list[BackendConnection] = []
+        self._factory = _ConnectionFactory(self)
         self.opened = 0
+        self.outstanding = 0
+        self.requests = 0
+        self.failures = 0
+        self.consecutive = 0
+        self.up = True
+
+    def __repr__(self) -> str:
+        return f"<BackendPool {self.name}>"
 
     def take(self) -> BackendConnection | None:
         """An idle connection fit for reuse, or None."""
@@ -87,9 +129,7 @@ class BackendPool:
     def open(self) -> defer.Deferred[BackendConnection]:
         """A new connection (cancellable while connecting)."""
         self.opened += 1
-        factory = Factory.forProtocol(BackendConnection)
-        factory.noisy = False
-        return cast("defer.Deferred[BackendConnection]", self.connect().connect(factory))
+        return cast("defer.Deferred[BackendConnection]", self.connect().connect(self._factory))
 
     def give_back(self, conn: BackendConnection) -> None:
         """Return a connection whose exchange ended cleanly."""
@@ -118,14 +158,33 @@ class BackendPool:
         return len(self._idle)
 
 
+class _ConnectionFactory(Factory):
+    """Builds a pool's connections, each knowing the pool it belongs to."""
+
+    noisy = False
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: IAddress | None) -> BackendConnection:
+        conn = BackendConnection()
+        conn.factory = self
+        conn.home = self.pool
+        return conn
+
+
 class BackendConnection(Protocol):
     """
     One connection to the backend, carrying one exchange at a time; parses
     responses with llhttp and hands them to the exchange.
+
+    @ivar home: the pool that opened it (where it goes back after use).
+    @ivar pool: the pool it is idle in, if any.
     """
 
     exchange: BackendExchange | None = None
     pool: BackendPool | None = None
+    home: BackendPool | None = None
     idle_since = 0.0
     connected = False
 
@@ -239,3 +298,374 @@ class BackendConnection(Protocol):
             self.pool.forget(self)
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+@attrs.define(eq=False)
+class _Health:
+    """What L{Backends} knows of one backend beyond its pool's counters."""
+
+    cooldown: float
+    #: Ejected by passive health (failures), until C{timer} fires.
+    ejected: bool = False
+    #: Marked down by the last active health check.
+    checked_down: bool = False
+    #: When it last stopped taking traffic (the oldest goes first when all are down).
+    down_since: float = 0.0
+    timer: IDelayedCall | None = None
+
+
+class Backends:
+    """
+    Several backends (one L{BackendPool} each) balanced by least
+    outstanding requests, round robin among ties; the pools are given in
+    C{--backend} order.
+
+    What an exchange does, on whatever protocol (the HTTP/1.1 relay, an
+    HTTP/2 stream, L{tenantedge.proxy.ProxyResource}):
+
+      1. C{pool = backends.choose()}: the backend for this request
+         (counted as outstanding from now on);
+      2. C{pool.take()} or C{pool.open()} for a connection, and
+         C{pool.give_back(conn)} (or L{give_back}) after a clean exchange;
+      3. exactly once per C{choose()}, C{backends.done(pool, ok)}: C{True}
+         when the backend answered, C{False} when it failed before its
+         response (no connection, reset, garbage), C{None} when there is no
+         verdict (client gone, 504, a body cut off mid-way);
+      4. after a failure that never reached the backend, or an idempotent
+         bodiless request's reset,
+         C{backends.choose_other(tried)} for another backend to retry on
+         (None: no healthy one left, answer 502).
+
+    Passive health: L{FAIL_AFTER} consecutive failures, or one refused
+    connection, eject a backend for L{COOLDOWN} seconds, doubled (up to
+    L{MAX_COOLDOWN}) each time it fails again on its first request back;
+    one good answer resets that. An ejection and a return are logged once
+    each, never a request. While every backend is down, requests still go
+    to the one that has been down longest (like Envoy's panic threshold):
+    a lone backend is tried on every request exactly as before there were
+    several, a recovered one serves at once, and a wrong health path does
+    not take the site down. So 502 means that the backends tried for this
+    request all failed.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, clock: IReactorTime, pools: Sequence[BackendPool], fail_after: int = FAIL_AFTER,
+        cooldown: float = COOLDOWN, max_cooldown: float = MAX_COOLDOWN,
+    ) -> None:
+        if not pools:
+            raise ValueError("at least one backend is needed")
+        self.clock = clock
+        self.pools = tuple(pools)
+        self.fail_after = fail_after
+        self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self._health = {pool: _Health(cooldown) for pool in self.pools}
+        self._next = 0
+
+    # -- the request path -------------------------------------------------------------
+
+    def choose(self) -> BackendPool:
+        """The backend for a new request: fewest outstanding of those up, round robin among ties."""
+        pools = self.pools
+        n = len(pools)
+        if n == 1:
+            pool = pools[0]
+        else:
+            i = start = self._next
+            best: BackendPool | None = None
+            load = at = 0
+            while True:
+                candidate = pools[i]
+                if candidate.up and (best is None or candidate.outstanding < load):
+                    best, load, at = candidate, candidate.outstanding, i
+                    if not load:
+                        break
+                i += 1
+                if i == n:
+                    i = 0
+                if i == start:
+                    break
+            if best is None:
+                best = self._down_longest()
+                at = pools.index(best)
+            pool = best
+            self._next = at + 1 if at + 1 < n else 0
+        pool.outstanding += 1
+        pool.requests += 1
+        return pool
+
+    def choose_other(self, tried: Sequence[BackendPool]) -> BackendPool | None:
+        """
+        A backend to retry a failed request on: the least loaded of those
+        up and not in C{tried}, or None. Like L{choose}, it counts.
+        """
+        best: BackendPool | None = None
+        for pool in self.pools:
+            if pool.up and pool not in tried and (best is None or pool.outstanding < best.outstanding):
+                best = pool
+        if best is not None:
+            best.outstanding += 1
+            best.requests += 1
+        return best
+
+    def again(self, pool: BackendPool) -> BackendPool:
+        """Count one more request on C{pool} (a retry on the same backend)."""
+        pool.outstanding += 1
+        pool.requests += 1
+        return pool
+
+    def done(self, pool: BackendPool, ok: bool | None = True, detail: str = "", refused: bool = False) -> None:
+        """
+        A request L{choose} gave C{pool} ended: C{ok} is C{True} if the
+        backend answered, C{False} if it failed before answering (C{detail}
+        says how; C{refused}: the connection was refused, which ejects at
+        once), C{None} for no verdict.
+        """
+        pool.outstanding -= 1
+        if ok:
+            if pool.consecutive or not pool.up:
+                self._answered(pool)
+        elif ok is not None:
+            pool.failures += 1
+            pool.consecutive += 1
+            health = self._health[pool]
+            if health.ejected:
+                # Down already and tried anyway (every backend is down):
+                # the next request tries another.
+                health.down_since = self.clock.seconds()
+            elif refused or pool.consecutive >= self.fail_after:
+                self._eject(pool, health, detail)
+
+    def give_back(self, conn: BackendConnection) -> None:
+        """Return a connection whose exchange ended cleanly to the pool that opened it."""
+        home = conn.home
+        if home is None:
+            conn.close()
+        else:
+            home.give_back(conn)
+
+    # -- health -------------------------------------------------------------------------
+
+    def healthy(self) -> int:
+        """How many backends take traffic."""
+        return sum(1 for pool in self.pools if pool.up)
+
+    def checked(self, pool: BackendPool, ok: bool, detail: str = "") -> None:
+        """An active health check's verdict on C{pool}."""
+        health = self._health[pool]
+        if ok:
+            if health.checked_down or health.ejected:
+                self._back(pool, health, "its health check passes")
+            return
+        if not health.checked_down:
+            health.checked_down = True
+            if pool.up:
+                pool.up = False
+                health.down_since = self.clock.seconds()
+                self._log.warn("backend {backend} is down: its health check failed ({error})",
+                               backend=pool.name, error=detail)
+
+    def _answered(self, pool: BackendPool) -> None:
+        health = self._health[pool]
+        pool.consecutive = 0
+        health.cooldown = self.cooldown
+        if health.ejected:
+            self._back(pool, health, "it answered")
+
+    def _eject(self, pool: BackendPool, health: _Health, detail: str) -> None:
+        seconds = health.cooldown
+        health.cooldown = min(seconds * 2, self.max_cooldown)
+        health.ejected = True
+        health.timer = self.clock.callLater(seconds, self._cooled_down, pool)
+        if pool.up:
+            pool.up = False
+            health.down_since = self.clock.seconds()
+        self._log.warn(
+            "backend {backend} ejected for {seconds:g}s after {failures} failure(s): {error}",
+            backend=pool.name, seconds=seconds, failures=pool.consecutive, error=detail,
+        )
+
+    def _cooled_down(self, pool: BackendPool) -> None:
+        health = self._health[pool]
+        health.timer = None
+        health.ejected = False
+        # On probation: one more failure ejects it again, for longer.
+        pool.consecutive = max(self.fail_after - 1, 0)
+        if not health.checked_down:
+            pool.up = True
+            self._log.info("backend {backend} back in rotation after its cooldown", backend=pool.name)
+
+    def _back(self, pool: BackendPool, health: _Health, why: str) -> None:
+        if health.timer is not None:
+            if health.timer.active():
+                health.timer.cancel()
+            health.timer = None
+        health.ejected = health.checked_down = False
+        health.cooldown = self.cooldown
+        pool.consecutive = 0
+        if not pool.up:
+            pool.up = True
+            self._log.info("backend {backend} back in rotation: {why}", backend=pool.name, why=why)
+
+    def _down_longest(self) -> BackendPool:
+        return min(self.pools, key=lambda pool: self._health[pool].down_since)
+
+    def close(self) -> None:
+        """Close every idle connection and forget pending returns (at shutdown)."""
+        for pool, health in self._health.items():
+            if health.timer is not None and health.timer.active():
+                health.timer.cancel()
+            health.timer = None
+            pool.close()
+
+
+class _Probe:
+    """One health check request, a L{BackendExchange} of its own."""
+
+    method = b"GET"
+
+    def __init__(self, check: HealthCheck, pool: BackendPool) -> None:
+        self.check = check
+        self.pool = pool
+        self.conn: BackendConnection | None = None
+        self.finished = False
+        self.connecting: defer.Deferred[BackendConnection] | None = None
+        self.timer: IDelayedCall | None = check.clock.callLater(check.timeout, self._timed_out)
+
+    def start(self) -> None:
+        d = self.connecting = self.pool.open()
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn: BackendConnection) -> None:
+        self.connecting = None
+        if self.finished:
+            conn.close()
+            return
+        self.conn = conn
+        conn.send(self, self.check.heads[self.pool])
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self.connecting = None
+        if not reason.check(defer.CancelledError):
+            self._end(False, f"cannot connect: {reason.getErrorMessage()}")
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._end(False, f"no answer within {self.check.timeout:g}s")
+
+    def _end(self, ok: bool, detail: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.connecting is not None:
+            connecting, self.connecting = self.connecting, None
+            connecting.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.exchange = None
+            conn.close()
+        self.check.result(self.pool, ok, detail)
+
+    def abandon(self) -> None:
+        """Stop without a verdict (the check is stopping)."""
+        self.finished = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.conn is not None:
+            self.conn.exchange = None
+            self.conn.close()
+
+    # -- BackendExchange ---------------------------------------------------------------
+
+    def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self._end(200 <= code < 400, f"status {code}")
+
+    def backend_body(self, data: bytes) -> None:
+        pass
+
+    def backend_done(self, conn: BackendConnection | None) -> None:
+        pass
+
+    def backend_failed(self, detail: str, head_done: bool) -> None:
+        self._end(False, detail)
+
+    def backend_closed_complete(self) -> bool:
+        return True
+
+
+class HealthCheck(Service):
+    """
+    Active health checks: every C{interval} seconds, a C{GET path} to each
+    backend on a fresh connection, through the same endpoints and
+    connection code as the requests (so TLS and UNIX sockets are checked
+    as they are used). A status other than 2xx or 3xx, or no answer within
+    C{timeout} (the interval, by default), marks the backend down; a good
+    answer brings it back, ejected or not.
+
+    @ivar path: the request target, the backend URL's path included.
+    @ivar hosts: the C{Host} header sent to each backend, in the order of
+        C{backends.pools} (C{localhost} for those left out).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, backends: Backends, clock: IReactorTime, path: bytes, interval: float = 5.0,
+        timeout: float | None = None, hosts: Sequence[bytes] = (),
+    ) -> None:
+        self.backends = backends
+        self.clock = clock
+        self.path = path
+        self.interval = interval
+        self.timeout = interval if timeout is None else timeout
+        self.heads = {
+            pool: b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: tenantedge-health-check\r\nConnection: close\r\n\r\n"
+            % (path, hosts[i] if i < len(hosts) else b"localhost")
+            for i, pool in enumerate(backends.pools)
+        }
+        self._probes: dict[BackendPool, _Probe] = {}
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        loop = self._loop = LoopingCall(self.check_all)
+        loop.clock = self.clock
+        loop.start(self.interval, now=True).addErrback(
+            lambda f: self._log.failure("backend health checks stopped", f)
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+        probes, self._probes = self._probes, {}
+        for probe in probes.values():
+            probe.abandon()
+
+    def check_all(self) -> None:
+        """Check every backend not still being checked."""
+        for pool in self.backends.pools:
+            if pool in self._probes:
+                continue
+            probe = self._probes[pool] = _Probe(self, pool)
+            try:
+                probe.start()
+            except Exception as e:
+                self._log.failure("backend health check of {backend} could not start", backend=pool.name)
+                probe._end(False, str(e))
+
+    def result(self, pool: BackendPool, ok: bool, detail: str) -> None:
+        """A probe's verdict."""
+        self._probes.pop(pool, None)
+        self.backends.checked(pool, ok, detail)

@@ -193,6 +193,38 @@ def _backend(value: str) -> str:
     return value
 
 
+def backend_family(backend: str) -> tuple[bool, str]:
+    """
+    What several backends must share: TLS or not, and the path put before
+    every request's (C{unix:} sockets and C{http://} URLs are the same
+    plain-HTTP family; C{https://} backends are verified TLS).
+    """
+    if backend.startswith("unix:"):
+        return False, ""
+    url = URL.from_text(backend)
+    return url.scheme == "https", "/".join(url.path).rstrip("/")
+
+
+def backend_label(backend: str) -> str:
+    """A backend as logs and metrics name it: its URL without credentials."""
+    if backend.startswith("unix:"):
+        return backend
+    return str(URL.from_text(backend).replace(userinfo="").to_text())
+
+
+def _health_path(value: str) -> str:
+    if not value.startswith("/") or any(c in value for c in " \r\n#"):
+        raise ValueError(f"{value!r}: give an absolute path such as /healthz")
+    return value
+
+
+def _positive_duration(value: str | float) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r}: must be more than zero")
+    return seconds
+
+
 def _allow_url(value: str) -> str:
     _http_url(value)
     if "{domain}" not in value:
@@ -353,9 +385,18 @@ class OnDemandConfig:
         "tcp:9180:interface=127.0.0.1", "Admin endpoint (metrics, CLI actions); 'none' to disable.",
         _optional_endpoint, metavar="ENDPOINT", show=lambda v: v or "none",
     )
-    backend: str = _setting(
-        "http://127.0.0.1:3000", "The application: an http(s):// base URL or unix:/path/to.sock.", _backend,
-        metavar="URL",
+    backend: tuple[str, ...] = _setting(
+        ("http://127.0.0.1:3000",), "The application: an http(s):// base URL or unix:/path/to.sock; repeat for "
+        "several processes, balanced by least outstanding requests.", _backend, kind="list", metavar="URL",
+    )
+    backend_health_path: str | None = _setting(
+        None, "Check each backend with a GET to this path (after the backend URL's own path) every "
+        "backend-health-interval; a status other than 2xx/3xx, or none within the interval, takes it out of "
+        "rotation until it passes again.", _health_path, metavar="PATH",
+    )
+    backend_health_interval: float = _setting(
+        5.0, "Time between two health checks of a backend, and the deadline of each (duration).",
+        _positive_duration, show=format_duration, metavar="DURATION",
     )
     backend_timeout: float = _setting(
         60.0, "Wait this long for the backend's response headers, then 504 (duration).", parse_duration,
@@ -507,6 +548,16 @@ class OnDemandConfig:
     trusted_proxies: TrustedProxies | None = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
+        if not self.backend:
+            raise ConfigError("backend", "at least one backend is needed")
+        if len(set(self.backend)) != len(self.backend):
+            raise ConfigError("backend", "the same backend is given twice")
+        families = {backend_family(b) for b in self.backend}
+        if len(families) > 1:
+            raise ConfigError(
+                "backend", "all backends must be alike: all https:// or none, and the same path "
+                f"({', '.join(self.backend)})",
+            )
         if len(set(self.ca)) != len(self.ca):
             raise ConfigError("ca", "the same CA is given twice")
         if not self.ca:

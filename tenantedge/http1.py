@@ -28,16 +28,16 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
-from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IHandshakeListener
 
+from .backend import NO_RESPONSE_BODY, BackendConnection, BackendPool, Backends
 from .forwarding import TrustedProxies, forwarded_for
-from .backend import NO_RESPONSE_BODY, BackendConnection, BackendPool
 from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body
 from .hostnames import InvalidHostname, canonical_host_header, host_from_header
 from .writethrough import set_no_delay, write_through
@@ -92,9 +92,10 @@ def _escape(value: bytes) -> bytes:
 
 class H1Proxy:
     """
-    What every L{H1ProxyProtocol} shares: the backend, limits and hooks.
+    What every L{H1ProxyProtocol} shares: the backends, limits and hooks.
 
-    @ivar pool: backend connections.
+    @ivar backends: the backends requests are balanced over (given one
+        L{BackendPool}, the only one).
     @ivar prefix: the backend URL's path, put before each request path.
     @ivar timeout: seconds to wait for the backend's response headers (504).
     @ivar max_body_size: largest request body (0: no limit), else 413.
@@ -114,13 +115,13 @@ class H1Proxy:
     _log = Logger()
 
     def __init__(
-        self, pool: BackendPool, clock: IReactorTime, prefix: bytes = b"", timeout: float = 60.0,
+        self, pool: BackendPool | Backends, clock: IReactorTime, prefix: bytes = b"", timeout: float = 60.0,
         max_body_size: int = 0, observe: Callable[[int, float], None] | None = None,
         access_log: AccessLog | None = None, idle_timeout: float = 60.0,
         header_timeout: float = HEADER_TIMEOUT, trusted_proxies: TrustedProxies | None = None,
         events: Counter[str] | None = None,
     ) -> None:
-        self.pool = pool
+        self.backends = pool if isinstance(pool, Backends) else Backends(clock, [pool])
         self.clock = clock
         self.prefix = prefix.rstrip(b"/")
         self.timeout = timeout
@@ -133,6 +134,11 @@ class H1Proxy:
         self.events: Counter[str] = events if events is not None else Counter()
         #: Open client connections, closed when the server stops.
         self.connections: set[Any] = set()  # H1ProxyProtocol and H2ProxyProtocol: abort()
+
+    @property
+    def pool(self) -> Backends:
+        """L{backends}, under the name the HTTP/2 exchange gives connections back with."""
+        return self.backends
 
     def close_all(self) -> None:
         """Close every client connection (the server is stopping)."""
@@ -151,7 +157,7 @@ class _Exchange:
         "backend", "connecting", "pending", "pending_size", "request_done", "response_started",
         "response_chunked", "response_close", "timer", "code", "sent", "finished", "retried",
         "referer", "agent", "body_limit", "body_seen", "close_delimited", "expect_continue", "up", "down",
-        "problem", "backend_framed",
+        "problem", "backend_framed", "pool", "tried",
     )
 
     def __init__(self, client: H1ProxyProtocol, method: bytes, path: bytes, version: bytes, keep_alive: bool,
@@ -193,6 +199,11 @@ class _Exchange:
         #: The backend's response had its own framing (chunked): its end is
         #: the last chunk, never the connection closing.
         self.backend_framed = False
+        #: The backend chosen for this request, until its outcome is told
+        #: (L{Backends.done}).
+        self.pool: BackendPool | None = None
+        #: The backends that failed this request, once one has.
+        self.tried: tuple[BackendPool, ...] = ()
 
     def release_producers(self) -> None:
         """
@@ -215,21 +226,22 @@ class _Exchange:
     # -- request direction ---------------------------------------------------------
 
     def start(self) -> None:
-        conn = self.proxy.pool.take()
+        pool = self.pool = self.proxy.backends.choose()
+        conn = pool.take()
         if conn is not None:
             self._connected(conn)
             return
-        self._open()
+        self._open(pool)
 
-    def _open(self) -> None:
-        d = self.proxy.pool.open()
+    def _open(self, pool: BackendPool) -> None:
+        d = pool.open()
         self.connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
     def _connected(self, conn: BackendConnection) -> None:
         self.connecting = None
         if self.finished:
-            self.proxy.pool.give_back(conn)
+            self.proxy.backends.give_back(conn)
             return
         self.backend = conn
         conn.pool = None
@@ -251,7 +263,45 @@ class _Exchange:
         self.connecting = None
         if self.finished or reason.check(defer.CancelledError):
             return
-        self.fail(502, f"cannot connect to the backend: {reason.getErrorMessage()}")
+        detail = f"cannot connect to the backend: {reason.getErrorMessage()}"
+        refused = reason.check(error.ConnectionRefusedError, ConnectionRefusedError) is not None
+        # Nothing of the request left the edge (its body waits in
+        # self.pending): another backend may take it, whatever the method.
+        if not self._failed_over(detail, refused):
+            self.fail(502, detail)
+
+    def _failed_over(self, detail: str, refused: bool = False, same_again: bool = False) -> bool:
+        """
+        Tell the balancer this request's backend failed it, and start it
+        again on another (or, with C{same_again}, once more on the same one
+        on a fresh connection when no other is up). False: nowhere left.
+        """
+        failed, self.pool = self.pool, None
+        backends = self.proxy.backends
+        if failed is None:
+            return False
+        backends.done(failed, False, detail, refused)
+        self.tried = tried = (*self.tried, failed)
+        pool = backends.choose_other(tried)
+        if pool is None:
+            if not same_again or self.retried:
+                return False
+            self.retried = True
+            pool = backends.again(failed)
+        self.pool = pool
+        conn = pool.take() if pool is not failed else None
+        if conn is not None:
+            self._connected(conn)
+        else:
+            self._open(pool)
+        return True
+
+    def _release(self, ok: bool | None, detail: str = "") -> None:
+        """Tell the balancer how this request's backend did."""
+        pool = self.pool
+        if pool is not None:
+            self.pool = None
+            self.proxy.backends.done(pool, ok, detail)
 
     def body(self, data: bytes) -> None:
         self.body_seen += len(data)
@@ -363,8 +413,8 @@ class _Exchange:
         self.release_producers()
         self.backend = None
         if conn is not None:
-            if self.request_done and not self.response_close:
-                self.proxy.pool.give_back(conn)
+            if self.request_done and not self.response_close and conn.home is not None:
+                conn.home.give_back(conn)
             else:
                 conn.close()
         self._finished()
@@ -374,20 +424,23 @@ class _Exchange:
             return
         self.backend = None
         if not self.response_started:
-            if not head_done and self.method in _IDEMPOTENT and not self.retried and not self.body_seen:
-                # A pooled connection the backend closed under us: once more
-                # on a fresh one.
-                self.retried = True
-                if self.timer is not None and self.timer.active():
-                    self.timer.cancel()
-                self.timer = None
-                self._open()
-                return
+            if self.timer is not None and self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+            if not head_done and self.method in _IDEMPOTENT and not self.body_seen:
+                # A pooled connection the backend closed under us, or a
+                # backend gone: once more on another backend, else on a
+                # fresh connection to this one.
+                if self._failed_over(detail, same_again=True):
+                    return
+            else:
+                self._release(False, detail)
             self.fail(502, detail)
         else:
             # Part of the response is out: cut the client off rather than
             # let a truncated body look complete.
             self.finished = True
+            self._release(None)
             self.release_producers()
             self.client.exchange_aborted(self)
 
@@ -448,6 +501,8 @@ class _Exchange:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
+        if self.pool is not None:
+            self._release(None)
         self.release_producers()
         if self.connecting is not None:
             connecting, self.connecting = self.connecting, None
@@ -460,6 +515,10 @@ class _Exchange:
     def _finished(self) -> None:
         self.finished = True
         proxy = self.proxy
+        pool = self.pool
+        if pool is not None:
+            self.pool = None
+            proxy.backends.done(pool)
         if proxy.access_log is not None:
             proxy.access_log.log(self.client.peer, self.method, self.path, self.version, self.code, self.sent,
                                  self.referer, self.agent)

@@ -161,7 +161,7 @@ class _H2Exchange(_Exchange):
         self.stream.release_source()
         if conn is not None:
             if self.request_done and not self.response_close:
-                self.proxy.pool.give_back(conn)
+                self.proxy.backends.give_back(conn)
             else:
                 conn.close()
         self.stream.end()

@@ -10,14 +10,17 @@ two small callables, never a whole service.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-__all__ = ["Timings", "EdgeCollector", "RenewalGauges", "LimitCollector"]
+if TYPE_CHECKING:
+    from .backend import BackendPool
+
+__all__ = ["Timings", "EdgeCollector", "RenewalGauges", "LimitCollector", "BackendCollector"]
 
 
 class Timings:
@@ -141,7 +144,6 @@ class EdgeCollector:
             yield soonest
 
 
-
 @attrs.define(eq=False)
 class LimitCollector:
     """
@@ -167,3 +169,38 @@ class LimitCollector:
         for reason, count in sorted(self.limits.items()):
             family.add_metric([reason], count)
         yield family
+
+
+@attrs.define(eq=False)
+class BackendCollector:
+    """
+    Per-backend metrics, read at scrape time from the counters each
+    L{tenantedge.backend.BackendPool} keeps (plain integers the request
+    path bumps: no label lookup per request). The label is the backend's
+    URL without credentials (C{unix:/path} for a socket).
+
+    @ivar pools: the backends, in C{--backend} order.
+    """
+
+    pools: Sequence[BackendPool]
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["backend"]
+        requests = CounterMetricFamily("tenantedge_backend_requests", "Requests given to each backend "
+                                       "(a retry elsewhere counts on both).", labels=labels)
+        failures = CounterMetricFamily("tenantedge_backend_failures", "Requests a backend failed before "
+                                       "answering: no connection, reset or garbage.", labels=labels)
+        up = GaugeMetricFamily("tenantedge_backend_up", "1 while the backend takes traffic, 0 while ejected "
+                               "or failing its health check.", labels=labels)
+        outstanding = GaugeMetricFamily("tenantedge_backend_outstanding_requests", "Requests in flight on each "
+                                        "backend.", labels=labels)
+        for pool in self.pools:
+            name = [pool.name]
+            requests.add_metric(name, pool.requests)
+            failures.add_metric(name, pool.failures)
+            up.add_metric(name, 1 if pool.up else 0)
+            outstanding.add_metric(name, pool.outstanding)
+        yield requests
+        yield failures
+        yield up
+        yield outstanding

@@ -29,7 +29,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -56,6 +56,7 @@ from zope.interface import implementer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from .backend import BackendPool, Backends
 from .forwarding import TrustedProxies, forwarded_for
 from .headers import EDGE_ONLY, HOP_BY_HOP, connection_tokens, edge_only, error_body
 from .hostnames import InvalidHostname, canonical_host_header, host_from_header
@@ -73,6 +74,7 @@ __all__ = [
     "upstream_headers",
     "downstream_headers",
     "make_backend_pool",
+    "balanced_agent",
     "EdgeSite",
     "EdgeRequest",
 ]
@@ -254,6 +256,11 @@ class ProxyResource(Resource):
         every proxied request, for metrics.
     @ivar trusted_proxies: the peers whose C{X-Forwarded-For} chain is
         kept (C{--trusted-proxy}), or C{None}.
+    @ivar backends: if given, each request goes to the backend
+        L{Backends.choose} picks, through an agent from L{balanced_agent}
+        (C{backend} then only gives the path put before the request's),
+        is counted there, and a connection that cannot be made is tried on
+        another backend (nothing was sent yet).
     """
 
     isLeaf = True
@@ -268,11 +275,16 @@ class ProxyResource(Resource):
         require_sni_match: bool = True,
         observe: Callable[[int, float], None] | None = None,
         trusted_proxies: TrustedProxies | None = None,
+        backends: Backends | None = None,
     ) -> None:
         super().__init__()
         self.observe = observe
         self.trusted_proxies = trusted_proxies
         self.backend = backend.rstrip(b"/")
+        self.backends = backends
+        if backends is not None:
+            prefix = URI.fromBytes(self.backend).path if b"://" in self.backend else self.backend
+            self._targets = {pool: _balanced_host(i) + prefix for i, pool in enumerate(backends.pools)}
         self.agent = agent
         self.clock = clock
         self.timeout = timeout
@@ -300,14 +312,45 @@ class ProxyResource(Resource):
             request.requestHeaders, canonical_host_header(name, host), getattr(request.getClientAddress(), "host", "") or "",
             trusted_proxies=self.trusted_proxies,
         )
-        body = self._body_producer(request)
+        backends = self.backends
+        tried: list[BackendPool] = []
+        state: dict[str, Any] = {"relay": None, "gone": False, "pool": None}
+
+        def attempt(pool: BackendPool | None) -> defer.Deferred[IResponse]:
+            state["pool"] = pool
+            base = self.backend if pool is None else self._targets[pool]
+            d = self.agent.request(request.method, base + path, headers, self._body_producer(request))
+            if backends is None or pool is None:
+                return d
+
+            def connect_failed(reason: Failure) -> defer.Deferred[IResponse] | Failure:
+                # Nothing was sent: another backend may take it, whatever the method.
+                if state["gone"] or not reason.check(error.ConnectError, ConnectionRefusedError):
+                    return reason
+                refused = reason.check(error.ConnectionRefusedError, ConnectionRefusedError) is not None
+                state["pool"] = None
+                backends.done(pool, False, reason.getErrorMessage(), refused)
+                tried.append(pool)
+                other = backends.choose_other(tried)
+                if other is None:
+                    return reason
+                return attempt(other)
+
+            return d.addErrback(connect_failed)  # type: ignore[call-overload,no-any-return]
+
+        def settle(ok: bool | None) -> None:
+            pool = state["pool"]
+            if pool is not None and backends is not None:
+                state["pool"] = None
+                backends.done(pool, ok)
+
         try:
-            response = self.agent.request(request.method, self.backend + path, headers, body)
+            response = attempt(backends.choose() if backends is not None else None)
         except Exception:
+            settle(None)
             return _error_page(request, 400, "Bad Request", "The request cannot be forwarded.")
         with_deadline(response, self.timeout, self.clock)
         relay_finished: defer.Deferred[None] = defer.Deferred()
-        state: dict[str, Any] = {"relay": None, "gone": False}
 
         def client_gone(reason: Failure) -> None:
             state["gone"] = True
@@ -322,6 +365,7 @@ class ProxyResource(Resource):
         started = self.clock.seconds()
 
         def got_response(upstream: IResponse) -> None:
+            settle(True)
             if self.observe is not None:
                 self.observe(upstream.code, self.clock.seconds() - started)
             if state["gone"]:
@@ -341,6 +385,7 @@ class ProxyResource(Resource):
             upstream.deliverBody(relay)
 
         def failed(reason: Failure) -> None:
+            settle(None if state["gone"] or reason.check(defer.TimeoutError) else False)
             if state["gone"]:
                 return
             if reason.check(defer.TimeoutError):
@@ -437,6 +482,33 @@ def backend_prefix(backend: str) -> bytes:
     if backend.startswith("unix:"):
         return b""
     return bytes(URI.fromBytes(backend.encode("ascii")).path)
+
+
+def _balanced_host(index: int) -> bytes:
+    """The made-up URL host that stands for backend C{index} in a balanced agent's requests."""
+    return b"http://backend-%d" % (index,)
+
+
+@implementer(IAgentEndpointFactory)
+class _BalancedEndpoints:
+    """Endpoints for L{balanced_agent}: the made-up host names the pool."""
+
+    def __init__(self, backends: Backends) -> None:
+        self._connects = {_balanced_host(i)[7:]: pool.connect for i, pool in enumerate(backends.pools)}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return self._connects[uri.host]()
+
+
+def balanced_agent(reactor: Any, backends: Backends, pool: HTTPConnectionPool | None = None) -> Agent:
+    """
+    An agent for a L{ProxyResource} balancing over C{backends}: each
+    backend is reached through its pool's own endpoints (TLS, UNIX socket
+    or demo alike), with its own persistent connections in C{pool}.
+    """
+    return Agent.usingEndpointFactory(  # type: ignore[no-any-return]
+        reactor, _BalancedEndpoints(backends), pool=pool if pool is not None else make_backend_pool(reactor)
+    )
 
 
 def backend_agent(

@@ -21,25 +21,26 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
+from twisted.web.client import URI
 
 from .admin import AdminActions, AdminResource
-from .config import OnDemandConfig
+from .backend import BackendPool, Backends, HealthCheck
+from .config import OnDemandConfig, backend_label
 from .demo import DemoBackendService
+from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
+from .metrics import BackendCollector, LimitCollector
 from .options import PluginOptions as Options
-from .backend import BackendPool
-from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy
-from .metrics import LimitCollector
 from .proxy import EdgeSite, backend_endpoints, backend_prefix
 from .proxyheader import ProxyHeaderEndpoint, split_proxy_prefix
 from .resolver import periodic
-from .summaries import LimitSummary
 from .service import OnDemandTLS, StartupError
+from .summaries import LimitSummary
 from .workers import Supervisor, run_worker
 
 __all__ = ["Options", "makeService", "build_edge", "EdgeService"]
@@ -180,13 +181,18 @@ def build_edge(
 
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
     demo = DemoBackendService(reactor) if config.demo else None
-    backend = demo.url if demo is not None else config.backend
+    urls = (demo.url,) if demo is not None else config.backend
     # HTTP/1.1 and HTTP/2 through the relay (tenantedge.http1, .http2):
-    # one backend pool, one set of rules.
+    # one set of rules, balanced over the backends.
     observe = on_demand.timings.observe_request
-    h1_pool = BackendPool(reactor, backend_endpoints(reactor, backend, demo))
+    backends = Backends(reactor, [
+        BackendPool(reactor, backend_endpoints(reactor, url, demo), name=backend_label(url)) for url in urls
+    ])
+    on_demand.timings.registry.register(BackendCollector(backends.pools))
+    # Every backend has the same path (checked by the configuration).
+    prefix = backend_prefix(urls[0])
     h1 = H1Proxy(
-        h1_pool, reactor, prefix=backend_prefix(backend), timeout=config.backend_timeout,
+        backends, reactor, prefix=prefix, timeout=config.backend_timeout,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
         header_timeout=config.header_timeout, idle_timeout=config.idle_timeout,
@@ -208,12 +214,27 @@ def build_edge(
         admin_site = EdgeSite(AdminResource(on_demand.timings.registry, actions.table()), reactor=reactor,
                               max_body_size=SMALL_BODIES)
         listeners.append(("admin", _listener(config.admin, admin_site, "metrics and the certs CLI", "admin")))
-    return EdgeService(on_demand, listeners, demo, on_stop=(_closing(h1_pool, h1),),
+    edge = EdgeService(on_demand, listeners, demo, on_stop=(_closing(backends, h1),),
                        runner_options=runner_options,
                        children=[periodic(summary.interval, summary.summarise, reactor, "limits-summary")])
+    if config.backend_health_path is not None:
+        check = HealthCheck(backends, reactor, prefix.rstrip(b"/") + config.backend_health_path.encode("ascii"),
+                            interval=config.backend_health_interval, hosts=[_health_host(url) for url in urls])
+        check.setName("backend-health")
+        check.setServiceParent(edge)
+    return edge
 
 
-def _closing(pool: BackendPool, proxy: H1Proxy) -> Callable[[], Deferred[None]]:
+def _health_host(url: str) -> bytes:
+    """The Host header of health checks: the backend URL's authority (C{localhost} for a UNIX socket)."""
+    if url.startswith("unix:"):
+        return b"localhost"
+    uri = URI.fromBytes(url.encode("ascii"))
+    default = 443 if uri.scheme == b"https" else 80
+    return uri.host if uri.port == default else b"%s:%d" % (uri.host, uri.port)
+
+
+def _closing(pool: Backends, proxy: H1Proxy) -> Callable[[], Deferred[None]]:
     """At shutdown: close the relay's client connections and its idle backend connections."""
 
     def close() -> Deferred[None]:

@@ -571,3 +571,69 @@ class AttackTests(EdgeTestCase):
         open_now = established(self.backend.port)
         # The live streams' requests are still at the backend; nothing else is.
         self.assertEqual(open_now, live)
+
+
+class SeveralBackendsTests(EdgeTestCase):
+    """
+    Three real backends (two on loopback ports, one on a UNIX socket)
+    behind one edge: requests spread over them; one stopped mid-test is
+    ejected while every request keeps succeeding, and serves again once
+    restarted.
+    """
+
+    async def _setUp(self) -> None:
+        import shutil
+        import tempfile
+
+        self.curl = require_tool(self, "curl")
+        sockets = tempfile.mkdtemp(prefix="te-")  # short: a UNIX socket path has a length limit
+        self.addCleanup(shutil.rmtree, sockets, True)
+        self.backends = [Backend(name="one"), Backend(name="two"), Backend(unix=os.path.join(sockets, "3.sock"), name="three")]
+        for backend in self.backends:
+            await backend.start()
+            self.addCleanup(backend.stop)
+        extra = [arg for backend in self.backends[1:] for arg in ("--backend", backend.url)]
+        self.edge, self.https_port, _ = await start_edge(
+            self, *extra, "--backend-health-path", "/status/204", "--backend-health-interval", "0.5s",
+            backend=self.backends[0].url,
+        )
+        self.admin_port = (await self.edge.listening_ports())["admin"].getHost().port
+        self.root = self.edge.on_demand.local_ca.root_path
+
+    async def who(self, *extra: str) -> str:
+        out, err, code = await self.fetch("pool.test", "/whoami", "--fail", *extra)
+        self.assertEqual(code, 0, err)
+        return out.decode()
+
+    async def up(self, url: str) -> str:
+        out, err, code = await run(self.curl, ["--silent", f"http://127.0.0.1:{self.admin_port}/metrics"])
+        for line in out.decode().splitlines():
+            if line.startswith("tenantedge_backend_up{") and f'backend="{url}"' in line:
+                return line.rsplit(" ", 1)[1]
+        self.fail(f"no tenantedge_backend_up for {url} in {out!r}")
+
+    async def until(self, check: Any, what: str) -> None:
+        for _ in range(100):
+            if await check():
+                return
+            await deferLater(reactor, 0.1, lambda: None)
+        self.fail(f"never: {what}")
+
+    async def test_balanced_ejected_and_back(self) -> None:
+        seen = {await self.who("--http1.1") for _ in range(6)} | {await self.who("--http2") for _ in range(6)}
+        self.assertEqual(seen, {"one", "two", "three"})
+        one = self.backends[0]
+        await one.stop()
+        # Every request still succeeds, on the two others.
+        answers = [await self.who("--http1.1") for _ in range(6)] + [await self.who("--http2") for _ in range(6)]
+        self.assertEqual(set(answers), {"two", "three"})
+        self.assertEqual(await self.up(one.url), "0.0")
+        self.assertEqual(await self.up(self.backends[2].url), "1.0")
+        await one.start()  # the same port again
+
+        async def back() -> bool:
+            return await self.up(one.url) == "1.0"
+
+        await self.until(back, "the restarted backend back in rotation")
+        seen = {await self.who("--http1.1") for _ in range(6)}
+        self.assertIn("one", seen)

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tenantedge.backend import BackendPool
+from tenantedge.backend import BackendPool, Backends
 from tenantedge.http1 import H1Proxy, H1ProxyProtocol
 
 
@@ -369,6 +369,127 @@ class ReviewFixTests(RelayTests):
         backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(self.pool.idle_count(), 0)
         self.assertTrue(getattr(bwire, "aborted", False) or bwire.disconnecting)
+
+
+class SeveralBackendsTests(SynchronousTestCase):
+    """The relay over three backends: balancing, failover and retries."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.endpoints = [FakeEndpoint() for _ in range(3)]
+        self.pools = [BackendPool(self.clock, (lambda e=e: e), name=f"b{i}") for i, e in enumerate(self.endpoints)]
+        self.backends = Backends(self.clock, self.pools)
+        self.proxy = H1Proxy(self.backends, self.clock, timeout=30)
+
+    def connect(self) -> tuple[H1ProxyProtocol, StringTransport]:
+        proto = H1ProxyProtocol(self.proxy, "shop.test")
+        wire = StringTransport(peerAddress=_Peer("203.0.113.9"))
+        proto.makeConnection(wire)
+        return proto, wire
+
+    def attempts(self) -> list[int]:
+        return [len(e.attempts) for e in self.endpoints]
+
+    def test_concurrent_requests_spread(self) -> None:
+        """Three requests in flight at once go to three backends; all answered, all connections pooled."""
+        clients = [self.connect() for _ in range(3)]
+        for client, _ in clients:
+            client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        self.assertEqual(self.attempts(), [1, 1, 1])
+        self.assertEqual([p.outstanding for p in self.pools], [1, 1, 1])
+        for endpoint in self.endpoints:
+            backend, _ = endpoint.complete()
+            backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        for _, wire in clients:
+            self.assertTrue(wire.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual([(p.outstanding, p.idle_count(), p.requests) for p in self.pools], [(0, 1, 1)] * 3)
+
+    def test_refused_get_retried_on_another(self) -> None:
+        client, wire = self.connect()
+        client.dataReceived(b"GET /x HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        self.endpoints[0].attempts[0][1].errback(ConnectionRefusedError())
+        self.assertFalse(self.pools[0].up)
+        self.assertEqual(self.attempts(), [1, 1, 0])
+        backend, bwire = self.endpoints[1].complete()
+        self.assertTrue(bwire.value().startswith(b"GET /x "))
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual([p.outstanding for p in self.pools], [0, 0, 0])
+        self.flushLoggedErrors()
+
+    def test_refused_post_with_body_retried(self) -> None:
+        """
+        A connection refused means nothing of the request left the edge
+        (the body waits in memory): another backend gets all of it, whatever the method.
+        """
+        client, wire = self.connect()
+        client.dataReceived(b"POST /form HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\nhello")
+        self.endpoints[0].attempts[0][1].errback(ConnectionRefusedError())
+        backend, bwire = self.endpoints[1].complete()
+        sent = bwire.value()
+        self.assertTrue(sent.startswith(b"POST /form "))
+        self.assertTrue(sent.endswith(b"\r\n\r\nhello"))
+        backend.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 201 "))
+
+    def test_reset_before_response_retried_if_idempotent(self) -> None:
+        client, wire = self.connect()
+        client.dataReceived(b"GET /y HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoints[0].complete()
+        backend.connectionLost(_failure(ConnectionResetError()))
+        self.assertEqual(self.attempts(), [1, 1, 0])
+        fresh, fwire = self.endpoints[1].complete()
+        self.assertTrue(fwire.value().startswith(b"GET /y "))
+        self.assertEqual(self.pools[0].consecutive, 1)
+        self.assertTrue(self.pools[0].up)  # one reset is not enough to eject
+
+    def test_reset_after_body_sent_is_502(self) -> None:
+        """A POST whose body reached a backend that then reset is not sent twice: 502."""
+        client, wire = self.connect()
+        client.dataReceived(b"POST / HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n\r\nhi")
+        backend, bwire = self.endpoints[0].complete()
+        backend.connectionLost(_failure(ConnectionResetError()))
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 502 "))
+        self.assertEqual(self.attempts(), [1, 0, 0])
+        self.assertEqual(self.pools[0].failures, 1)
+        self.flushLoggedErrors()
+
+    def test_every_backend_refusing_is_502(self) -> None:
+        """Each backend tried once, then 502; the next request still tries the one down longest."""
+        client, wire = self.connect()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        for endpoint in self.endpoints:
+            self.clock.advance(1)
+            endpoint.attempts[-1][1].errback(ConnectionRefusedError())
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 502 "))
+        self.assertEqual(self.attempts(), [1, 1, 1])
+        self.assertEqual(self.backends.healthy(), 0)
+        client, wire = self.connect()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        self.assertEqual(self.attempts(), [2, 1, 1])
+        backend, _ = self.endpoints[0].complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.backends.healthy(), 1)
+        self.assertEqual([p.outstanding for p in self.pools], [0, 0, 0])
+        self.flushLoggedErrors()
+
+    def test_client_gone_releases_the_backend(self) -> None:
+        client, wire = self.connect()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        self.assertEqual(self.pools[0].outstanding, 1)
+        client.connectionLost(_failure(ConnectionResetError()))
+        self.assertEqual(self.pools[0].outstanding, 0)
+        self.assertEqual(self.pools[0].failures, 0)
+
+    def test_timeout_releases_without_verdict(self) -> None:
+        client, wire = self.connect()
+        client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        self.endpoints[0].complete()
+        self.clock.advance(31)
+        self.assertTrue(wire.value().startswith(b"HTTP/1.1 504 "))
+        self.assertEqual((self.pools[0].outstanding, self.pools[0].failures), (0, 0))
+        self.flushLoggedErrors()
 
 
 class _Peer:

@@ -121,6 +121,7 @@ class H2RelayTests(SynchronousTestCase):
         self.assertTrue(self.client.of(sid, StreamEnded))
         self.assertEqual(self.pool.idle_count(), 1)
         self.assertEqual(self.proto.streams, {})
+        self.assertEqual((self.pool.outstanding, self.pool.requests), (0, 1))  # the balancer's count
 
     def test_streamed_upload(self) -> None:
         """
@@ -224,6 +225,7 @@ class H2RelayTests(SynchronousTestCase):
         self.client.h2.reset_stream(sid, ErrorCodes.CANCEL)
         self.client.pump()
         self.assertTrue(self.endpoint.attempts[-1][1].called)
+        self.assertEqual(self.pool.outstanding, 0)
 
     def test_rapid_reset(self) -> None:
         """More than MAX_RESETS resets within the window: GOAWAY, closed."""

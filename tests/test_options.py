@@ -31,7 +31,9 @@ class OptionsTests(SynchronousTestCase):
         o = self.parse()
         self.assertEqual(o["https"], "tcp:443")
         self.assertEqual(o["http"], "tcp:80")
-        self.assertEqual(o["backend"], "http://127.0.0.1:3000")
+        self.assertEqual(o["backend"], ("http://127.0.0.1:3000",))
+        self.assertEqual(o["backend-health-path"], None)
+        self.assertEqual(o["backend-health-interval"], 5.0)
         self.assertEqual(o["store"], "/var/lib/tenantedge")
         self.assertEqual(o["ca"], ("https://acme-v02.api.letsencrypt.org/directory",))
         self.assertEqual(o["key-type"], "ecdsa-p256")
@@ -43,6 +45,19 @@ class OptionsTests(SynchronousTestCase):
         o = self.parse("--allow-suffix", ".a.example.com", "--allow-suffix", "b.example.com", "--deny", ".own.example.com", "--deny", "www.x.example.com")
         self.assertEqual(o.config.static_policy.allow_suffixes, (".a.example.com", ".b.example.com"))
         self.assertEqual(o.config.static_policy.deny, (".own.example.com", "www.x.example.com"))
+
+    def test_several_backends(self) -> None:
+        """--backend repeats (http:// and unix: sockets mix), in a TOML list too; the command line replaces the file's."""
+        o = self.parse("--backend", "http://127.0.0.1:3001", "--backend", "unix:/run/app/2.sock",
+                       "--backend-health-path", "/healthz", "--backend-health-interval", "2s")
+        self.assertEqual(o.config.backend, ("http://127.0.0.1:3001", "unix:/run/app/2.sock"))
+        self.assertEqual((o.config.backend_health_path, o.config.backend_health_interval), ("/healthz", 2.0))
+        path = self.config('backend = ["http://127.0.0.1:3001", "http://127.0.0.1:3002"]\n')
+        self.assertEqual(self.parse("--config", path).config.backend, ("http://127.0.0.1:3001", "http://127.0.0.1:3002"))
+        self.assertEqual(self.parse("--config", path, "--backend", "http://10.0.0.1:3000").config.backend,
+                         ("http://10.0.0.1:3000",))
+        single = self.config('backend = "https://app.internal:8443"\n')
+        self.assertEqual(self.parse("--config", single).config.backend, ("https://app.internal:8443",))
 
     def test_config_file(self) -> None:
         path = self.config(
@@ -120,6 +135,11 @@ class OptionsTests(SynchronousTestCase):
             (["--config", self.config("https = [1]\n")], "single value"),
             (["--config", self.config("this is not toml")], "not valid TOML"),
             (["--config", self.config("demo = 1\n")], "true or false"),
+            (["--backend", "http://127.0.0.1:3000", "--backend", "https://127.0.0.1:3001"], "all https:// or none"),
+            (["--backend", "http://a.test/app", "--backend", "http://b.test/"], "the same path"),
+            (["--backend", "unix:/run/a.sock", "--backend", "unix:/run/a.sock"], "twice"),
+            (["--backend-health-path", "healthz"], "--backend-health-path"),
+            (["--backend-health-interval", "0"], "more than zero"),
         ]
         for argv, needle in cases:
             e = self.assertRaises(UsageError, self.parse, *argv)

@@ -242,3 +242,65 @@ class ProxyResourceTests(SynchronousTestCase):
         response = self.successResultOf(d)
         self.assertEqual(response.code, 502)
         self.flushLoggedErrors()
+
+
+class BalancedProxyResourceTests(SynchronousTestCase):
+    """ProxyResource over several backends (L{Backends}): chosen, counted, failed over on connect errors."""
+
+    def setUp(self) -> None:
+        from treq.testing import RequestTraversalAgent
+
+        from tenantedge.backend import BackendPool, Backends
+
+        self.clock = MemoryReactorClock()
+        self.agent = _RecordingAgent()
+        self.pools = [BackendPool(self.clock, lambda: None, name=f"b{i}") for i in range(2)]
+        self.backends = Backends(self.clock, self.pools)
+        self.resource = ProxyResource(b"/base", self.agent, self.clock, timeout=5, require_sni_match=False,
+                                      backends=self.backends)
+        self.client = RequestTraversalAgent(self.resource)
+
+    def test_balanced_and_counted(self) -> None:
+
+        first = self.client.request(b"GET", b"https://a.test/x")
+        second = self.client.request(b"GET", b"https://a.test/y")
+        self.assertEqual([r[1] for r in self.agent.requests],
+                         [b"http://backend-0/base/x", b"http://backend-1/base/y"])
+        self.assertEqual([p.outstanding for p in self.pools], [1, 1])
+        self.agent.requests[0][4].errback(Failure(ResponseNeverReceived([Failure(ConnectionResetError())])))
+        self.client.flush()
+        self.assertEqual(self.successResultOf(first).code, 502)
+        self.assertEqual([(p.outstanding, p.failures) for p in self.pools], [(0, 1), (1, 0)])
+        self.assertNoResult(second)
+        self.flushLoggedErrors()
+
+    def test_connect_refused_fails_over(self) -> None:
+        from twisted.internet.error import ConnectionRefusedError
+
+        d = self.client.request(b"POST", b"https://a.test/form", bodyProducer=None)
+        self.agent.requests[0][4].errback(Failure(ConnectionRefusedError()))
+        self.assertEqual([r[1] for r in self.agent.requests], [b"http://backend-0/base/form", b"http://backend-1/base/form"])
+        self.assertFalse(self.pools[0].up)
+        self.assertEqual([p.outstanding for p in self.pools], [0, 1])
+        self.agent.requests[1][4].errback(Failure(ConnectionRefusedError()))
+        self.client.flush()
+        self.assertEqual(self.successResultOf(d).code, 502)
+        self.assertEqual([p.outstanding for p in self.pools], [0, 0])
+        self.assertEqual(self.backends.healthy(), 0)
+        self.flushLoggedErrors()
+
+    def test_metrics(self) -> None:
+        """Per-backend counters, read at scrape time under the backend's label."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from tenantedge.metrics import BackendCollector
+
+        registry = CollectorRegistry()
+        registry.register(BackendCollector(self.pools))
+        self.client.request(b"GET", b"https://a.test/x")
+        text = generate_latest(registry).decode()
+        self.assertIn('tenantedge_backend_requests_total{backend="b0"} 1.0', text)
+        self.assertIn('tenantedge_backend_requests_total{backend="b1"} 0.0', text)
+        self.assertIn('tenantedge_backend_up{backend="b1"} 1.0', text)
+        self.assertIn('tenantedge_backend_outstanding_requests{backend="b0"} 1.0', text)
+        self.assertIn('tenantedge_backend_failures_total{backend="b0"} 0.0', text)

@@ -3,7 +3,9 @@ A real HTTP/1.1 backend for the end-to-end tests, standing in for Next.js.
 
 Built on the standard library's HTTP server (not Twisted), so the proxy is
 tested against an implementation other than its own. Prints its port on the
-first line of stdout, then serves until killed.
+first line of stdout, then serves until killed. C{--port N} listens on that
+port (a restarted backend comes back where it was), C{--unix PATH} on a
+UNIX socket instead (printing 0), C{--name NAME} is what C{/whoami} says.
 
 Routes:
   /echo...          JSON: method, path, headers, body length and sha256
@@ -21,12 +23,16 @@ Routes:
   /ask?domain=N     Caddy-style allow endpoint: 204 for "ok-" names, else 403
   /allow-checks     JSON list of every name the allow endpoints were asked about
   /connections      how many TCP connections this server has accepted
+  /whoami           this backend's --name (which of several answered)
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import os
+import socketserver
 import sys
 import threading
 import time
@@ -37,6 +43,7 @@ _connections = 0
 _lock = threading.Lock()
 _release = threading.Event()
 _allow_checks: list[str] = []
+_name = "backend"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -178,6 +185,8 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/allow-checks":
             with _lock:
                 self._send(200, json.dumps(_allow_checks).encode())
+        elif url.path == "/whoami":
+            self._send(200, _name.encode(), "text/plain")
         elif url.path == "/connections":
             self._send(200, str(_connections).encode(), "text/plain")
         else:
@@ -186,13 +195,35 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = handle_any
 
 
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def get_request(self) -> tuple[object, tuple[str, int]]:
+        request, _ = super().get_request()
+        return request, ("unix", 0)  # what BaseHTTPRequestHandler expects of a client address
+
+
 def main() -> None:
+    global _name
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--unix")
+    parser.add_argument("--name", default="backend")
+    args = parser.parse_args()
+    _name = args.name
     # The default listen backlog (5) drops connections under the tests'
     # bursts of 50 concurrent clients.
     ThreadingHTTPServer.request_queue_size = 256
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    print(server.server_address[1], flush=True)
+    if args.unix:
+        if os.path.exists(args.unix):
+            os.unlink(args.unix)
+        server: socketserver.BaseServer = _UnixServer(args.unix, Handler)
+        print(0, flush=True)
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+        server.daemon_threads = True  # type: ignore[attr-defined]
+        print(server.server_address[1], flush=True)  # type: ignore[attr-defined]
     server.serve_forever()
 
 

@@ -95,11 +95,14 @@ def run(
 
 class Backend:
     """
-    The test backend (L{tests.support.backend}) in its own process.
+    The test backend (L{tests.support.backend}) in its own process: on a
+    free loopback port, or C{port}, or the UNIX socket C{unix}.
     """
 
-    def __init__(self) -> None:
-        self.port: int | None = None
+    def __init__(self, port: int | None = None, unix: str | None = None, name: str = "backend") -> None:
+        self.port: int | None = port
+        self.unix = unix
+        self.name = name
         self.process: Any = None
         self._ended: defer.Deferred[None] = defer.Deferred()
 
@@ -120,16 +123,21 @@ class Backend:
                     started.errback(RuntimeError("backend exited before it was ready"))
                 backend._ended.callback(None)
 
+        self._ended = defer.Deferred()
+        where = ["--unix", self.unix] if self.unix else ["--port", str(self.port or 0)]
         self.process = reactor.spawnProcess(
-            P(), sys.executable, [sys.executable, os.path.join(HERE, "backend.py")], env=os.environ.copy()
+            P(), sys.executable, [sys.executable, os.path.join(HERE, "backend.py"), *where, "--name", self.name],
+            env=os.environ.copy(),
         )
         started.addTimeout(30, reactor)
-        self.port = await started
-        return self.port
+        port = await started
+        if not self.unix:
+            self.port = port
+        return port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"unix:{self.unix}" if self.unix else f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> defer.Deferred[None]:
         return terminate(self.process, self._ended)
