@@ -31,6 +31,7 @@ from .config import OnDemandConfig
 from .demo import DemoBackendService
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
+from .metrics import UpgradeCollector
 from .options import PluginOptions as Options
 from .backend import BackendPool
 from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy, StreamRelay
@@ -174,7 +175,9 @@ def build_edge(
         h1_pool, reactor, prefix=URI.fromBytes(backend_url).path, timeout=config.backend_timeout,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
+        websocket_idle_timeout=config.websocket_idle_timeout,
     )
+    on_demand.timings.registry.register(UpgradeCollector(h1.upgrades, lambda: len(h1.tunnels)))
     site = EdgeSite(StreamRelay(h1, proxy), logPath=config.access_log, reactor=reactor,
                     max_body_size=config.max_body_size)
     https = _listener(config.https, on_demand.wrap(EdgeHTTPFactory(h1, site)), "tenant traffic", "https")
