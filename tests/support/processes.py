@@ -95,10 +95,12 @@ def run(
 
 class Backend:
     """
-    The test backend (L{tests.support.backend}) in its own process.
+    The test backend (L{tests.support.backend}, or another script here
+    that prints its port first) in its own process.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, script: str = "backend.py") -> None:
+        self.script = script
         self.port: int | None = None
         self.process: Any = None
         self._ended: defer.Deferred[None] = defer.Deferred()
@@ -121,7 +123,7 @@ class Backend:
                 backend._ended.callback(None)
 
         self.process = reactor.spawnProcess(
-            P(), sys.executable, [sys.executable, os.path.join(HERE, "backend.py")], env=os.environ.copy()
+            P(), sys.executable, [sys.executable, os.path.join(HERE, self.script)], env=os.environ.copy()
         )
         started.addTimeout(30, reactor)
         self.port = await started
