@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -704,3 +706,31 @@ class UpgradeTests(SynchronousTestCase):
         self.assertIn('tenantedge_upgrades_total{result="switched"} 1.0', text)
         self.assertIn('tenantedge_upgrades_total{result="declined"} 0.0', text)
         self.assertIn("tenantedge_upgraded_connections 1.0", text)
+
+
+class UpgradeOfferTests(SynchronousTestCase):
+    """L{tenantedge.headers.upgrade_offer}, on the client's (untrusted) headers."""
+
+    def test_offers(self) -> None:
+        from tenantedge.headers import upgrade_offer
+
+        for headers, offer in [
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")], b"websocket"),
+            ([(b"connection", b"keep-alive, UPGRADE"), (b"upgrade", b" WebSocket ")], b"WebSocket"),
+            ([(b"Upgrade", b"websocket")], None),  # Connection does not name it
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Upgrade", b"x")], None),
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"")], None),
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")], None),
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"foo/2, H2C/1")], None),
+        ]:
+            self.assertEqual(upgrade_offer(headers), offer, headers)
+
+    @given(st.lists(st.tuples(st.sampled_from([b"Connection", b"Upgrade", b"upgrade", b"X"]), st.binary(max_size=40))))
+    def test_never_h2c(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Whatever the headers, the offer (if any) never names h2c and never raises."""
+        from tenantedge.headers import upgrade_offer
+
+        offer = upgrade_offer(headers)
+        if offer is not None:
+            tokens = [t.strip().split(b"/")[0].lower() for t in offer.split(b",")]
+            self.assertNotIn(b"h2c", tokens)
