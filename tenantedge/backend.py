@@ -9,6 +9,11 @@ L{BackendPool} each, balanced by L{Backends}: least outstanding requests,
 round robin among ties, a failing backend ejected for a while (passive
 health) and, with L{HealthCheck}, a periodic C{GET} on a health path
 (active health).
+
+After a C{101
+Switching Protocols} to a request that asked for an upgrade
+(L{UpgradeExchange}), a connection parses nothing more: it is one end of
+a L{tenantedge.tunnel.Tunnel} and never goes back to the pool.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .tunnel import Tunnel
 from .writethrough import set_no_delay, write_through
 
 __all__ = [
     "BACKEND_IDLE", "NO_RESPONSE_BODY", "BackendConnection", "BackendExchange", "BackendPool", "Backends",
-    "HealthCheck",
+    "HealthCheck", "UpgradeExchange",
 ]
 
 #: Node (and so Next.js) closes idle keep-alive connections after 5 s; a
@@ -71,6 +77,25 @@ class BackendExchange(TypingProtocol):
 
     def backend_closed_complete(self) -> bool:
         """The connection closed after the head: is the body complete?"""
+
+
+class UpgradeExchange(BackendExchange, TypingProtocol):
+    """
+    An exchange that asked the backend for a protocol switch (HTTP/1.1
+    C{Upgrade}); only such an exchange is told of a C{101}, any other gets
+    L{BackendExchange.backend_failed}.
+    """
+
+    #: True if the request carried the upgrade headers to the backend.
+    upgrade: bool
+
+    def backend_switched(
+        self, conn: BackendConnection, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes
+    ) -> None:
+        """
+        The backend answered C{101}: C{conn} is no longer HTTP (and no
+        longer pooled); C{rest} is what it sent after the head.
+        """
 
 
 class BackendPool:
@@ -185,6 +210,8 @@ class BackendConnection(Protocol):
     exchange: BackendExchange | None = None
     pool: BackendPool | None = None
     home: BackendPool | None = None
+    #: Set once the connection carries an upgraded one: bytes go there.
+    tunnel: Tunnel | None = None
     idle_since = 0.0
     connected = False
 
@@ -201,6 +228,7 @@ class BackendConnection(Protocol):
         self._head_done = False
         self._skip_body = False
         self._stray = False
+        self._switching = False
 
     def send(self, exchange: BackendExchange, head: bytes) -> None:
         self.exchange = exchange
@@ -230,6 +258,11 @@ class BackendConnection(Protocol):
         exchange = self.exchange
         if exchange is None:
             return
+        if code == 101:
+            # What follows the head is another protocol: the switch happens
+            # once llhttp says where the head ended (HttpParserUpgrade).
+            self._switching = True
+            return
         self._skip_body = exchange.method == b"HEAD" or code in NO_RESPONSE_BODY
         exchange.backend_head(code, self._reason, self._headers, self._parser.should_keep_alive())
         if self._skip_body:
@@ -242,7 +275,7 @@ class BackendConnection(Protocol):
             self.exchange.backend_body(data)
 
     def on_message_complete(self) -> None:
-        if not self._skip_body and self._head_done:
+        if not self._skip_body and self._head_done and not self._switching:
             self._finish()
 
     def _finish(self) -> None:
@@ -253,6 +286,9 @@ class BackendConnection(Protocol):
     # -- transport ----------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_backend(data)
+            return
         if self.exchange is None:
             # Bytes while idle (after a HEAD, or unasked): the backend is
             # confused; never reuse the connection, or a later request could
@@ -261,14 +297,37 @@ class BackendConnection(Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._switch(data[e.args[0]:])
+            return
         except httptools.HttpParserError as e:
-            exchange, self.exchange = self.exchange, None
-            self.close()
-            if exchange is not None:
-                exchange.backend_failed(f"malformed response from the backend: {e}", self._head_done)
+            self._failed(f"malformed response from the backend: {e}")
+            return
+        if self._switching:
+            # llhttp switches only when the 101 names its Upgrade (and
+            # Connection: upgrade); without, it went on parsing as HTTP.
+            self._failed("a 101 response without Upgrade and Connection: upgrade")
             return
         if self._stray:
             self.close()
+
+    def _failed(self, detail: str) -> None:
+        exchange, self.exchange = self.exchange, None
+        self.close()
+        if exchange is not None:
+            exchange.backend_failed(detail, self._head_done)
+
+    def _switch(self, rest: bytes) -> None:
+        """The backend switched protocols: hand the connection to the exchange that asked, if it did."""
+        switching, self._switching = self._switching, False
+        exchange = self.exchange
+        if exchange is None or not switching or not getattr(exchange, "upgrade", False):
+            # A 101 nobody asked for (or an upgrade in an interim answer):
+            # the backend is confused, and this is no longer HTTP.
+            self._failed("the backend switched protocols without being asked")
+            return
+        self.exchange = None
+        cast(UpgradeExchange, exchange).backend_switched(self, self._reason, self._headers, rest)
 
     def on_message_begin(self) -> None:
         if self.exchange is None:
@@ -276,6 +335,9 @@ class BackendConnection(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.connected = False
+        if self.tunnel is not None:
+            self.tunnel.backend_lost()
+            return
         if self.pool is not None:
             self.pool.forget(self)
         exchange, self.exchange = self.exchange, None

@@ -140,6 +140,20 @@ def format_size(size: int) -> str:
     return str(size)
 
 
+def _duration_or_zero(value: str | float) -> float:
+    """A duration (L{parse_duration}), or C{0} for none."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        zero = match is not None and float(match.group(1)) == 0
+    else:
+        zero = not isinstance(value, bool) and value == 0
+    return 0.0 if zero else parse_duration(value)
+
+
+def _show_duration_or_zero(seconds: float) -> str:
+    return format_duration(seconds) if seconds else "0"
+
+
 def _positive_int(value: str | int) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a number")
@@ -405,6 +419,10 @@ class OnDemandConfig:
     max_body_size: int = _setting(
         64 * 1024 * 1024, "Largest request body accepted (bytes, or with K, M, G); larger gets 413. 0: no limit.",
         parse_size, show=format_size, metavar="SIZE",
+    )
+    websocket_idle_timeout: float = _setting(
+        600.0, "Close an upgraded (WebSocket) connection after this long without a byte either way (duration); "
+        "0: never.", _duration_or_zero, show=_show_duration_or_zero, metavar="DURATION",
     )
     access_log: str | None = _setting(
         None, "Write an access log of HTTPS requests (combined format) to this file.", _absolute_path,

@@ -150,6 +150,7 @@ _NOT_ENDPOINT_KEYS: Mapping[str, str] = {
     "trusted-proxy": "the reverse proxy belongs to twistd tenantedge",
     "header-timeout": "the reverse proxy belongs to twistd tenantedge",
     "idle-timeout": "the reverse proxy belongs to twistd tenantedge",
+    "websocket-idle-timeout": "the reverse proxy belongs to twistd tenantedge",
     "access-log": "the program's site writes its own access log",
     "demo": "demo mode belongs to twistd tenantedge (for a local try: ca=internal:allow-suffix=.localhost)",
     "log-format": "the program chooses how logs are written (twistd --logger, ...)",

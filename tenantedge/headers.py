@@ -9,7 +9,10 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable
 
-__all__ = ["HOP_BY_HOP", "EDGE_ONLY", "ADMIN_HEADER", "connection_tokens", "edge_only", "error_body"]
+__all__ = [
+    "HOP_BY_HOP", "EDGE_ONLY", "ADMIN_HEADER", "REFUSED_UPGRADES", "connection_tokens", "edge_only", "error_body",
+    "upgrade_offer",
+]
 
 #: RFC 9110 section 7.6.1 connection-specific headers, plus the
 #: non-standard ones clients and old proxies still send.
@@ -34,6 +37,13 @@ HOP_BY_HOP = frozenset(
 EDGE_ONLY = frozenset(
     {b"forwarded", b"x-real-ip", b"x-middleware-subrequest", b"x-middleware-prefetch"}
 )
+
+
+#: C{Upgrade} protocols never relayed. C{h2c} (cleartext HTTP/2 after an
+#: HTTP/1.1 request) would let a client speak HTTP/2 to the backend past
+#: every rule of the edge (request smuggling); such a request goes to the
+#: backend as a plain one, without its upgrade headers.
+REFUSED_UPGRADES = frozenset({b"h2c"})
 
 
 #: Required on every admin POST (a CSRF guard: a web page cannot send it
@@ -62,6 +72,26 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
                 if token:
                     tokens.add(token)
     return tokens
+
+
+def upgrade_offer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """
+    The C{Upgrade} value of a request the edge relays as an upgrade
+    (WebSocket foremost): C{Connection} lists C{upgrade}, there is exactly
+    one C{Upgrade} header and none of its protocols is refused
+    (L{REFUSED_UPGRADES}). None otherwise: the request is forwarded
+    without its upgrade headers, as any other.
+    """
+    if b"upgrade" not in connection_tokens(headers):
+        return None
+    offers = [value for name, value in headers if name.lower() == b"upgrade"]
+    if len(offers) != 1 or not offers[0].strip():
+        return None
+    for protocol in offers[0].split(b","):
+        # A protocol may carry a version: "h2c/1" is still h2c.
+        if protocol.strip().split(b"/")[0].lower() in REFUSED_UPGRADES:
+            return None
+    return offers[0].strip()
 
 
 def error_body(code: int, title: str, detail: str) -> bytes:

@@ -18,6 +18,12 @@ abandoned (its connection closed) as soon as the client goes away, at every
 stage. HTTP/2 streams ride the same exchanges (L{tenantedge.http2});
 L{EdgeHTTPFactory} picks by ALPN. Embedders' own sites use the twisted.web
 resource (L{tenantedge.proxy.ProxyResource}).
+
+An HTTP/1.1 C{Upgrade} request (WebSocket) keeps its C{Connection:
+upgrade} and C{Upgrade} headers to the backend (C{h2c} excepted, see
+L{tenantedge.headers.REFUSED_UPGRADES}); nothing the client sends after
+it is parsed as HTTP. On the backend's C{101} both connections become a
+L{tenantedge.tunnel.Tunnel}; any other answer is an ordinary response.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ from twisted.internet.interfaces import IHandshakeListener
 
 from .backend import NO_RESPONSE_BODY, BackendConnection, BackendPool, Backends
 from .forwarding import TrustedProxies, forwarded_for
-from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body
+from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body, upgrade_offer
 from .hostnames import InvalidHostname, canonical_host_header, host_from_header
+from .tunnel import Tunnel
 from .writethrough import set_no_delay, write_through
 
 __all__ = ["H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "upstream_head"]
@@ -53,11 +60,14 @@ MAX_HEADERS = 100
 #: default of C{--header-timeout}.
 HEADER_TIMEOUT = 15.0
 #: Request body bytes held while the backend connection is being made;
-#: beyond this the client is paused.
+#: beyond this the client is paused. Also what a client may send after an
+#: upgrade request before the backend's answer.
 PENDING_BODY = 256 * 1024
+#: Seconds an upgraded (WebSocket) connection may carry nothing either way.
+WEBSOCKET_IDLE_TIMEOUT = 600.0
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_REASONS = {501: b"Not Implemented", 408: b"Request Timeout", 400: b"Bad Request", 413: b"Content Too Large", 421: b"Misdirected Request",
+_REASONS = {101: b"Switching Protocols", 501: b"Not Implemented", 408: b"Request Timeout", 400: b"Bad Request", 413: b"Content Too Large", 421: b"Misdirected Request",
             431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 504: b"Gateway Timeout"}
 
 
@@ -110,6 +120,14 @@ class H1Proxy:
     @ivar events: requests and connections refused or closed by a limit,
         by reason (C{header-timeout}, C{idle-timeout}, C{head-too-large},
         C{body-too-large}), for metrics and the limits summary.
+    @ivar websocket_idle_timeout: seconds an upgraded connection may carry
+        nothing in either direction before both sides are closed; 0 for
+        no limit.
+    @ivar upgrades: upgrade requests by result: C{switched} (the backend
+        answered 101), C{declined} (it answered anything else), C{failed}
+        (502 or 504), C{refused} (relayed without the upgrade: h2c, a
+        body, HTTP/1.0, or refused by the edge as any request may be).
+    @ivar tunnels: upgraded connections open now.
     """
 
     _log = Logger()
@@ -120,6 +138,7 @@ class H1Proxy:
         access_log: AccessLog | None = None, idle_timeout: float = 60.0,
         header_timeout: float = HEADER_TIMEOUT, trusted_proxies: TrustedProxies | None = None,
         events: Counter[str] | None = None,
+        websocket_idle_timeout: float = WEBSOCKET_IDLE_TIMEOUT,
     ) -> None:
         self.backends = pool if isinstance(pool, Backends) else Backends(clock, [pool])
         self.clock = clock
@@ -132,13 +151,20 @@ class H1Proxy:
         self.header_timeout = header_timeout
         self.trusted_proxies = trusted_proxies
         self.events: Counter[str] = events if events is not None else Counter()
+        self.websocket_idle_timeout = websocket_idle_timeout
         #: Open client connections, closed when the server stops.
         self.connections: set[Any] = set()  # H1ProxyProtocol and H2ProxyProtocol: abort()
+        self.upgrades: Counter[str] = Counter()
+        self.tunnels: set[Tunnel] = set()
 
     @property
     def pool(self) -> Backends:
         """L{backends}, under the name the HTTP/2 exchange gives connections back with."""
         return self.backends
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        """Both ends of an upgraded connection are gone."""
+        self.tunnels.discard(tunnel)
 
     def close_all(self) -> None:
         """Close every client connection (the server is stopping)."""
@@ -157,7 +183,7 @@ class _Exchange:
         "backend", "connecting", "pending", "pending_size", "request_done", "response_started",
         "response_chunked", "response_close", "timer", "code", "sent", "finished", "retried",
         "referer", "agent", "body_limit", "body_seen", "close_delimited", "expect_continue", "up", "down",
-        "problem", "backend_framed", "pool", "tried",
+        "problem", "backend_framed", "pool", "tried", "upgrade",
     )
 
     def __init__(self, client: H1ProxyProtocol, method: bytes, path: bytes, version: bytes, keep_alive: bool,
@@ -204,6 +230,8 @@ class _Exchange:
         self.pool: BackendPool | None = None
         #: The backends that failed this request, once one has.
         self.tried: tuple[BackendPool, ...] = ()
+        #: The request went to the backend with its upgrade headers.
+        self.upgrade = False
 
     def release_producers(self) -> None:
         """
@@ -355,6 +383,12 @@ class _Exchange:
     def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self._head_arrived(code)
         proxy = self.proxy
+        if self.upgrade:
+            # Declined: an ordinary response, after which the connection
+            # goes on as HTTP unless the client already sent more.
+            proxy.upgrades["declined"] += 1
+            if self.client.sent_past_upgrade():
+                self.keep_alive = False
         extra = connection_tokens(headers)
         out = [b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"OK"))]
         length: int | None = None
@@ -391,6 +425,38 @@ class _Exchange:
         if self.backend is not None and has_body:
             self.down = self.client.transport
             self.down.registerProducer(self.backend.transport, True)
+
+    def backend_switched(
+        self, conn: BackendConnection, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes
+    ) -> None:
+        """
+        The backend answered the upgrade with C{101}: relay that head
+        (hop-by-hop headers dropped, C{Connection: upgrade} and C{Upgrade}
+        kept), and join the two connections.
+        """
+        if self.finished:
+            conn.close()
+            return
+        self._head_arrived(101)
+        extra = connection_tokens(headers) - {b"upgrade"}
+        out = [b"HTTP/1.1 101 %s\r\n" % (reason or _REASONS[101])]
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"upgrade":
+                out.append(b"Upgrade: %s\r\n" % (value,))
+                continue
+            if lower in HOP_BY_HOP or lower in extra:
+                continue
+            out.append(b"%s: %s\r\n" % (name, value))
+        out.append(b"Connection: Upgrade\r\n\r\n")
+        self.client.write(b"".join(out))
+        self.response_started = True
+        self.release_producers()
+        self.backend = None
+        self.finished = True
+        self.proxy.upgrades["switched"] += 1
+        self._log_access()
+        self.client.switch_protocols(self, conn, rest)
 
     def backend_body(self, data: bytes) -> None:
         if self.finished:
@@ -468,6 +534,10 @@ class _Exchange:
                 path=self.path.decode("ascii", "replace")[:200], code=code, error=detail,
             )
         self.abandon_backend()
+        if self.upgrade:
+            self.proxy.upgrades["failed"] += 1
+            if self.client.sent_past_upgrade():
+                self.keep_alive = False  # what it sent cannot be read as HTTP
         if self.response_started:
             self.finished = True
             self.client.exchange_aborted(self)
@@ -514,6 +584,10 @@ class _Exchange:
 
     def _finished(self) -> None:
         self.finished = True
+        self._log_access()
+        self.client.exchange_finished(self)
+
+    def _log_access(self) -> None:
         proxy = self.proxy
         pool = self.pool
         if pool is not None:
@@ -522,7 +596,6 @@ class _Exchange:
         if proxy.access_log is not None:
             proxy.access_log.log(self.client.peer, self.method, self.path, self.version, self.code, self.sent,
                                  self.referer, self.agent)
-        self.client.exchange_finished(self)
 
 
 _DETAILS = {
@@ -557,6 +630,12 @@ class H1ProxyProtocol(Protocol):
         self._idle_timer: Any = None
         self._in_head = False
         self._head_bytes = 0
+        #: The upgrade request whose answer decides what the bytes after
+        #: it are; C{_held} keeps those bytes (None: not there yet).
+        self._upgrade: _Exchange | None = None
+        self._held: list[bytes] | None = None
+        self._held_size = 0
+        self._tunnel: Tunnel | None = None
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -576,14 +655,30 @@ class H1ProxyProtocol(Protocol):
         self._arm_idle()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing or self._stopped:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.from_client(data)
+            return
+        if self._closing:
+            return
+        if self._held is not None:
+            self._hold(data)
+            return
+        if self._stopped:
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade (WebSocket) is not relayed on this path: the request
-            # went to the backend as a plain one; close after it.
-            self._closing_after_current()
+        except httptools.HttpParserUpgrade as e:
+            waiting = self._upgrade
+            if waiting is None or waiting.finished:
+                # An upgrade the edge does not relay (h2c, a refused
+                # request): it went as a plain request; close after it.
+                self._closing_after_current()
+                return
+            # What follows is not HTTP, whatever it looks like: held until
+            # the backend's answer says what it is.
+            self._held = []
+            self._hold(data[e.args[0]:])
             return
         except httptools.HttpParserError:
             self._stop_reading()
@@ -616,6 +711,38 @@ class H1ProxyProtocol(Protocol):
         if not self._closing:
             self.pause_reading()
 
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes sent after an upgrade request (bounded: beyond, the client waits)."""
+        assert self._held is not None
+        if data:
+            self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size > PENDING_BODY:
+                self.pause_reading()
+
+    def sent_past_upgrade(self) -> bool:
+        """Did the client send anything after its upgrade request (not HTTP, then)?"""
+        return bool(self._held_size)
+
+    def switch_protocols(self, exchange: _Exchange, backend: BackendConnection, from_backend: bytes) -> None:
+        """
+        The backend switched protocols for C{exchange}: from now on this
+        connection and C{backend} are one byte pipe (L{Tunnel}). No HTTP
+        timer of this connection runs any more; the tunnel has its own.
+        """
+        self._exchange = None
+        self._upgrade = None
+        self._cancel_idle()
+        held, self._held = self._held or [], None
+        self._held_size = 0
+        self._paused = False  # the tunnel resumes the transport
+        proxy = self.proxy
+        tunnel = Tunnel(self.transport, backend.transport, proxy.clock, proxy.websocket_idle_timeout,
+                        proxy.tunnel_closed)
+        self._tunnel = backend.tunnel = tunnel
+        proxy.tunnels.add(tunnel)
+        tunnel.start(b"".join(held), from_backend)
+
     def abort(self) -> None:
         self._closing = True
         self._cancel_idle()
@@ -625,6 +752,8 @@ class H1ProxyProtocol(Protocol):
         self.proxy.connections.discard(self)
         self._closing = True
         self._cancel_idle()
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
         for exchange in [self._exchange, *self._queue, self._current]:
             if exchange is not None and not exchange.finished:
                 exchange.finished = True
@@ -654,7 +783,7 @@ class H1ProxyProtocol(Protocol):
         self._arm_timer(self.proxy.idle_timeout, self._idle_timed_out)
 
     def _arm_timer(self, seconds: float, call: Callable[[], None]) -> None:
-        if self._closing:
+        if self._closing or self._tunnel is not None:
             return
         self._cancel_idle()
         self._idle_timer = self.proxy.clock.callLater(seconds, call)
@@ -716,16 +845,43 @@ class H1ProxyProtocol(Protocol):
         parser = self._parser
         method = parser.get_method()
         version = parser.get_http_version().encode("ascii")
-        keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
-        problem, head, chunked, referer, agent, expect = self._upstream_head(method, version)
+        upgrade: bytes | None = None
+        if parser.should_upgrade():
+            upgrade = self._upgrade_relayed(method, version)
+            if upgrade is None:
+                self.proxy.upgrades["refused"] += 1
+        # An upgrade not relayed leaves the parser stopped: close after it.
+        keep_alive = parser.should_keep_alive() and (upgrade is not None or not parser.should_upgrade())
+        problem, head, chunked, referer, agent, expect = self._upstream_head(method, version, upgrade)
         exchange = _Exchange(self, method, self._url, version, keep_alive, head, chunked, referer, agent)
         self._current = exchange
         if problem is not None:
             exchange.problem = problem
             exchange.request_done = True
-        elif expect:
-            exchange.expect_continue = True
+            if upgrade is not None:
+                self.proxy.upgrades["refused"] += 1
+        else:
+            if expect:
+                exchange.expect_continue = True
+            if upgrade is not None:
+                exchange.upgrade = True
+                self._upgrade = exchange
         self._enqueue(exchange)
+
+    def _upgrade_relayed(self, method: bytes, version: bytes) -> bytes | None:
+        """
+        The C{Upgrade} to relay for the request whose head just ended, or
+        None: only HTTP/1.1 (an HTTP/1.0 C{Upgrade} must be ignored, RFC
+        9110 7.8), not CONNECT, no body (what would follow it is another
+        protocol's), and a protocol the edge relays (never h2c).
+        """
+        if version != b"1.1" or method == b"CONNECT":
+            return None
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding" or (lower == b"content-length" and value.strip() != b"0"):
+                return None
+        return upgrade_offer(self._headers)
 
     def on_body(self, data: bytes) -> None:
         current = self._current
@@ -747,9 +903,10 @@ class H1ProxyProtocol(Protocol):
     # -- requests -----------------------------------------------------------------------------
 
     def _upstream_head(
-        self, method: bytes, version: bytes
+        self, method: bytes, version: bytes, upgrade: bytes | None = None
     ) -> tuple[tuple[int, str] | None, bytes, bool, bytes, bytes, bool]:
-        return upstream_head(method, self._url, self._headers, self.peer, self.server_name, self.proxy)
+        return upstream_head(method, self._url, self._headers, self.peer, self.server_name, self.proxy,
+                             upgrade=upgrade)
 
     def _enqueue(self, exchange: _Exchange) -> None:
         if self._exchange is None:
@@ -799,6 +956,17 @@ class H1ProxyProtocol(Protocol):
 
     def _advance(self, exchange: _Exchange) -> None:
         self._exchange = None
+        if exchange is self._upgrade:
+            # Answered without a switch: HTTP goes on, on a fresh parser
+            # (the old one stopped at the upgrade), unless the client sent
+            # more already, which cannot be read as HTTP.
+            self._upgrade = None
+            held, self._held = self._held, None
+            if self._held_size:
+                self._close()
+                return
+            if held is not None:
+                self._parser = httptools.HttpRequestParser(self)
         if not exchange.keep_alive:
             self._close()
             return
@@ -825,7 +993,8 @@ class H1ProxyProtocol(Protocol):
 
 
 def upstream_head(
-    method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], peer: str, server_name: str, proxy: H1Proxy
+    method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], peer: str, server_name: str, proxy: H1Proxy,
+    upgrade: bytes | None = None,
 ) -> tuple[tuple[int, str] | None, bytes, bool, bytes, bytes, bool]:
     """
     Validate a request head and build the backend's: (problem, head,
@@ -836,6 +1005,9 @@ def upstream_head(
     proxy's trusted proxies, the chain the request carried followed by
     C{peer} (L{tenantedge.forwarding}); every other forwarding header is
     the edge's own.
+
+    @param upgrade: the C{Upgrade} value to relay (with C{Connection:
+        upgrade}); every other hop-by-hop header is dropped all the same.
     """
     hosts: list[bytes] = []
     chain: list[bytes] = []
@@ -899,6 +1071,8 @@ def upstream_head(
     client = peer.encode("ascii", "replace")
     if chain and proxy.trusted_proxies is not None and proxy.trusted_proxies.trusts(peer):
         client = forwarded_for(chain, client)
+    if upgrade is not None:
+        out.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % (upgrade,))
     out.append(b"Host: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: %s\r\n\r\n"
                % (host, client, host))
     return None, b"".join(out), chunked, referer, agent, expect and (chunked or length is not None)

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 if TYPE_CHECKING:
     from .backend import BackendPool
 
-__all__ = ["Timings", "EdgeCollector", "RenewalGauges", "LimitCollector", "BackendCollector"]
+__all__ = ["Timings", "EdgeCollector", "RenewalGauges", "LimitCollector", "BackendCollector", "UpgradeCollector"]
 
 
 class Timings:
@@ -204,3 +204,34 @@ class BackendCollector:
         yield failures
         yield up
         yield outstanding
+
+
+#: The results an upgrade request can have, each shown from zero.
+UPGRADE_RESULTS = ("switched", "declined", "failed", "refused")
+
+
+@attrs.define(eq=False)
+class UpgradeCollector:
+    """
+    Upgrade (WebSocket) requests of the HTTP/1.1 relay by result, and the
+    upgraded connections open now.
+
+    @ivar results: L{tenantedge.http1.H1Proxy.upgrades}.
+    @ivar open: how many upgraded connections are open.
+    """
+
+    results: Mapping[str, int]
+    open: Callable[[], int]
+
+    def collect(self) -> Iterator[Any]:
+        upgrades = CounterMetricFamily(
+            "tenantedge_upgrades", "HTTP/1.1 upgrade (WebSocket) requests by result.", labels=["result"]
+        )
+        for result in sorted(set(UPGRADE_RESULTS) | set(self.results)):
+            upgrades.add_metric([result], self.results.get(result, 0))
+        yield upgrades
+        tunnels = GaugeMetricFamily(
+            "tenantedge_upgraded_connections", "Upgraded (WebSocket) connections open, client to backend."
+        )
+        tunnels.add_metric([], self.open())
+        yield tunnels

@@ -34,7 +34,7 @@ from .demo import DemoBackendService
 from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
-from .metrics import BackendCollector, LimitCollector
+from .metrics import BackendCollector, LimitCollector, UpgradeCollector
 from .options import PluginOptions as Options
 from .proxy import EdgeSite, backend_endpoints, backend_prefix
 from .proxyheader import ProxyHeaderEndpoint, split_proxy_prefix
@@ -197,8 +197,10 @@ def build_edge(
         access_log=AccessLog(config.access_log) if config.access_log else None,
         header_timeout=config.header_timeout, idle_timeout=config.idle_timeout,
         trusted_proxies=config.trusted_proxies, events=limits,
+        websocket_idle_timeout=config.websocket_idle_timeout,
     )
     on_demand.timings.registry.register(LimitCollector(limits))
+    on_demand.timings.registry.register(UpgradeCollector(h1.upgrades, lambda: len(h1.tunnels)))
     summary = LimitSummary(limits, on_demand.handshakes)
     https = _listener(config.https, on_demand.wrap(EdgeHTTPFactory(h1)), "tenant traffic", "https")
     listeners = [("https", https)]

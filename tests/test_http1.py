@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -598,3 +600,354 @@ class TrustedChainTests(RelayTests):
         client.makeConnection(wire)
         client.dataReceived(b"GET / HTTP/1.1\r\nHost: other.test\r\nX-Forwarded-Host: shop.test\r\n\r\n")
         self.assertTrue(wire.value().startswith(b"HTTP/1.1 421 "))
+
+
+_UPGRADE = (
+    b"GET /chat HTTP/1.1\r\nHost: shop.test\r\nConnection: keep-alive, Upgrade, X-Hop\r\nUpgrade: websocket\r\n"
+    b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+_SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Internal\r\nX-Internal: s\r\n"
+    b"Keep-Alive: timeout=5\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+class UpgradeTests(SynchronousTestCase):
+    """HTTP/1.1 upgrades (WebSocket) through the relay, both sides on C{StringTransport}s."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1000)
+        self.endpoint = FakeEndpoint()
+        self.pool = BackendPool(self.clock, lambda: self.endpoint)
+        self.proxy = H1Proxy(self.pool, self.clock, timeout=30, websocket_idle_timeout=600)
+        self.client = H1ProxyProtocol(self.proxy, "shop.test")
+        self.wire = StringTransport(peerAddress=_Peer("203.0.113.9"))
+        self.client.makeConnection(self.wire)
+
+    def switched(self, request: bytes = _UPGRADE, answer: bytes = _SWITCHED) -> tuple[Any, StringTransport]:
+        """Send an upgrade request, answer it with C{answer}; the wires are cleared."""
+        self.client.dataReceived(request)
+        backend, bwire = self.endpoint.complete()
+        self.assertTrue(bwire.value().startswith(b"GET /chat HTTP/1.1\r\n"))
+        bwire.clear()
+        backend.dataReceived(answer)
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 101 Switching Protocols\r\n"))
+        self.wire.clear()
+        return backend, bwire
+
+    def test_upgrade_headers_forwarded(self) -> None:
+        """
+        Connection: upgrade and Upgrade reach the backend; every other
+        hop-by-hop header (and any named in Connection) is still dropped,
+        X-Forwarded-* set afresh.
+        """
+        self.client.dataReceived(_UPGRADE)
+        _backend, bwire = self.endpoint.complete()
+        sent = bwire.value()
+        self.assertIn(b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", sent)
+        self.assertEqual(sent.lower().count(b"connection:"), 1)
+        self.assertIn(b"Host: shop.test\r\n", sent)
+        self.assertIn(b"X-Forwarded-For: 203.0.113.9\r\n", sent)
+        self.assertIn(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", sent)
+        self.assertIn(b"Sec-WebSocket-Version: 13\r\n", sent)
+        for bad in (b"6.6.6.6", b"X-Hop", b"Keep-Alive", b"keep-alive"):
+            self.assertNotIn(bad, sent)
+
+    def test_101_relayed_then_bytes_both_ways(self) -> None:
+        """
+        The 101 head goes to the client with Upgrade and Connection: upgrade
+        (the backend's other hop-by-hop headers dropped); then bytes go
+        through unparsed both ways, and the backend connection is not pooled.
+        """
+        self.client.dataReceived(_UPGRADE)
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(_SWITCHED)
+        head = self.wire.value()
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"))
+        self.assertTrue(head.endswith(b"\r\n\r\n"))
+        self.assertIn(b"\r\nUpgrade: websocket\r\n", head)
+        self.assertIn(b"\r\nConnection: Upgrade\r\n", head)
+        self.assertIn(b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", head)
+        for bad in (b"X-Internal", b"Keep-Alive"):
+            self.assertNotIn(bad, head)
+        self.wire.clear()
+        bwire.clear()
+        self.client.dataReceived(b"\x81\x05hello")
+        self.client.dataReceived(b"GET / HTTP/1.1\r\n\r\n")  # not HTTP any more: just bytes
+        self.assertEqual(bwire.value(), b"\x81\x05helloGET / HTTP/1.1\r\n\r\n")
+        backend.dataReceived(b"\x81\x02hi")
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertEqual(self.wire.value(), b"\x81\x02hiHTTP/1.1 200 OK\r\n\r\n")
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertEqual(self.proxy.upgrades["switched"], 1)
+        self.assertEqual(len(self.proxy.tunnels), 1)
+
+    def test_bytes_past_the_heads_forwarded(self) -> None:
+        """
+        Bytes that came with the heads, and what the client sent while the
+        backend was answering, are forwarded in order once switched;
+        nothing after the upgrade request is parsed as HTTP.
+        """
+        pipelined = b"GET /next HTTP/1.1\r\nHost: shop.test\r\n\r\n"
+        self.client.dataReceived(_UPGRADE + b"\x81\x01a" + pipelined)
+        backend, bwire = self.endpoint.complete()
+        self.client.dataReceived(b"\x81\x01b")
+        self.assertNotIn(b"/next", bwire.value())
+        bwire.clear()
+        backend.dataReceived(_SWITCHED + b"\x81\x03srv")
+        self.assertTrue(self.wire.value().endswith(b"\r\n\r\n\x81\x03srv"))
+        self.assertEqual(bwire.value(), b"\x81\x01a" + pipelined + b"\x81\x01b")
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_back_pressure_both_ways(self) -> None:
+        """
+        Each transport is the other's streaming producer, so a full write
+        buffer on one side pauses reading on the other.
+        """
+        backend, bwire = self.switched()
+        self.assertIs(self.wire.producer, bwire)
+        self.assertTrue(self.wire.streaming)
+        self.assertIs(bwire.producer, self.wire)
+        self.assertTrue(bwire.streaming)
+
+    def test_client_paused_while_waiting_is_resumed(self) -> None:
+        """
+        A client sending more than the relay holds while the backend
+        answers is paused, then resumed by the switch with every byte
+        forwarded.
+        """
+        self.client.dataReceived(_UPGRADE)
+        backend, bwire = self.endpoint.complete()
+        bwire.clear()
+        early = b"x" * (300 * 1024)
+        self.client.dataReceived(early)
+        self.assertEqual(self.wire.producerState, "paused")
+        backend.dataReceived(_SWITCHED)
+        self.assertEqual(self.wire.producerState, "producing")
+        self.assertEqual(bwire.value(), early)
+
+    def test_client_close_closes_backend(self) -> None:
+        """The client's close (or abort) closes the backend connection after what it was sent."""
+        backend, bwire = self.switched()
+        self.client.dataReceived(b"last")
+        self.client.connectionLost(_failure(ConnectionResetError()))
+        self.assertEqual(bwire.value(), b"last")
+        self.assertTrue(bwire.disconnecting)
+        self.assertFalse(bwire.disconnected)  # closed, not aborted: what was written is flushed
+        self.assertIsNone(bwire.producer)
+        self.assertEqual(len(self.proxy.tunnels), 1)
+        backend.connectionLost(_failure(ConnectionResetError()))
+        self.assertEqual(len(self.proxy.tunnels), 0)
+        self.assertEqual(self.pool.idle_count(), 0)
+
+    def test_backend_close_closes_client(self) -> None:
+        """The backend's close (a server-initiated close) closes the client's connection after flushing."""
+        backend, bwire = self.switched()
+        backend.dataReceived(b"\x88\x00")
+        backend.connectionLost(_failure(ConnectionResetError()))
+        self.assertEqual(self.wire.value(), b"\x88\x00")
+        self.assertTrue(self.wire.disconnecting)
+        self.assertFalse(self.wire.disconnected)
+        self.assertIsNone(self.wire.producer)
+        self.client.connectionLost(_failure(ConnectionResetError()))
+        self.assertEqual(len(self.proxy.tunnels), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_only_the_tunnel_timer_runs(self) -> None:
+        """
+        Once switched, no HTTP timer of the connection (head deadline,
+        keep-alive idle) nor the backend deadline is armed: only the
+        tunnel's idle timer.
+        """
+        self.switched()
+        calls = self.clock.getDelayedCalls()
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(calls[0].getTime(), self.clock.seconds() + 600)
+        self.clock.advance(self.proxy.idle_timeout + 1)
+        self.clock.advance(30 + 1)  # past the head deadline and the backend timeout
+        self.assertFalse(self.wire.disconnecting)
+
+    def test_idle_timeout(self) -> None:
+        """
+        No byte either way for --websocket-idle-timeout closes both sides;
+        a byte in either direction starts the wait afresh.
+        """
+        backend, bwire = self.switched()
+        self.clock.advance(599)
+        self.client.dataReceived(b"ping")
+        self.clock.advance(599)
+        backend.dataReceived(b"pong")
+        self.clock.advance(599)
+        self.assertFalse(self.wire.disconnecting or bwire.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.wire.disconnected)
+        self.assertTrue(bwire.disconnected)
+        self.client.connectionLost(_failure(ConnectionResetError()))
+        backend.connectionLost(_failure(ConnectionResetError()))
+        self.assertEqual(len(self.proxy.tunnels), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_idle_timeout(self) -> None:
+        """With the idle timeout 0, an upgraded connection has no timer at all."""
+        self.proxy.websocket_idle_timeout = 0
+        _backend, bwire = self.switched()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(86400 * 7)
+        self.assertFalse(self.wire.disconnecting or bwire.disconnecting)
+
+    def test_non_101_keeps_http(self) -> None:
+        """
+        An upgrade the backend declines is an ordinary response: relayed,
+        the backend connection pooled again, the next request parsed as HTTP.
+        """
+        self.client.dataReceived(_UPGRADE)
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno")
+        out = self.wire.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 426 Upgrade Required\r\n"))
+        self.assertTrue(out.endswith(b"\r\n\r\nno"))
+        self.assertNotIn(b"Connection: close", out)
+        self.assertFalse(self.wire.disconnecting)
+        self.assertEqual(self.pool.idle_count(), 1)
+        bwire.clear()
+        self.client.dataReceived(b"GET /after HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        self.assertTrue(bwire.value().startswith(b"GET /after HTTP/1.1\r\n"))
+        backend.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 204 No Content\r\n", self.wire.value())
+        self.assertEqual(self.proxy.upgrades["declined"], 1)
+        self.assertEqual(self.proxy.tunnels, set())
+
+    def test_non_101_after_early_bytes_closes(self) -> None:
+        """
+        Declined after the client already sent bytes past the upgrade
+        request: those cannot be read as HTTP, so the response says
+        Connection: close and the connection closes after it.
+        """
+        self.client.dataReceived(_UPGRADE + b"\x81\x01a")
+        backend, bwire = self.endpoint.complete()
+        bwire.clear()
+        backend.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        out = self.wire.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 403 Forbidden\r\n"))
+        self.assertIn(b"Connection: close\r\n", out)
+        self.assertTrue(self.wire.disconnecting)
+        self.assertEqual(bwire.value(), b"")
+
+    def test_h2c_refused(self) -> None:
+        """
+        An h2c upgrade (alone or among others) reaches the backend as a
+        plain request, without Upgrade, HTTP2-Settings or Connection:
+        upgrade; the connection closes after the answer, what followed unread.
+        """
+        for offer in (b"h2c", b"websocket, H2C", b"h2c/1"):
+            self.setUp()
+            self.client.dataReceived(
+                b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: %s\r\n"
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" % (offer,)
+            )
+            backend, bwire = self.endpoint.complete()
+            sent = bwire.value()
+            self.assertTrue(sent.startswith(b"GET / HTTP/1.1\r\n"))
+            for bad in (b"Upgrade", b"upgrade", b"HTTP2-Settings", b"h2c", b"H2C", b"PRI"):
+                self.assertNotIn(bad, sent)
+            backend.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+            self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 502 "), offer)
+            self.assertEqual(self.proxy.upgrades, {"refused": 1})
+            self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_upgrade_with_body_or_http10_not_relayed(self) -> None:
+        """Only a bodiless HTTP/1.1 request is relayed as an upgrade."""
+        for request in (
+            b"POST /chat HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Content-Length: 2\r\n\r\nab",
+            b"GET /chat HTTP/1.0\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ):
+            self.setUp()
+            self.client.dataReceived(request)
+            _backend, bwire = self.endpoint.complete()
+            self.assertNotIn(b"Upgrade", bwire.value())
+            self.assertEqual(self.proxy.upgrades, {"refused": 1})
+
+    def test_unasked_101_is_502(self) -> None:
+        """A 101 to a request that did not ask for an upgrade is a broken backend: 502, connection dropped."""
+        self.client.dataReceived(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(_SWITCHED + b"\x81\x01a")
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(bwire.disconnected)
+        self.assertEqual(self.proxy.tunnels, set())
+
+    def test_101_without_upgrade_header_is_502(self) -> None:
+        self.client.dataReceived(_UPGRADE)
+        backend, bwire = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(bwire.disconnected)
+        self.assertEqual(self.proxy.upgrades["failed"], 1)
+
+    def test_misdirected_upgrade(self) -> None:
+        """The Host check applies to an upgrade as to any request: 421, no backend."""
+        self.client.dataReceived(_UPGRADE.replace(b"Host: shop.test", b"Host: other.test"))
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 421 "))
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertEqual(self.proxy.upgrades, {"refused": 1})
+
+    def test_backend_slow_is_504(self) -> None:
+        self.client.dataReceived(_UPGRADE)
+        self.endpoint.complete()
+        self.clock.advance(31)
+        self.assertTrue(self.wire.value().startswith(b"HTTP/1.1 504 "))
+        self.assertEqual(self.proxy.upgrades["failed"], 1)
+
+    def test_server_stop_closes_tunnels(self) -> None:
+        """Stopping the server aborts the client side, which closes the backend side."""
+        backend, bwire = self.switched()
+        self.proxy.close_all()
+        self.assertTrue(self.wire.disconnected)
+        self.client.connectionLost(_failure(ConnectionResetError()))
+        self.assertTrue(bwire.disconnecting)
+
+    def test_metrics(self) -> None:
+        """tenantedge_upgrades_total by result (every result from zero) and the open count."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from tenantedge.metrics import UpgradeCollector
+
+        self.switched()
+        registry = CollectorRegistry()
+        registry.register(UpgradeCollector(self.proxy.upgrades, lambda: len(self.proxy.tunnels)))
+        text = generate_latest(registry).decode()
+        self.assertIn('tenantedge_upgrades_total{result="switched"} 1.0', text)
+        self.assertIn('tenantedge_upgrades_total{result="declined"} 0.0', text)
+        self.assertIn("tenantedge_upgraded_connections 1.0", text)
+
+
+class UpgradeOfferTests(SynchronousTestCase):
+    """L{tenantedge.headers.upgrade_offer}, on the client's (untrusted) headers."""
+
+    def test_offers(self) -> None:
+        from tenantedge.headers import upgrade_offer
+
+        for headers, offer in [
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")], b"websocket"),
+            ([(b"connection", b"keep-alive, UPGRADE"), (b"upgrade", b" WebSocket ")], b"WebSocket"),
+            ([(b"Upgrade", b"websocket")], None),  # Connection does not name it
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Upgrade", b"x")], None),
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"")], None),
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")], None),
+            ([(b"Connection", b"Upgrade"), (b"Upgrade", b"foo/2, H2C/1")], None),
+        ]:
+            self.assertEqual(upgrade_offer(headers), offer, headers)
+
+    @given(st.lists(st.tuples(st.sampled_from([b"Connection", b"Upgrade", b"upgrade", b"X"]), st.binary(max_size=40))))
+    def test_never_h2c(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Whatever the headers, the offer (if any) never names h2c and never raises."""
+        from tenantedge.headers import upgrade_offer
+
+        offer = upgrade_offer(headers)
+        if offer is not None:
+            tokens = [t.strip().split(b"/")[0].lower() for t in offer.split(b",")]
+            self.assertNotIn(b"h2c", tokens)

@@ -96,13 +96,16 @@ def run(
 class Backend:
     """
     The test backend (L{tests.support.backend}) in its own process: on a
-    free loopback port, or C{port}, or the UNIX socket C{unix}.
+    free loopback port, or C{port}, or the UNIX socket C{unix}; or another
+    script here (C{script}) that prints its port first.
     """
 
-    def __init__(self, port: int | None = None, unix: str | None = None, name: str = "backend") -> None:
+    def __init__(self, port: int | None = None, unix: str | None = None, name: str = "backend",
+                 script: str = "backend.py") -> None:
         self.port: int | None = port
         self.unix = unix
         self.name = name
+        self.script = script
         self.process: Any = None
         self._ended: defer.Deferred[None] = defer.Deferred()
 
@@ -126,7 +129,9 @@ class Backend:
         self._ended = defer.Deferred()
         where = ["--unix", self.unix] if self.unix else ["--port", str(self.port or 0)]
         self.process = reactor.spawnProcess(
-            P(), sys.executable, [sys.executable, os.path.join(HERE, "backend.py"), *where, "--name", self.name],
+            P(), sys.executable,
+            [sys.executable, os.path.join(HERE, self.script),
+             *([*where, "--name", self.name] if self.script == "backend.py" else [])],
             env=os.environ.copy(),
         )
         started.addTimeout(30, reactor)
