@@ -32,6 +32,9 @@ C{Headers} objects per stream that nobody reads. Here:
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +62,7 @@ from zope.interface import implementer
 from .backend import NO_RESPONSE_BODY, BackendConnection
 from .headers import HOP_BY_HOP, connection_tokens, error_body
 from .http1 import _DETAILS, _REASONS, H1Proxy, _Exchange, upstream_head
+from .tunnel import Tunnel
 from .writethrough import set_no_delay
 
 __all__ = ["H2ProxyProtocol", "MAX_STREAMS", "MAX_RESETS", "RESET_WINDOW"]
@@ -186,6 +190,94 @@ class _H2Exchange(_Exchange):
         super().abandon_backend()
         self.stream.release_source()
 
+    def backend_switched(
+        self, conn: BackendConnection, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes
+    ) -> None:
+        """
+        The backend accepted the WebSocket (RFC 8441 on our side, an
+        HTTP/1.1 upgrade on its): check its C{Sec-WebSocket-Accept}, answer
+        the stream 200, and join the stream and the connection.
+        """
+        if self.finished:
+            conn.close()
+            return
+        key = self.stream.websocket_key
+        accept = next((value for name, value in headers if name.lower() == b"sec-websocket-accept"), b"")
+        if key is None or accept.strip() != websocket_accept(key):
+            self.backend = None
+            conn.close()
+            self.fail(502, "the backend's WebSocket handshake does not match")  # counted as failed
+            return
+        self._head_arrived(101)
+        extra = connection_tokens(headers)
+        out = [(b":status", b"200")]
+        for name, value in headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in extra or lower == b"sec-websocket-accept":
+                continue
+            out.append((lower, value))
+        stream = self.stream
+        stream.send_headers(out)
+        self.response_started = True
+        self.code = 200
+        self.release_producers()
+        self.backend = None
+        self.finished = True
+        self.proxy.upgrades["switched"] += 1
+        self._log_access()
+        pipe = _StreamPipe(stream)
+        proxy = self.proxy
+
+        def closed(tunnel: Tunnel) -> None:
+            proxy.tunnel_closed(tunnel)
+            stream.end()
+
+        tunnel = Tunnel(pipe, conn.transport, proxy.clock, proxy.websocket_idle_timeout, closed)
+        stream.tunnel = conn.tunnel = tunnel
+        proxy.tunnels.add(tunnel)
+        tunnel.start(b"", rest)
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """RFC 6455 4.2.2: what C{Sec-WebSocket-Accept} must say for C{key}."""
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+class _StreamPipe:
+    """
+    An HTTP/2 stream carrying a WebSocket, as the client side of a
+    L{Tunnel}: what the tunnel expects of a transport, in stream terms
+    (writes are DATA frames under flow control, pausing is holding back
+    the stream's window, closing is END_STREAM, aborting RST_STREAM).
+    """
+
+    def __init__(self, stream: _Stream) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        self.stream.send(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.stream.source = producer
+
+    def unregisterProducer(self) -> None:
+        self.stream.release_source()
+
+    def pauseProducing(self) -> None:
+        self.stream.pause_reading()
+
+    def resumeProducing(self) -> None:
+        self.stream.resume_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        self.stream.end()
+
+    def abortConnection(self) -> None:
+        self.stream.connection.reset(self.stream, ErrorCodes.CANCEL)
+
 
 @implementer(IPushProducer)
 class _Stream:
@@ -198,6 +290,7 @@ class _Stream:
     __slots__ = (
         "connection", "stream_id", "proxy", "peer", "transport", "exchange", "paused", "unacked", "queue",
         "queued", "end_pending", "local_ended", "remote_ended", "closed", "source", "source_paused",
+        "tunnel", "websocket_key",
     )
 
     def __init__(self, connection: H2ProxyProtocol, stream_id: int) -> None:
@@ -221,6 +314,10 @@ class _Stream:
         #: queue grows past L{QUEUE_HIGH}).
         self.source: Any = None
         self.source_paused = False
+        #: A WebSocket (RFC 8441) once the backend switched: DATA goes there.
+        self.tunnel: Tunnel | None = None
+        #: The Sec-WebSocket-Key sent to the backend for it.
+        self.websocket_key: bytes | None = None
 
     # -- the exchange's client ---------------------------------------------------------
 
@@ -239,6 +336,10 @@ class _Stream:
 
     def write(self, data: bytes) -> None:
         self.send(data)
+
+    def sent_past_upgrade(self) -> bool:
+        """Bytes after an upgrade request cannot be mistaken for HTTP on a stream of their own."""
+        return False
 
     def exchange_finished(self, exchange: _Exchange) -> None:
         if not self.remote_ended and not self.closed:
@@ -350,6 +451,8 @@ class H2ProxyProtocol(Protocol):
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
             SettingCodes.MAX_HEADER_LIST_SIZE: 64 * 1024,
+            # RFC 8441: WebSockets over HTTP/2 (extended CONNECT).
+            SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
         })
         # Settings given this way take effect at once; the frame parser
         # must know the larger frame size too (h2 sets it only on an ACK).
@@ -394,6 +497,8 @@ class H2ProxyProtocol(Protocol):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.closed = True
+            if stream.tunnel is not None:
+                stream.tunnel.client_lost()
             exchange = stream.exchange
             if exchange is not None and not exchange.finished:
                 exchange.finished = True
@@ -483,10 +588,19 @@ class H2ProxyProtocol(Protocol):
         ended = event.stream_ended is not None
         stream.remote_ended = ended
         problem: tuple[int, str] | None = None
+        upgrade: bytes | None = None
         if bad:
             problem = (400, "Malformed request header.")
+        elif method == b"CONNECT" and protocol == b"websocket" and not ended:
+            # RFC 8441: to the backend, the HTTP/1.1 upgrade it knows
+            # (RFC 6455), with a key of our own.
+            method = b"GET"
+            upgrade = b"websocket"
+            key = stream.websocket_key = base64.b64encode(os.urandom(16))
+            headers = [(n, v) for n, v in headers if n != b"sec-websocket-key"]
+            headers.append((b"sec-websocket-key", key))
         elif method == b"CONNECT" or protocol:
-            problem = (501, "CONNECT is not relayed.")
+            problem = (501, "Only WebSocket (RFC 8441) CONNECT is relayed.")
         elif authority and any(host != authority for host in hosts):
             problem = (400, "The Host header disagrees with :authority.")
         host = authority or (hosts[0] if len(hosts) == 1 else b"")
@@ -494,14 +608,17 @@ class H2ProxyProtocol(Protocol):
             headers.append((b"host", host))
         if cookies:
             headers.append((b"cookie", b"; ".join(cookies)))
-        if not ended and not length:
+        if not ended and not length and upgrade is None:
             headers.append((b"transfer-encoding", b"chunked"))
         found, head, chunked, referer, agent, expect = upstream_head(
-            method, path, headers, self.peer, self.server_name, self.proxy
+            method, path, headers, self.peer, self.server_name, self.proxy, upgrade=upgrade
         )
         problem = problem or found
         exchange = _H2Exchange(stream, method, path, head, chunked, referer, agent)
         stream.exchange = exchange
+        if upgrade is not None:
+            exchange.upgrade = True
+            ended = True  # the request is its head; DATA frames are the WebSocket's
         if problem is not None:
             exchange.request_done = True
             exchange.fail(*problem, quiet=True)
@@ -518,6 +635,14 @@ class H2ProxyProtocol(Protocol):
         size = event.flow_controlled_length
         if stream is None or stream.exchange is None or stream.closed:
             if size:
+                self.acknowledge(event.stream_id, size)
+            return
+        if stream.tunnel is not None:
+            if event.data:
+                stream.tunnel.from_client(event.data)
+            if stream.paused:
+                stream.unacked += size
+            elif size:
                 self.acknowledge(event.stream_id, size)
             return
         exchange = stream.exchange
@@ -541,6 +666,10 @@ class H2ProxyProtocol(Protocol):
         if stream is None:
             return
         stream.remote_ended = True
+        if stream.tunnel is not None:
+            stream.tunnel.client_lost()
+            self.stream_settled(stream)
+            return
         exchange = stream.exchange
         if exchange is None:
             return
@@ -556,6 +685,8 @@ class H2ProxyProtocol(Protocol):
         if stream is not None:
             stream.closed = True
             stream.queue.clear()
+            if stream.tunnel is not None:
+                stream.tunnel.client_lost()
             exchange = stream.exchange
             if exchange is not None and not exchange.finished:
                 exchange.finished = True
@@ -693,6 +824,8 @@ class H2ProxyProtocol(Protocol):
         stream.queue.clear()
         self._pending_resets.pop(stream.stream_id, None)
         self.streams.pop(stream.stream_id, None)
+        if stream.tunnel is not None:
+            stream.tunnel.client_lost()
         exchange = stream.exchange
         if exchange is not None and not exchange.finished:
             exchange.finished = True

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.backend import BackendPool
 from tenantedge.http1 import H1Proxy
-from tenantedge.http2 import MAX_RESETS, QUEUE_HIGH, H2ProxyProtocol
+from tenantedge.http2 import MAX_RESETS, QUEUE_HIGH, H2ProxyProtocol, websocket_accept
 
 from .test_http1 import FakeEndpoint, _Peer
 
@@ -73,7 +73,9 @@ class Client:
         return b"".join(e.data for e in self.of(sid, DataReceived))
 
 
-class H2RelayTests(SynchronousTestCase):
+class H2TestCase(SynchronousTestCase):
+    """An edge's HTTP/2 protocol, a client and controllable backend connections."""
+
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.clock.advance(1000)
@@ -92,6 +94,8 @@ class H2RelayTests(SynchronousTestCase):
     def backend(self) -> tuple[Any, StringTransport]:
         return self.endpoint.complete()
 
+
+class H2RelayTests(H2TestCase):
     def test_get_relayed(self) -> None:
         """
         :authority becomes Host, X-Forwarded-* are set, cookies are one
@@ -294,3 +298,96 @@ class H2RelayTests(SynchronousTestCase):
         remote = self.client.h2.remote_settings
         self.assertEqual(remote[SettingCodes.MAX_CONCURRENT_STREAMS], 100)
         self.assertGreaterEqual(remote[SettingCodes.INITIAL_WINDOW_SIZE], 1 << 20)
+
+
+class WebSocketOverH2Tests(H2TestCase):
+    """RFC 8441: a WebSocket on an HTTP/2 stream, an HTTP/1.1 upgrade at the backend."""
+
+    def open(self) -> tuple[int, Any, StringTransport, bytes]:
+        sid = self.client.request(b"CONNECT", b"/chat", headers=[
+            (b":protocol", b"websocket"), (b"sec-websocket-version", b"13"), (b"sec-websocket-protocol", b"chat"),
+            (b"sec-websocket-key", b"client-chosen"),
+        ], end=False)
+        backend, bwire = self.backend()
+        sent = bwire.value()
+        bwire.clear()
+        key = [line.split(b": ", 1)[1] for line in sent.split(b"\r\n") if line.startswith(b"sec-websocket-key: ")]
+        self.assertEqual(len(key), 1, sent)
+        return sid, backend, bwire, sent
+
+    def test_settings_announce_extended_connect(self) -> None:
+        self.assertEqual(self.client.h2.remote_settings[SettingCodes.ENABLE_CONNECT_PROTOCOL], 1)
+
+    def test_relayed_as_an_upgrade(self) -> None:
+        """
+        The backend gets a GET with the RFC 6455 upgrade headers and a key
+        of the edge's own; after its 101 (with the matching accept) the
+        stream answers 200 and carries the bytes both ways; the client
+        ending the stream closes the backend connection, and the backend
+        closing ends the stream.
+        """
+        sid, backend, bwire, sent = self.open()
+        self.assertTrue(sent.startswith(b"GET /chat HTTP/1.1\r\n"), sent)
+        for line in (b"Connection: Upgrade\r\n", b"Upgrade: websocket\r\n", b"sec-websocket-version: 13\r\n",
+                     b"sec-websocket-protocol: chat\r\n", b"Host: shop.test\r\n"):
+            self.assertIn(line, sent)
+        self.assertNotIn(b"client-chosen", sent)
+        key = [line.split(b": ", 1)[1] for line in sent.split(b"\r\n") if line.startswith(b"sec-websocket-key: ")][0]
+        backend.dataReceived(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\nSec-WebSocket-Protocol: chat\r\n\r\nfirst"
+        )
+        self.client.pump()
+        self.assertEqual(self.client.status(sid), b"200")
+        (response,) = self.client.of(sid, ResponseReceived)
+        names = dict(response.headers)
+        self.assertEqual(names[b"sec-websocket-protocol"], b"chat")
+        self.assertNotIn(b"sec-websocket-accept", names)
+        self.assertNotIn(b"upgrade", names)
+        self.assertEqual(self.client.body(sid), b"first")
+        backend.dataReceived(b"\x81\x02hi")
+        self.client.pump()
+        self.assertEqual(self.client.body(sid), b"first\x81\x02hi")
+        self.client.send(sid, b"\x81\x82mask")
+        self.assertEqual(bwire.value(), b"\x81\x82mask")
+        self.assertEqual(self.proxy.upgrades["switched"], 1)
+        self.assertEqual(len(self.proxy.tunnels), 1)
+        self.client.send(sid, b"", end=True)
+        self.assertTrue(bwire.disconnecting)
+        backend.connectionLost()
+        self.client.pump()
+        self.assertTrue(self.client.of(sid, StreamEnded))
+        self.assertEqual(self.proto.streams, {})
+        self.assertEqual(self.proxy.tunnels, set())
+
+    def test_backend_closes_first(self) -> None:
+        sid, backend, bwire, sent = self.open()
+        key = [line.split(b": ", 1)[1] for line in sent.split(b"\r\n") if line.startswith(b"sec-websocket-key: ")][0]
+        backend.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n\r\n")
+        backend.connectionLost()
+        self.client.pump()
+        self.assertTrue(self.client.of(sid, StreamEnded))
+        self.client.send(sid, b"", end=True)
+        self.assertEqual(self.proto.streams, {})
+
+    def test_wrong_accept_is_502(self) -> None:
+        sid, backend, bwire, sent = self.open()
+        backend.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: forged\r\n\r\n")
+        self.client.pump()
+        self.assertEqual(self.client.status(sid), b"502")
+        self.assertTrue(bwire.disconnecting)
+        self.assertEqual(self.proxy.upgrades["failed"], 1)
+
+    def test_refused_websocket_is_an_answer(self) -> None:
+        """A backend that answers 403 instead of 101: the client gets the 403."""
+        sid, backend, bwire, sent = self.open()
+        backend.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+        self.client.pump()
+        self.assertEqual(self.client.status(sid), b"403")
+        self.assertEqual(self.client.body(sid), b"no")
+
+    def test_other_protocols_refused(self) -> None:
+        sid = self.client.request(b"CONNECT", b"/x", headers=[(b":protocol", b"something")], end=False)
+        self.assertEqual(self.client.status(sid), b"501")

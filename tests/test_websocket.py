@@ -82,3 +82,19 @@ class WebSocketTests(TestCase):
     async def test_hundred_concurrent_sockets(self) -> None:
         """100 sockets open at once, each echoing its own message."""
         self.assertEqual(await self.client("many"), {"open": 100, "echoed": 100})
+
+    async def test_over_http2(self) -> None:
+        """
+        RFC 8441: a WebSocket on an HTTP/2 stream (extended CONNECT),
+        relayed to the backend as an HTTP/1.1 upgrade: a text message and
+        a 4 MiB binary one echo back, and the close handshake completes.
+        """
+        out, err, code = await run(
+            sys.executable, [os.path.join(HERE, "h2wsclient.py"), "ws2.test", str(self.https_port), self.root,
+                             str(4 * 1024 * 1024)],
+            timeout=240,
+        )
+        self.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
+        self.assertEqual(json.loads(out), {"enabled": True, "status": "200", "text": True, "binary": True,
+                                           "close": True})
+        self.assertIn('tenantedge_upgrades_total{result="switched"} 1.0', self.metrics())
