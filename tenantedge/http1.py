@@ -380,17 +380,22 @@ class _Exchange:
             self.expect_continue = False
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
-        self._head_arrived(code)
-        proxy = self.proxy
+    def response_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int | None]:
+        """
+        The backend's final response headers as the client gets them, for
+        either protocol: hop-by-hop ones and those its C{Connection} names
+        dropped (an unparsable C{Content-Length} too); and the declared
+        length. Notes whether the backend framed the body itself, and
+        counts an upgrade request this answer declines.
+        """
         if self.upgrade:
             # Declined: an ordinary response, after which the connection
             # goes on as HTTP unless the client already sent more.
-            proxy.upgrades["declined"] += 1
+            self.proxy.upgrades["declined"] += 1
             if self.client.sent_past_upgrade():
                 self.keep_alive = False
         extra = connection_tokens(headers)
-        out = [b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"OK"))]
+        kept: list[tuple[bytes, bytes]] = []
         length: int | None = None
         for name, value in headers:
             lower = name.lower()
@@ -403,6 +408,14 @@ class _Exchange:
                     length = int(value)
                 except ValueError:
                     continue
+            kept.append((name, value))
+        return kept, length
+
+    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self._head_arrived(code)
+        kept, length = self.response_headers(headers)
+        out = [b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"OK"))]
+        for name, value in kept:
             out.append(b"%s: %s\r\n" % (name, value))
         has_body = self.method != b"HEAD" and code not in NO_RESPONSE_BODY
         if has_body and length is None:

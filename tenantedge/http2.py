@@ -123,21 +123,9 @@ class _H2Exchange(_Exchange):
 
     def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self._head_arrived(code)
-        extra = connection_tokens(headers)
+        kept, length = self.response_headers(headers)
         out = [(b":status", b"%d" % code)]
-        length: int | None = None
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                self.backend_framed = True
-            if lower in HOP_BY_HOP or lower in extra:
-                continue
-            if lower == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    continue
-            out.append((lower, value))
+        out += [(name.lower(), value) for name, value in kept]
         self.sent = length
         if not keep_alive:
             self.response_close = True
@@ -394,6 +382,21 @@ class _Stream:
             if self.source is not None:
                 self.source.resumeProducing()
 
+    def abandon(self) -> None:
+        """
+        The stream is gone (reset, the connection lost, h2 refusing to send
+        on it): nothing more goes out, and what it carried stops (its
+        backend request abandoned, its WebSocket's backend closed).
+        """
+        self.closed = True
+        self.queue.clear()
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.finished = True
+            exchange.abandon_backend()
+
     def release_source(self) -> None:
         source, self.source = self.source, None
         if source is not None and self.source_paused:
@@ -496,13 +499,7 @@ class H2ProxyProtocol(Protocol):
     def _abandon_all(self) -> None:
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            stream.closed = True
-            if stream.tunnel is not None:
-                stream.tunnel.client_lost()
-            exchange = stream.exchange
-            if exchange is not None and not exchange.finished:
-                exchange.finished = True
-                exchange.abandon_backend()
+            stream.abandon()
 
     def _close(self, abort_streams: bool = False) -> None:
         if abort_streams:
@@ -683,14 +680,7 @@ class H2ProxyProtocol(Protocol):
         stream = self.streams.pop(event.stream_id, None)
         self._pending_resets.pop(event.stream_id, None)
         if stream is not None:
-            stream.closed = True
-            stream.queue.clear()
-            if stream.tunnel is not None:
-                stream.tunnel.client_lost()
-            exchange = stream.exchange
-            if exchange is not None and not exchange.finished:
-                exchange.finished = True
-                exchange.abandon_backend()
+            stream.abandon()
             if not self.streams:
                 self._arm_idle()
         if event.remote_reset:
@@ -820,16 +810,9 @@ class H2ProxyProtocol(Protocol):
             self._after_last_stream()
 
     def _stream_gone(self, stream: _Stream) -> None:
-        stream.closed = True
-        stream.queue.clear()
         self._pending_resets.pop(stream.stream_id, None)
         self.streams.pop(stream.stream_id, None)
-        if stream.tunnel is not None:
-            stream.tunnel.client_lost()
-        exchange = stream.exchange
-        if exchange is not None and not exchange.finished:
-            exchange.finished = True
-            exchange.abandon_backend()
+        stream.abandon()
 
     def _after_last_stream(self) -> None:
         self._arm_idle()

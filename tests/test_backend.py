@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -17,25 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.backend import COOLDOWN, MAX_COOLDOWN, BackendPool, Backends, HealthCheck
 
-
-class FakeEndpoint:
-    """Connections the test completes (or fails) by hand."""
-
-    def __init__(self) -> None:
-        self.attempts: list[tuple[Any, Deferred[Any]]] = []
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred(lambda d: None)
-        self.attempts.append((factory, d))
-        return d
-
-    def complete(self, index: int = -1) -> tuple[Any, StringTransport]:
-        factory, d = self.attempts[index]
-        proto = factory.buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        d.callback(proto)
-        return proto, transport
+from .test_http1 import FakeEndpoint
 
 
 class _Logged:
