@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -215,9 +216,19 @@ class Pebble:
     def root_pem(self) -> str:
         """Pebble's issuing root (new for each instance), for curl --cacert."""
         context = ssl.create_default_context(cafile=self.https_ca)
-        with urllib.request.urlopen(f"https://localhost:{self.management_port}/roots/0", context=context,
-                                    timeout=10) as response:
-            body = response.read()
+        # Pebble logs "ACME directory available" once its main listener is
+        # up; the management listener may come a moment later.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://localhost:{self.management_port}/roots/0", context=context,
+                                            timeout=10) as response:
+                    body = response.read()
+                break
+            except urllib.error.URLError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         path = os.path.join(self.work, "pebble-root.pem")
         with open(path, "wb") as f:
             f.write(body)

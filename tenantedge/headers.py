@@ -1,7 +1,8 @@
 """
 The header rules of the reverse proxy, shared by both request paths (the
-twisted.web resource in L{tenantedge.proxy} and the fast HTTP/1.1 relay in
-L{tenantedge.http1}), so that the two cannot drift apart.
+twisted.web resource in L{tenantedge.proxy} and the relay's exchanges in
+L{tenantedge.exchange}, for HTTP/1.1 and HTTP/2), so that they cannot
+drift apart.
 """
 
 from __future__ import annotations

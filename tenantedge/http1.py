@@ -1,23 +1,17 @@
 """
-The fast HTTP/1.1 request path: a raw Twisted protocol on each client
-connection and a pool of raw protocols to the backend, both parsing with
-llhttp (through C{httptools}, as uvicorn does), bytes relayed with
-back-pressure in both directions.
+HTTP/1.1 on the relay: a raw Twisted protocol on each client connection,
+parsing requests with llhttp (through C{httptools}, as uvicorn does), each
+request an L{tenantedge.exchange.Exchange} to the backend, answered in
+order (pipelining), with the limits a public edge needs: head size and
+line count (431), a deadline for the whole head (408), an idle keep-alive
+timeout, transfer codings other than chunked refused (501).
 
 Why not twisted.web here: measured on this kind of machine, a
 C{Site} + C{Agent} proxy spent about half its time in the Agent (URL
 parsing, endpoint creation, producer churn per request) and most of the
-rest building C{Request} and C{Headers} objects nobody reads. This path
-keeps every proxy rule of L{tenantedge.proxy} (the same header functions in
-L{tenantedge.headers}): C{Host} kept and checked against the TLS name
-(421), C{X-Forwarded-*} set afresh (only a C{--trusted-proxy} peer's
-C{X-Forwarded-For} chain is kept, L{tenantedge.forwarding}), hop-by-hop and
-edge-only headers dropped both ways, 502 when the backend is down, 504 when
-it is slow, request and response bodies streamed, and the backend request
-abandoned (its connection closed) as soon as the client goes away, at every
-stage. HTTP/2 streams ride the same exchanges (L{tenantedge.http2});
-L{EdgeHTTPFactory} picks by ALPN. Embedders' own sites use the twisted.web
-resource (L{tenantedge.proxy.ProxyResource}).
+rest building C{Request} and C{Headers} objects nobody reads. Embedders'
+own sites use the twisted.web resource (L{tenantedge.proxy.ProxyResource}),
+with the same header rules.
 
 An HTTP/1.1 C{Upgrade} request (WebSocket) keeps its C{Connection:
 upgrade} and C{Upgrade} headers to the backend (C{h2c} excepted, see
@@ -28,597 +22,27 @@ L{tenantedge.tunnel.Tunnel}; any other answer is an ordinary response.
 
 from __future__ import annotations
 
-import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import httptools
-from twisted.internet import defer, error
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
-from twisted.internet.interfaces import IHandshakeListener
 
-from .backend import NO_RESPONSE_BODY, BackendConnection, BackendPool, Backends
-from .forwarding import TrustedProxies, forwarded_for
-from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body, upgrade_offer
-from .hostnames import InvalidHostname, canonical_host_header, host_from_header
+from .backend import BackendConnection
+from .exchange import PENDING_BODY, Exchange, Relay, upstream_head
+from .headers import upgrade_offer
 from .tunnel import Tunnel
-from .writethrough import set_no_delay, write_through
+from .writethrough import set_no_delay
 
-__all__ = ["H1Proxy", "H1ProxyProtocol", "EdgeHTTPFactory", "upstream_head"]
+__all__ = ["H1ProxyProtocol", "MAX_HEAD", "MAX_HEADERS"]
 
 #: Largest request head (request line and headers) accepted: 431 beyond.
 MAX_HEAD = 32 * 1024
 #: Most request header lines accepted: 431 beyond.
 MAX_HEADERS = 100
-#: Seconds a client has to send a whole request head once it has begun
-#: (a byte every few seconds must not hold a connection for ever); the
-#: default of C{--header-timeout}.
-HEADER_TIMEOUT = 15.0
-#: Request body bytes held while the backend connection is being made;
-#: beyond this the client is paused. Also what a client may send after an
-#: upgrade request before the backend's answer.
-PENDING_BODY = 256 * 1024
-#: Seconds an upgraded (WebSocket) connection may carry nothing either way.
-WEBSOCKET_IDLE_TIMEOUT = 600.0
-
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_REASONS = {101: b"Switching Protocols", 501: b"Not Implemented", 408: b"Request Timeout", 400: b"Bad Request", 413: b"Content Too Large", 421: b"Misdirected Request",
-            431: b"Request Header Fields Too Large", 502: b"Bad Gateway", 504: b"Gateway Timeout"}
-
-
-class AccessLog:
-    """The combined log format, written to a file (C{--access-log})."""
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "ab", buffering=64 * 1024)
-        self._second = -1
-        self._stamp = b""
-
-    def log(self, peer: str, method: bytes, path: bytes, version: bytes, code: int, length: int | None,
-            referer: bytes, agent: bytes) -> None:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)).encode()
-        self._file.write(
-            b'%s - - [%s] "%s %s HTTP/%s" %d %s "%s" "%s"\n'
-            % (peer.encode(), self._stamp, method, _escape(path), version, code,
-               b"-" if length is None else b"%d" % length, _escape(referer) or b"-", _escape(agent) or b"-")
-        )
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _escape(value: bytes) -> bytes:
-    return value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
-
-
-class H1Proxy:
-    """
-    What every L{H1ProxyProtocol} shares: the backends, limits and hooks.
-
-    @ivar backends: the backends requests are balanced over (given one
-        L{BackendPool}, the only one).
-    @ivar prefix: the backend URL's path, put before each request path.
-    @ivar timeout: seconds to wait for the backend's response headers (504).
-    @ivar max_body_size: largest request body (0: no limit), else 413.
-    @ivar observe: C{observe(status, seconds)} for each request, for metrics.
-    @ivar access_log: where to log requests, if anywhere.
-    @ivar header_timeout: seconds a client has to send a whole request
-        head once it began (408; C{--header-timeout}).
-    @ivar idle_timeout: seconds a keep-alive connection may stay idle
-        between requests (C{--idle-timeout}).
-    @ivar trusted_proxies: the peers whose C{X-Forwarded-For} chain is
-        kept (C{--trusted-proxy}), or C{None}.
-    @ivar events: requests and connections refused or closed by a limit,
-        by reason (C{header-timeout}, C{idle-timeout}, C{head-too-large},
-        C{body-too-large}), for metrics and the limits summary.
-    @ivar websocket_idle_timeout: seconds an upgraded connection may carry
-        nothing in either direction before both sides are closed; 0 for
-        no limit.
-    @ivar upgrades: upgrade requests by result: C{switched} (the backend
-        answered 101), C{declined} (it answered anything else), C{failed}
-        (502 or 504), C{refused} (relayed without the upgrade: h2c, a
-        body, HTTP/1.0, or refused by the edge as any request may be).
-    @ivar tunnels: upgraded connections open now.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self, pool: BackendPool | Backends, clock: IReactorTime, prefix: bytes = b"", timeout: float = 60.0,
-        max_body_size: int = 0, observe: Callable[[int, float], None] | None = None,
-        access_log: AccessLog | None = None, idle_timeout: float = 60.0,
-        header_timeout: float = HEADER_TIMEOUT, trusted_proxies: TrustedProxies | None = None,
-        events: Counter[str] | None = None,
-        websocket_idle_timeout: float = WEBSOCKET_IDLE_TIMEOUT,
-    ) -> None:
-        self.backends = pool if isinstance(pool, Backends) else Backends(clock, [pool])
-        self.clock = clock
-        self.prefix = prefix.rstrip(b"/")
-        self.timeout = timeout
-        self.max_body_size = max_body_size
-        self.observe = observe
-        self.access_log = access_log
-        self.idle_timeout = idle_timeout
-        self.header_timeout = header_timeout
-        self.trusted_proxies = trusted_proxies
-        self.events: Counter[str] = events if events is not None else Counter()
-        self.websocket_idle_timeout = websocket_idle_timeout
-        #: Open client connections, closed when the server stops.
-        self.connections: set[Any] = set()  # H1ProxyProtocol and H2ProxyProtocol: abort()
-        self.upgrades: Counter[str] = Counter()
-        self.tunnels: set[Tunnel] = set()
-
-    @property
-    def pool(self) -> Backends:
-        """L{backends}, under the name the HTTP/2 exchange gives connections back with."""
-        return self.backends
-
-    def tunnel_closed(self, tunnel: Tunnel) -> None:
-        """Both ends of an upgraded connection are gone."""
-        self.tunnels.discard(tunnel)
-
-    def close_all(self) -> None:
-        """Close every client connection (the server is stopping)."""
-        for connection in list(self.connections):
-            connection.abort()
-
-
-class _Exchange:
-    """
-    One request and its response: from the client's request head to the
-    last byte of the backend's response (or the error that replaced it).
-    """
-
-    __slots__ = (
-        "client", "proxy", "method", "path", "version", "keep_alive", "head", "chunked", "started",
-        "backend", "connecting", "pending", "pending_size", "request_done", "response_started",
-        "response_chunked", "response_close", "timer", "code", "sent", "finished", "retried",
-        "referer", "agent", "body_limit", "body_seen", "close_delimited", "expect_continue", "up", "down",
-        "problem", "backend_framed", "pool", "tried", "upgrade",
-    )
-
-    def __init__(self, client: H1ProxyProtocol, method: bytes, path: bytes, version: bytes, keep_alive: bool,
-                 head: bytes, chunked: bool, referer: bytes, agent: bytes) -> None:
-        self.client = client
-        self.proxy = client.proxy
-        self.method = method
-        self.path = path
-        self.version = version
-        self.keep_alive = keep_alive
-        self.head = head
-        self.chunked = chunked
-        self.started = self.proxy.clock.seconds()
-        self.backend: BackendConnection | None = None
-        self.connecting: defer.Deferred[BackendConnection] | None = None
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.request_done = False
-        self.response_started = False
-        self.response_chunked = False
-        self.response_close = False
-        self.close_delimited = False
-        self.timer: Any = None
-        self.code = 0
-        self.sent: int | None = None
-        self.finished = False
-        self.retried = False
-        self.referer = referer
-        self.agent = agent
-        self.body_seen = 0
-        self.body_limit = self.proxy.max_body_size
-        self.expect_continue = False
-        #: The backend transport has the client as its producer (upload
-        #: back-pressure), and the client transport the backend (download).
-        self.up: Any = None
-        self.down: Any = None
-        #: (code, detail) when the request is refused without the backend.
-        self.problem: tuple[int, str] | None = None
-        #: The backend's response had its own framing (chunked): its end is
-        #: the last chunk, never the connection closing.
-        self.backend_framed = False
-        #: The backend chosen for this request, until its outcome is told
-        #: (L{Backends.done}).
-        self.pool: BackendPool | None = None
-        #: The backends that failed this request, once one has.
-        self.tried: tuple[BackendPool, ...] = ()
-        #: The request went to the backend with its upgrade headers.
-        self.upgrade = False
-
-    def release_producers(self) -> None:
-        """
-        Undo any producer registration this exchange made, and resume what
-        back-pressure had paused: Twisted resumes a paused producer only
-        when the consumer's buffer drains, and an unregistered one never,
-        so a kept-alive connection would otherwise stay paused for good.
-        """
-        up, self.up = self.up, None
-        if up is not None:
-            up.unregisterProducer()
-            self.client.resume_paused_transport()
-        down, self.down = self.down, None
-        if down is not None:
-            down.unregisterProducer()
-            backend = self.backend
-            if backend is not None and backend.transport is not None:
-                backend.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    # -- request direction ---------------------------------------------------------
-
-    def start(self) -> None:
-        pool = self.pool = self.proxy.backends.choose()
-        conn = pool.take()
-        if conn is not None:
-            self._connected(conn)
-            return
-        self._open(pool)
-
-    def _open(self, pool: BackendPool) -> None:
-        d = pool.open()
-        self.connecting = d
-        d.addCallbacks(self._connected, self._connect_failed)
-
-    def _connected(self, conn: BackendConnection) -> None:
-        self.connecting = None
-        if self.finished:
-            self.proxy.backends.give_back(conn)
-            return
-        self.backend = conn
-        conn.pool = None
-        data = [self.head, *self.pending]
-        if self.request_done and self.chunked:
-            data.append(b"0\r\n\r\n")
-        self.pending = []
-        conn.send(self, b"".join(data))
-        if self.pending_size:
-            self.pending_size = 0
-            self.client.resume_reading()
-        self.timer = self.proxy.clock.callLater(self.proxy.timeout, self._timed_out)
-        if not self.request_done:
-            # Back-pressure: a slow backend slows the upload.
-            self.up = conn.transport
-            self.up.registerProducer(self.client.transport, True)
-
-    def _connect_failed(self, reason: Failure) -> None:
-        self.connecting = None
-        if self.finished or reason.check(defer.CancelledError):
-            return
-        detail = f"cannot connect to the backend: {reason.getErrorMessage()}"
-        refused = reason.check(error.ConnectionRefusedError, ConnectionRefusedError) is not None
-        # Nothing of the request left the edge (its body waits in
-        # self.pending): another backend may take it, whatever the method.
-        if not self._failed_over(detail, refused):
-            self.fail(502, detail)
-
-    def _failed_over(self, detail: str, refused: bool = False, same_again: bool = False) -> bool:
-        """
-        Tell the balancer this request's backend failed it, and start it
-        again on another (or, with C{same_again}, once more on the same one
-        on a fresh connection when no other is up). False: nowhere left.
-        """
-        failed, self.pool = self.pool, None
-        backends = self.proxy.backends
-        if failed is None:
-            return False
-        backends.done(failed, False, detail, refused)
-        self.tried = tried = (*self.tried, failed)
-        pool = backends.choose_other(tried)
-        if pool is None:
-            if not same_again or self.retried:
-                return False
-            self.retried = True
-            pool = backends.again(failed)
-        self.pool = pool
-        conn = pool.take() if pool is not failed else None
-        if conn is not None:
-            self._connected(conn)
-        else:
-            self._open(pool)
-        return True
-
-    def _release(self, ok: bool | None, detail: str = "") -> None:
-        """Tell the balancer how this request's backend did."""
-        pool = self.pool
-        if pool is not None:
-            self.pool = None
-            self.proxy.backends.done(pool, ok, detail)
-
-    def body(self, data: bytes) -> None:
-        self.body_seen += len(data)
-        if self.body_limit and self.body_seen > self.body_limit:
-            if self.finished:
-                # Answered early (the backend did not wait for the body):
-                # the rest is read and dropped, up to the limit.
-                self.client.exchange_aborted(self)
-            else:
-                self.fail(413, "request body over the limit", quiet=True)
-            return
-        if self.finished:
-            return
-        if self.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        if self.backend is not None:
-            self.backend.transport.write(data)  # type: ignore[union-attr]
-        else:
-            self.pending.append(data)
-            self.pending_size += len(data)
-            if self.pending_size > PENDING_BODY:
-                self.client.pause_reading()
-
-    def body_done(self) -> None:
-        self.request_done = True
-        if self.backend is not None:
-            if self.chunked:
-                self.backend.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
-            up, self.up = self.up, None
-            if up is not None:
-                up.unregisterProducer()
-                self.client.resume_paused_transport()
-
-    # -- response direction ---------------------------------------------------------
-
-    def _head_arrived(self, code: int) -> None:
-        """The backend's response head is in: no more deadline; time it."""
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        self.code = code
-        proxy = self.proxy
-        if proxy.observe is not None:
-            proxy.observe(code, proxy.clock.seconds() - self.started)
-
-    def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        if code == 100 and self.expect_continue:
-            self.expect_continue = False
-            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def response_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int | None]:
-        """
-        The backend's final response headers as the client gets them, for
-        either protocol: hop-by-hop ones and those its C{Connection} names
-        dropped (an unparsable C{Content-Length} too); and the declared
-        length. Notes whether the backend framed the body itself, and
-        counts an upgrade request this answer declines.
-        """
-        if self.upgrade:
-            # Declined: an ordinary response, after which the connection
-            # goes on as HTTP unless the client already sent more.
-            self.proxy.upgrades["declined"] += 1
-            if self.client.sent_past_upgrade():
-                self.keep_alive = False
-        extra = connection_tokens(headers)
-        kept: list[tuple[bytes, bytes]] = []
-        length: int | None = None
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                self.backend_framed = True
-            if lower in HOP_BY_HOP or lower in extra:
-                continue
-            if lower == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    continue
-            kept.append((name, value))
-        return kept, length
-
-    def backend_head(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
-        self._head_arrived(code)
-        kept, length = self.response_headers(headers)
-        out = [b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"OK"))]
-        for name, value in kept:
-            out.append(b"%s: %s\r\n" % (name, value))
-        has_body = self.method != b"HEAD" and code not in NO_RESPONSE_BODY
-        if has_body and length is None:
-            if self.version == b"1.1":
-                self.response_chunked = True
-                out.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                self.close_delimited = True
-                self.keep_alive = False
-        if not keep_alive:
-            self.response_close = True  # the backend closes: its body may end with the connection
-        if not self.keep_alive:
-            out.append(b"Connection: close\r\n")
-        elif self.version == b"1.0":
-            out.append(b"Connection: keep-alive\r\n")
-        out.append(b"\r\n")
-        self.sent = length
-        self.response_started = True
-        self.client.write(b"".join(out))
-        if self.backend is not None and has_body:
-            self.down = self.client.transport
-            self.down.registerProducer(self.backend.transport, True)
-
-    def backend_switched(
-        self, conn: BackendConnection, reason: bytes, headers: list[tuple[bytes, bytes]], rest: bytes
-    ) -> None:
-        """
-        The backend answered the upgrade with C{101}: relay that head
-        (hop-by-hop headers dropped, C{Connection: upgrade} and C{Upgrade}
-        kept), and join the two connections.
-        """
-        if self.finished:
-            conn.close()
-            return
-        self._head_arrived(101)
-        extra = connection_tokens(headers) - {b"upgrade"}
-        out = [b"HTTP/1.1 101 %s\r\n" % (reason or _REASONS[101])]
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"upgrade":
-                out.append(b"Upgrade: %s\r\n" % (value,))
-                continue
-            if lower in HOP_BY_HOP or lower in extra:
-                continue
-            out.append(b"%s: %s\r\n" % (name, value))
-        out.append(b"Connection: Upgrade\r\n\r\n")
-        self.client.write(b"".join(out))
-        self.response_started = True
-        self.release_producers()
-        self.backend = None
-        self.finished = True
-        self.proxy.upgrades["switched"] += 1
-        self._log_access()
-        self.client.switch_protocols(self, conn, rest)
-
-    def backend_body(self, data: bytes) -> None:
-        if self.finished:
-            return
-        if self.response_chunked:
-            self.client.write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self.client.write(data)
-
-    def backend_closed_complete(self) -> bool:
-        """Did a close-delimited response (no length, not chunked) just end normally?"""
-        return self.response_started and self.response_close and self.sent is None and not self.backend_framed
-
-    def backend_done(self, conn: BackendConnection | None) -> None:
-        if self.finished:
-            return
-        if self.response_chunked:
-            self.client.write(b"0\r\n\r\n")
-        self.backend = conn
-        self.release_producers()
-        self.backend = None
-        if conn is not None:
-            if self.request_done and not self.response_close and conn.home is not None:
-                conn.home.give_back(conn)
-            else:
-                conn.close()
-        self._finished()
-
-    def backend_failed(self, detail: str, head_done: bool) -> None:
-        if self.finished:
-            return
-        self.backend = None
-        if not self.response_started:
-            if self.timer is not None and self.timer.active():
-                self.timer.cancel()
-            self.timer = None
-            if not head_done and self.method in _IDEMPOTENT and not self.body_seen:
-                # A pooled connection the backend closed under us, or a
-                # backend gone: once more on another backend, else on a
-                # fresh connection to this one.
-                if self._failed_over(detail, same_again=True):
-                    return
-            else:
-                self._release(False, detail)
-            self.fail(502, detail)
-        else:
-            # Part of the response is out: cut the client off rather than
-            # let a truncated body look complete.
-            self.finished = True
-            self._release(None)
-            self.release_producers()
-            self.client.exchange_aborted(self)
-
-    def _timed_out(self) -> None:
-        self.timer = None
-        if self.backend is not None:
-            backend, self.backend = self.backend, None
-            backend.exchange = None
-            backend.close()
-        self.fail(504, f"no response headers within {self.proxy.timeout:g}s")
-
-    # -- endings ---------------------------------------------------------------------
-
-    def _failing(self, code: int, detail: str, quiet: bool) -> bool:
-        """
-        The part of a failure common to every client: log, drop the backend
-        side, and cut a response already begun. True if an error page is
-        still to be sent.
-        """
-        if self.finished:
-            return False
-        if not quiet and code >= 500:
-            self.proxy._log.warn(
-                "backend request for {path} failed with {code}: {error}",
-                path=self.path.decode("ascii", "replace")[:200], code=code, error=detail,
-            )
-        self.abandon_backend()
-        if self.upgrade:
-            self.proxy.upgrades["failed"] += 1
-            if self.client.sent_past_upgrade():
-                self.keep_alive = False  # what it sent cannot be read as HTTP
-        if self.response_started:
-            self.finished = True
-            self.client.exchange_aborted(self)
-            return False
-        if self.proxy.observe is not None and code >= 500:
-            self.proxy.observe(code, self.proxy.clock.seconds() - self.started)
-        self.code = code
-        return True
-
-    def fail(self, code: int, detail: str, quiet: bool = False) -> None:
-        """Answer with an error page (or cut the connection if the response began)."""
-        if not self._failing(code, detail, quiet):
-            return
-        if code == 413:
-            self.proxy.events["body-too-large"] += 1
-        body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
-        closing = code in (400, 408, 413, 431, 501) or not self.request_done or not self.keep_alive
-        if closing:
-            self.keep_alive = False
-        self.sent = len(body)
-        self.client.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s"
-            % (code, _REASONS[code], len(body), b"Connection: close\r\n" if closing else b"", body)
-        )
-        self.response_started = True
-        self._finished()
-
-    def abandon_backend(self) -> None:
-        """Stop whatever the backend side is doing (client gone, error)."""
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        if self.pool is not None:
-            self._release(None)
-        self.release_producers()
-        if self.connecting is not None:
-            connecting, self.connecting = self.connecting, None
-            connecting.cancel()
-        if self.backend is not None:
-            backend, self.backend = self.backend, None
-            backend.exchange = None
-            backend.close()
-
-    def _finished(self) -> None:
-        self.finished = True
-        self._log_access()
-        self.client.exchange_finished(self)
-
-    def _log_access(self) -> None:
-        proxy = self.proxy
-        pool = self.pool
-        if pool is not None:
-            self.pool = None
-            proxy.backends.done(pool)
-        if proxy.access_log is not None:
-            proxy.access_log.log(self.client.peer, self.method, self.path, self.version, self.code, self.sent,
-                                 self.referer, self.agent)
-
-
-_DETAILS = {
-    502: "The application is not reachable right now.",
-    504: "The application did not answer in time.",
-    413: "The request body is larger than this server accepts.",
-    431: "The request headers are too large.",
-}
-
-
 class H1ProxyProtocol(Protocol):
     """
     One client connection speaking HTTP/1.1 (over TLS, after ALPN chose
@@ -630,13 +54,13 @@ class H1ProxyProtocol(Protocol):
 
     _log = Logger()
 
-    def __init__(self, proxy: H1Proxy, server_name: str) -> None:
+    def __init__(self, proxy: Relay, server_name: str) -> None:
         self.proxy = proxy
         self.server_name = server_name
         self.peer = ""
         self._parser = httptools.HttpRequestParser(self)
-        self._exchange: _Exchange | None = None
-        self._queue: deque[_Exchange] = deque()
+        self._exchange: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
         self._closing = False
         self._stopped = False
         self._paused = False
@@ -645,7 +69,7 @@ class H1ProxyProtocol(Protocol):
         self._head_bytes = 0
         #: The upgrade request whose answer decides what the bytes after
         #: it are; C{_held} keeps those bytes (None: not there yet).
-        self._upgrade: _Exchange | None = None
+        self._upgrade: Exchange | None = None
         self._held: list[bytes] | None = None
         self._held_size = 0
         self._tunnel: Tunnel | None = None
@@ -655,7 +79,7 @@ class H1ProxyProtocol(Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
-        self._current: _Exchange | None = None
+        self._current: Exchange | None = None
         self._refused = False
 
     # -- connection ---------------------------------------------------------------------
@@ -737,7 +161,7 @@ class H1ProxyProtocol(Protocol):
         """Did the client send anything after its upgrade request (not HTTP, then)?"""
         return bool(self._held_size)
 
-    def switch_protocols(self, exchange: _Exchange, backend: BackendConnection, from_backend: bytes) -> None:
+    def switch_protocols(self, exchange: Exchange, backend: BackendConnection, from_backend: bytes) -> None:
         """
         The backend switched protocols for C{exchange}: from now on this
         connection and C{backend} are one byte pipe (L{Tunnel}). No HTTP
@@ -866,7 +290,7 @@ class H1ProxyProtocol(Protocol):
         # An upgrade not relayed leaves the parser stopped: close after it.
         keep_alive = parser.should_keep_alive() and (upgrade is not None or not parser.should_upgrade())
         problem, head, chunked, referer, agent, expect = self._upstream_head(method, version, upgrade)
-        exchange = _Exchange(self, method, self._url, version, keep_alive, head, chunked, referer, agent)
+        exchange = Exchange(self, method, self._url, version, keep_alive, head, chunked, referer, agent)
         self._current = exchange
         if problem is not None:
             exchange.problem = problem
@@ -921,7 +345,7 @@ class H1ProxyProtocol(Protocol):
         return upstream_head(method, self._url, self._headers, self.peer, self.server_name, self.proxy,
                              upgrade=upgrade)
 
-    def _enqueue(self, exchange: _Exchange) -> None:
+    def _enqueue(self, exchange: Exchange) -> None:
         if self._exchange is None:
             self._exchange = exchange
             if not exchange.finished:
@@ -931,7 +355,7 @@ class H1ProxyProtocol(Protocol):
             self._queue.append(exchange)
             self.pause_reading()
 
-    def _begin(self, exchange: _Exchange) -> None:
+    def _begin(self, exchange: Exchange) -> None:
         if exchange.problem is not None:
             exchange.fail(*exchange.problem, quiet=True)
             return
@@ -943,7 +367,7 @@ class H1ProxyProtocol(Protocol):
 
     def _answer_now(self, code: int, detail: str) -> None:
         """Refuse the request being read: at once, or in its turn behind those in flight."""
-        exchange = _Exchange(self, b"GET", self._url or b"-", b"1.1", False, b"", False, b"", b"")
+        exchange = Exchange(self, b"GET", self._url or b"-", b"1.1", False, b"", False, b"", b"")
         exchange.request_done = True
         exchange.problem = (code, detail)
         self._current = None
@@ -956,7 +380,7 @@ class H1ProxyProtocol(Protocol):
             for exchange in [self._exchange, *self._queue]:
                 exchange.keep_alive = False
 
-    def exchange_finished(self, exchange: _Exchange) -> None:
+    def exchange_finished(self, exchange: Exchange) -> None:
         if exchange is not self._exchange:
             # Finished out of turn (an error answered before its turn is
             # impossible: errors answer in order); keep it queued.
@@ -967,7 +391,7 @@ class H1ProxyProtocol(Protocol):
             return
         self._advance(exchange)
 
-    def _advance(self, exchange: _Exchange) -> None:
+    def _advance(self, exchange: Exchange) -> None:
         self._exchange = None
         if exchange is self._upgrade:
             # Answered without a switch: HTTP goes on, on a fresh parser
@@ -994,7 +418,7 @@ class H1ProxyProtocol(Protocol):
             return
         self._arm_idle()
 
-    def exchange_aborted(self, exchange: _Exchange) -> None:
+    def exchange_aborted(self, exchange: Exchange) -> None:
         self._closing = True
         self.transport.abortConnection()  # type: ignore[union-attr]
 
@@ -1003,147 +427,3 @@ class H1ProxyProtocol(Protocol):
         # transport closes at once once its buffer is flushed.
         self._closing = True
         self.transport.loseConnection()  # type: ignore[union-attr]
-
-
-def upstream_head(
-    method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], peer: str, server_name: str, proxy: H1Proxy,
-    upgrade: bytes | None = None,
-) -> tuple[tuple[int, str] | None, bytes, bool, bytes, bytes, bool]:
-    """
-    Validate a request head and build the backend's: (problem, head,
-    chunked, referer, user agent, expects 100-continue). C{problem} is
-    (status, detail) for a request refused without the backend.
-
-    C{X-Forwarded-For} is C{peer}, or, when C{peer} is one of the
-    proxy's trusted proxies, the chain the request carried followed by
-    C{peer} (L{tenantedge.forwarding}); every other forwarding header is
-    the edge's own.
-
-    @param upgrade: the C{Upgrade} value to relay (with C{Connection:
-        upgrade}); every other hop-by-hop header is dropped all the same.
-    """
-    hosts: list[bytes] = []
-    chain: list[bytes] = []
-    extra = connection_tokens(headers)
-    out = [b"%s %s%s HTTP/1.1\r\n" % (method, proxy.prefix, url)]
-    chunked = False
-    length = None
-    referer = agent = b""
-    expect = False
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"host":
-            hosts.append(value)
-            continue
-        if lower == b"transfer-encoding":
-            if value.strip().lower() != b"chunked":
-                return (501, "Only the chunked transfer coding is accepted."), b"", False, referer, agent, False
-            chunked = True
-            continue
-        if lower == b"content-length":
-            length = value
-            continue
-        if lower == b"expect":
-            expect = value.strip().lower() == b"100-continue"
-            continue
-        if lower == b"referer":
-            referer = value
-        elif lower == b"user-agent":
-            agent = value
-        if lower in HOP_BY_HOP or lower in extra:
-            continue
-        if edge_only(lower):
-            if lower == b"x-forwarded-for" and proxy.trusted_proxies is not None:
-                chain.append(value)
-            continue
-        out.append(b"%s: %s\r\n" % (name, value))
-    if not url.startswith(b"/"):
-        return (400, "Only origin-form request targets are accepted."), b"", False, referer, agent, False
-    if len(hosts) != 1:
-        return (400, "The request needs exactly one Host header."), b"", False, referer, agent, False
-    try:
-        host_name = host_from_header(hosts[0])
-        # Forwarded in canonical form: lower case, no trailing dot, no :443.
-        host = canonical_host_header(host_name, hosts[0])
-    except InvalidHostname:
-        return (400, "The Host header is not a valid host name."), b"", False, referer, agent, False
-    if host_name != server_name:
-        return (421, "This connection was opened for another host name."), b"", False, referer, agent, False
-    limit = proxy.max_body_size
-    if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            return (400, "Bad Content-Length."), b"", False, referer, agent, False
-        if limit and declared > limit:
-            return (413, ""), b"", False, referer, agent, False
-        if not chunked:
-            out.append(b"Content-Length: %s\r\n" % (length,))
-    if chunked:
-        out.append(b"Transfer-Encoding: chunked\r\n")
-    client = peer.encode("ascii", "replace")
-    if chain and proxy.trusted_proxies is not None and proxy.trusted_proxies.trusts(peer):
-        client = forwarded_for(chain, client)
-    if upgrade is not None:
-        out.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % (upgrade,))
-    out.append(b"Host: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: %s\r\n\r\n"
-               % (host, client, host))
-    return None, b"".join(out), chunked, referer, agent, expect and (chunked or length is not None)
-
-
-@implementer(IHandshakeListener)
-class _ALPNDispatch(Protocol):
-    """
-    The first protocol on a TLS connection: once the handshake is done, it
-    puts the right one in its place, the fast HTTP/1.1 relay or the
-    twisted.web channel (HTTP/2).
-    """
-
-    def __init__(self, factory: EdgeHTTPFactory, addr: Any) -> None:
-        self.factory = factory
-        self.addr = addr
-
-    def handshakeCompleted(self) -> None:
-        self._choose()
-
-    def dataReceived(self, data: bytes) -> None:
-        real = self._choose()
-        if real is not None:
-            real.dataReceived(data)
-
-    def _choose(self) -> Any:
-        tls = self.transport
-        if getattr(tls, "wrappedProtocol", None) is not self:
-            return getattr(tls, "wrappedProtocol", None)
-        negotiated = getattr(tls, "negotiatedProtocol", None)
-        name = str(getattr(tls, "tenantedge_server_name", ""))
-        if negotiated == b"h2":
-            from .http2 import H2ProxyProtocol
-
-            real: Protocol = H2ProxyProtocol(self.factory.proxy, name)
-        else:
-            real = H1ProxyProtocol(self.factory.proxy, name)
-        tls.wrappedProtocol = real  # type: ignore[union-attr]
-        real.makeConnection(tls)
-        if IHandshakeListener.providedBy(real):
-            real.handshakeCompleted()
-        return real
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        pass
-
-
-class EdgeHTTPFactory(Factory):
-    """
-    The application factory the HTTPS listener wraps: by ALPN, HTTP/1.1
-    (L{H1ProxyProtocol}) or HTTP/2 (L{tenantedge.http2.H2ProxyProtocol}),
-    both relaying to C{proxy}'s backend.
-    """
-
-    noisy = False
-
-    def __init__(self, proxy: H1Proxy) -> None:
-        self.proxy = proxy
-
-    def buildProtocol(self, addr: Any) -> _ALPNDispatch:
-        return _ALPNDispatch(self, addr)

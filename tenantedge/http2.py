@@ -1,7 +1,7 @@
 """
 HTTP/2 on the relay: one raw Twisted protocol per client connection on the
 C{h2} state machine, each stream relayed to the backend pool exactly as an
-HTTP/1.1 request is (the same L{tenantedge.http1._Exchange}: header rules,
+HTTP/1.1 request is (the same L{tenantedge.exchange.Exchange}: header rules,
 deadlines, retries, cancellation, body limit).
 
 Why not twisted.web's HTTP/2 here: it reads a request's whole body
@@ -61,7 +61,7 @@ from zope.interface import implementer
 
 from .backend import NO_RESPONSE_BODY, BackendConnection
 from .headers import HOP_BY_HOP, connection_tokens, error_body
-from .http1 import _DETAILS, _REASONS, H1Proxy, _Exchange, upstream_head
+from .exchange import DETAILS, REASONS, Exchange, Relay, upstream_head
 from .tunnel import Tunnel
 from .writethrough import set_no_delay
 
@@ -81,6 +81,10 @@ STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 #: Largest frame the client may send us.
 MAX_FRAME = 1 << 20
+#: After an early answer (413), how much more of the request body is read
+#: and dropped, and for how long, before RST_STREAM tells the client to stop.
+DISCARD_BYTES = 4 << 20
+DISCARD_SECONDS = 5.0
 #: Response bytes queued for a stream (its client window shut, or the
 #: client slow) beyond which the backend connection feeding it is paused.
 QUEUE_HIGH = 512 * 1024
@@ -106,14 +110,14 @@ _H2_CONFIG = H2Configuration(
 _NO_BODY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 
 
-class _H2Exchange(_Exchange):
+class _H2Exchange(Exchange):
     """An exchange whose client is one HTTP/2 stream."""
 
     __slots__ = ("stream",)
 
     def __init__(self, stream: _Stream, method: bytes, path: bytes, head: bytes, chunked: bool, referer: bytes,
                  agent: bytes) -> None:
-        super().__init__(stream, method, path, b"2", True, head, chunked, referer, agent)  # type: ignore[arg-type]
+        super().__init__(stream, method, path, b"2", True, head, chunked, referer, agent)
         self.stream = stream
 
     def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -162,7 +166,7 @@ class _H2Exchange(_Exchange):
     def fail(self, code: int, detail: str, quiet: bool = False) -> None:
         if not self._failing(code, detail, quiet):
             return
-        body = error_body(code, _REASONS[code].decode(), _DETAILS.get(code, detail))
+        body = error_body(code, REASONS[code].decode(), DETAILS.get(code, detail))
         self.sent = len(body)
         stream = self.stream
         stream.send_headers([
@@ -278,7 +282,7 @@ class _Stream:
     __slots__ = (
         "connection", "stream_id", "proxy", "peer", "transport", "exchange", "paused", "unacked", "queue",
         "queued", "end_pending", "local_ended", "remote_ended", "closed", "source", "source_paused",
-        "tunnel", "websocket_key",
+        "tunnel", "websocket_key", "discard", "discard_timer",
     )
 
     def __init__(self, connection: H2ProxyProtocol, stream_id: int) -> None:
@@ -306,6 +310,9 @@ class _Stream:
         self.tunnel: Tunnel | None = None
         #: The Sec-WebSocket-Key sent to the backend for it.
         self.websocket_key: bytes | None = None
+        #: Request bytes still read and dropped after an early answer.
+        self.discard = 0
+        self.discard_timer: Any = None
 
     # -- the exchange's client ---------------------------------------------------------
 
@@ -329,14 +336,36 @@ class _Stream:
         """Bytes after an upgrade request cannot be mistaken for HTTP on a stream of their own."""
         return False
 
-    def exchange_finished(self, exchange: _Exchange) -> None:
+    def exchange_finished(self, exchange: Exchange) -> None:
         if not self.remote_ended and not self.closed:
             # Answered before the request body was all in (413, an early
-            # response): RFC 9113 8.1, tell the client to stop sending.
-            self.connection.reset(self, ErrorCodes.NO_ERROR, after_queue=True)
+            # response). The rest of the body is read and dropped, up to
+            # DISCARD_BYTES or for DISCARD_SECONDS, so that a client still
+            # sending reads the answer (curl 7.88 takes a RST_STREAM in
+            # mid-upload for an error, even NO_ERROR); beyond, RFC 9113 8.1:
+            # RST_STREAM NO_ERROR tells it to stop.
+            self.discard = DISCARD_BYTES
+            self.discard_timer = self.proxy.clock.callLater(DISCARD_SECONDS, self.stop_discarding)
         self.connection.stream_settled(self)
 
-    def exchange_aborted(self, exchange: _Exchange) -> None:
+    def discarded(self, size: int) -> None:
+        """Request bytes read after the answer and dropped."""
+        self.discard -= size
+        if self.discard < 0:
+            self.stop_discarding()
+
+    def stop_discarding(self) -> None:
+        timer, self.discard_timer = self.discard_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if not self.remote_ended and not self.closed:
+            self.connection.reset(self, ErrorCodes.NO_ERROR, after_queue=True)
+
+    def switch_protocols(self, exchange: Exchange, backend: BackendConnection, from_backend: bytes) -> None:
+        """Not used: an HTTP/2 exchange joins its stream itself (L{_H2Exchange.backend_switched})."""
+        backend.close()
+
+    def exchange_aborted(self, exchange: Exchange) -> None:
         # Part of the response went out: reset this stream only, so it
         # never looks complete.
         self.connection.reset(self, ErrorCodes.INTERNAL_ERROR)
@@ -390,6 +419,9 @@ class _Stream:
         """
         self.closed = True
         self.queue.clear()
+        timer, self.discard_timer = self.discard_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self.tunnel is not None:
             self.tunnel.client_lost()
         exchange = self.exchange
@@ -416,7 +448,7 @@ class H2ProxyProtocol(Protocol):
 
     _log = Logger()
 
-    def __init__(self, proxy: H1Proxy, server_name: str, max_streams: int = MAX_STREAMS) -> None:
+    def __init__(self, proxy: Relay, server_name: str, max_streams: int = MAX_STREAMS) -> None:
         self.proxy = proxy
         self.server_name = server_name
         self.max_streams = max_streams
@@ -644,10 +676,10 @@ class H2ProxyProtocol(Protocol):
             return
         exchange = stream.exchange
         if exchange.finished:
-            # Answered already (its reset follows the response): drop the
-            # bytes, keep the connection's window open.
+            # Answered already: drop the bytes, keep the windows open.
             if size:
                 self.acknowledge(event.stream_id, size)
+                stream.discarded(size)
             return
         if event.data:
             exchange.body(event.data)
@@ -663,6 +695,8 @@ class H2ProxyProtocol(Protocol):
         if stream is None:
             return
         stream.remote_ended = True
+        if stream.discard_timer is not None:
+            stream.stop_discarding()  # the whole body came: no reset needed
         if stream.tunnel is not None:
             stream.tunnel.client_lost()
             self.stream_settled(stream)

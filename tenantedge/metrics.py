@@ -155,7 +155,7 @@ class LimitCollector:
     The connection caps are handshake outcomes
     (C{tenantedge_handshakes_total{outcome="refused-address-full"}}).
 
-    @ivar limits: the counts (L{tenantedge.http1.H1Proxy.events}, shared
+    @ivar limits: the counts (L{tenantedge.exchange.Relay.events}, shared
         with the PROXY header listeners).
     """
 
@@ -216,7 +216,7 @@ class UpgradeCollector:
     Upgrade (WebSocket) requests of the HTTP/1.1 relay by result, and the
     upgraded connections open now.
 
-    @ivar results: L{tenantedge.http1.H1Proxy.upgrades}.
+    @ivar results: L{tenantedge.exchange.Relay.upgrades}.
     @ivar open: how many upgraded connections are open.
     """
 

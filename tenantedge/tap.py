@@ -31,7 +31,8 @@ from .admin import AdminActions, AdminResource
 from .backend import BackendPool, Backends, HealthCheck
 from .config import OnDemandConfig, backend_label
 from .demo import DemoBackendService
-from .http1 import AccessLog, EdgeHTTPFactory, H1Proxy
+from .edgehttp import EdgeHTTPFactory
+from .exchange import AccessLog, Relay
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
 from .metrics import BackendCollector, LimitCollector, UpgradeCollector
@@ -182,7 +183,7 @@ def build_edge(
     on_demand = OnDemandTLS.from_config(config, reactor, **overrides)
     demo = DemoBackendService(reactor) if config.demo else None
     urls = (demo.url,) if demo is not None else config.backend
-    # HTTP/1.1 and HTTP/2 through the relay (tenantedge.http1, .http2):
+    # HTTP/1.1 and HTTP/2 through the relay (tenantedge.exchange, .http1, .http2):
     # one set of rules, balanced over the backends.
     observe = on_demand.timings.observe_request
     backends = Backends(reactor, [
@@ -191,7 +192,7 @@ def build_edge(
     on_demand.timings.registry.register(BackendCollector(backends.pools))
     # Every backend has the same path (checked by the configuration).
     prefix = backend_prefix(urls[0])
-    h1 = H1Proxy(
+    h1 = Relay(
         backends, reactor, prefix=prefix, timeout=config.backend_timeout,
         max_body_size=config.max_body_size, observe=observe,
         access_log=AccessLog(config.access_log) if config.access_log else None,
@@ -236,7 +237,7 @@ def _health_host(url: str) -> bytes:
     return uri.host if uri.port == default else b"%s:%d" % (uri.host, uri.port)
 
 
-def _closing(pool: Backends, proxy: H1Proxy) -> Callable[[], Deferred[None]]:
+def _closing(pool: Backends, proxy: Relay) -> Callable[[], Deferred[None]]:
     """At shutdown: close the relay's client connections and its idle backend connections."""
 
     def close() -> Deferred[None]:

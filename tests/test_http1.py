@@ -17,7 +17,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.backend import BackendPool, Backends
-from tenantedge.http1 import H1Proxy, H1ProxyProtocol
+from tenantedge.exchange import Relay
+from tenantedge.http1 import H1ProxyProtocol
 
 
 class FakeEndpoint:
@@ -47,7 +48,7 @@ class RelayTests(SynchronousTestCase):
         self.endpoint = FakeEndpoint()
         self.pool = BackendPool(self.clock, lambda: self.endpoint)
         self.observed: list[tuple[int, float]] = []
-        self.proxy = H1Proxy(self.pool, self.clock, timeout=30, max_body_size=1000,
+        self.proxy = Relay(self.pool, self.clock, timeout=30, max_body_size=1000,
                              observe=lambda code, s: self.observed.append((code, s)))
         self.client, self.wire = self.connect()
 
@@ -309,7 +310,7 @@ class ReviewFixTests(RelayTests):
 
     def test_head_deadline(self) -> None:
         """A head trickled a byte at a time gets 408 when its deadline passes."""
-        from tenantedge.http1 import HEADER_TIMEOUT
+        from tenantedge.exchange import HEADER_TIMEOUT
 
         for byte in b"GET / HT":
             self.client.dataReceived(bytes([byte]))
@@ -381,7 +382,7 @@ class SeveralBackendsTests(SynchronousTestCase):
         self.endpoints = [FakeEndpoint() for _ in range(3)]
         self.pools = [BackendPool(self.clock, (lambda e=e: e), name=f"b{i}") for i, e in enumerate(self.endpoints)]
         self.backends = Backends(self.clock, self.pools)
-        self.proxy = H1Proxy(self.backends, self.clock, timeout=30)
+        self.proxy = Relay(self.backends, self.clock, timeout=30)
 
     def connect(self) -> tuple[H1ProxyProtocol, StringTransport]:
         proto = H1ProxyProtocol(self.proxy, "shop.test")
@@ -621,7 +622,7 @@ class UpgradeTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.endpoint = FakeEndpoint()
         self.pool = BackendPool(self.clock, lambda: self.endpoint)
-        self.proxy = H1Proxy(self.pool, self.clock, timeout=30, websocket_idle_timeout=600)
+        self.proxy = Relay(self.pool, self.clock, timeout=30, websocket_idle_timeout=600)
         self.client = H1ProxyProtocol(self.proxy, "shop.test")
         self.wire = StringTransport(peerAddress=_Peer("203.0.113.9"))
         self.client.makeConnection(self.wire)

@@ -19,8 +19,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.backend import BackendPool
-from tenantedge.http1 import H1Proxy
-from tenantedge.http2 import MAX_RESETS, QUEUE_HIGH, H2ProxyProtocol, websocket_accept
+from tenantedge.exchange import Relay
+from tenantedge.http2 import DISCARD_BYTES, DISCARD_SECONDS, MAX_RESETS, QUEUE_HIGH, H2ProxyProtocol, websocket_accept
 
 from .test_http1 import FakeEndpoint, _Peer
 
@@ -81,7 +81,7 @@ class H2TestCase(SynchronousTestCase):
         self.clock.advance(1000)
         self.endpoint = FakeEndpoint()
         self.pool = BackendPool(self.clock, lambda: self.endpoint)
-        self.proxy = H1Proxy(self.pool, self.clock, timeout=30, max_body_size=1000, idle_timeout=60)
+        self.proxy = Relay(self.pool, self.clock, timeout=30, max_body_size=1000, idle_timeout=60)
         self.client = self.connect()
 
     def connect(self, window: int | None = None) -> Client:
@@ -174,7 +174,7 @@ class H2RelayTests(H2TestCase):
         """
         A declared length over the limit is 413 at once; an undeclared one
         413 once it crosses it, then RST_STREAM (NO_ERROR) to stop the
-        upload. A GET on the same connection is answered.
+        upload if it goes on. A GET on the same connection is answered.
         """
         declared = self.client.request(b"POST", headers=[(b"content-length", b"5000")], end=False)
         self.assertEqual(self.client.status(declared), b"413")
@@ -187,13 +187,43 @@ class H2RelayTests(H2TestCase):
         self.client.send(undeclared, b"y" * 600)
         self.assertEqual(self.client.status(undeclared), b"413")
         self.assertTrue(upload_wire.disconnecting)  # the backend request abandoned
+        # The rest is read and dropped for a while (a client still sending
+        # reads its answer), then RST_STREAM NO_ERROR stops it.
+        self.client.send(undeclared, b"y" * 600)
+        self.assertEqual([e for e in self.client.events if isinstance(e, StreamReset)], [])
+        self.clock.advance(DISCARD_SECONDS)
+        self.client.pump()
         resets = {e.stream_id: e.error_code for e in self.client.events if isinstance(e, StreamReset)}
         self.assertEqual(resets.get(undeclared), ErrorCodes.NO_ERROR)
+        # The declared one too: its client sent nothing more, and gets the
+        # same reset when the time is up.
+        self.assertEqual(resets.get(declared), ErrorCodes.NO_ERROR)
         backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.client.pump()
         self.assertEqual(self.client.status(other), b"200")
         self.assertEqual(self.client.body(other), b"ok")
         self.assertFalse(self.client.wire.disconnecting)
+
+    def test_discard_budget(self) -> None:
+        """
+        Past DISCARD_BYTES after the answer, the reset comes at once; a
+        body that ends within the budget ends the stream without one.
+        """
+        self.proxy.max_body_size = 10
+        sid = self.client.request(b"POST", headers=[(b"content-length", b"20000000")], end=False)
+        self.assertEqual(self.client.status(sid), b"413")
+        chunk = b"z" * 1_000_000
+        for _ in range(DISCARD_BYTES // len(chunk) + 1):
+            self.client.send(sid, chunk)
+        resets = {e.stream_id: e.error_code for e in self.client.events if isinstance(e, StreamReset)}
+        self.assertEqual(resets.get(sid), ErrorCodes.NO_ERROR)
+        sid = self.client.request(b"POST", headers=[(b"content-length", b"20")], end=False)
+        self.client.send(sid, b"z" * 20, end=True)
+        self.assertEqual(self.client.status(sid), b"413")
+        self.clock.advance(DISCARD_SECONDS)
+        self.client.pump()
+        self.assertNotIn(sid, {e.stream_id for e in self.client.events if isinstance(e, StreamReset)})
+        self.assertEqual(self.proto.streams, {})
 
     def test_host_disagreeing_with_authority(self) -> None:
         sid = self.client.request(headers=[(b"host", b"other.test")])
