@@ -417,7 +417,8 @@ class OnDemandConfig:
         show=format_duration, metavar="DURATION",
     )
     max_body_size: int = _setting(
-        64 * 1024 * 1024, "Largest request body accepted (bytes, or with K, M, G); larger gets 413. 0: no limit.",
+        0, "Largest request body accepted (bytes, or with K, M, G); larger gets 413. 0: no limit (the default): "
+        "bodies stream to the backend, nothing is held whole.",
         parse_size, show=format_size, metavar="SIZE",
     )
     websocket_idle_timeout: float = _setting(

@@ -152,7 +152,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(parse_size("64M"), 64 * 1024**2)
         self.assertEqual(parse_size("2g"), 2 * 1024**3)
         self.assertEqual(parse_size("0"), 0)
-        self.assertEqual(self.parse()["max-body-size"], 64 * 1024**2)
+        self.assertEqual(self.parse()["max-body-size"], 0)  # no limit: bodies stream
         for bad in ("", "x", "1T", "-1"):
             self.assertRaises(ValueError, parse_size, bad)
 
@@ -250,10 +250,10 @@ class ConfigValueTests(SynchronousTestCase):
 
 class HelpTests(SynchronousTestCase):
     def test_human_defaults_and_clean_text(self) -> None:
-        """--help shows 30d and 64M, not 2592000.0 and 67108864, and no docstring indentation."""
+        """--help shows 30d and 0 (no body limit), not 2592000.0, and no docstring indentation."""
         text = str(Options())
         self.assertIn("[default: 30d]", text)
-        self.assertIn("[default: 64M]", text)
+        self.assertIn("0: no limit (the default)", " ".join(text.split()))
         self.assertIn("[default: 12h]", text)
         self.assertNotIn("2592000", text)
         self.assertNotIn("67108864", text)
