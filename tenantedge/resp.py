@@ -360,6 +360,8 @@ class RedisClient:
     timeout: float = 10.0
     _service: ClientService | None = attrs.field(default=None, init=False)
     _current: RedisProtocol | None = attrs.field(default=None, init=False)
+    #: Commands refused at once because no connection was up (a metric).
+    unavailable: int = attrs.field(default=0, init=False)
     _log = Logger()
 
     def _endpoint(self) -> Any:
@@ -451,6 +453,7 @@ class RedisClient:
         """Several commands written at once on the one connection."""
         protocol = self._current
         if protocol is None:
+            self.unavailable += len(commands)
             return [fail(RedisUnavailable(f"not connected to Redis at {self.address.describe()}")) for _ in commands]
         return [self._timed(d, protocol) for d in protocol.send(commands)]
 
@@ -470,11 +473,14 @@ class RedisClient:
             raise RedisError("transaction aborted")
         return list(result)
 
-    async def eval(self, script: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+    def eval(self, script: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Deferred[Any]:
         """
         Run a Lua script atomically (EVALSHA, falling back to EVAL the first
         time the server sees it, or after a restart emptied its cache).
         """
+        return Deferred.fromCoroutine(self._eval(script, keys, args))
+
+    async def _eval(self, script: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         import hashlib
 
         sha = hashlib.sha1(script.encode()).hexdigest()
