@@ -362,6 +362,7 @@ class RedisClient:
     _current: RedisProtocol | None = attrs.field(default=None, init=False)
     #: Commands refused at once because no connection was up (a metric).
     unavailable: int = attrs.field(default=0, init=False)
+    _ever_connected: bool = attrs.field(default=False, init=False)
     _log = Logger()
 
     def _endpoint(self) -> Any:
@@ -395,6 +396,7 @@ class RedisClient:
             for channel in self.channels:
                 await self._timed(protocol.send([["SUBSCRIBE", channel]])[0], protocol)
         self._current = protocol
+        self._ever_connected = True
         if self.on_connect is not None:
             self.on_connect()
 
@@ -452,10 +454,21 @@ class RedisClient:
     def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Deferred[Any]]:
         """Several commands written at once on the one connection."""
         protocol = self._current
+        if protocol is None and self._service is not None and not self._ever_connected:
+            # Just started (the first walk of renewal, the first handshake):
+            # wait for the first connection rather than fail.
+            return [self._after_connect(command) for command in commands]
         if protocol is None:
             self.unavailable += len(commands)
             return [fail(RedisUnavailable(f"not connected to Redis at {self.address.describe()}")) for _ in commands]
         return [self._timed(d, protocol) for d in protocol.send(commands)]
+
+    async def _first(self, command: Sequence[Arg]) -> Any:
+        await self.when_connected(self.timeout)
+        return await self.pipeline([command])[0]
+
+    def _after_connect(self, command: Sequence[Arg]) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._first(command))
 
     async def transaction(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """
