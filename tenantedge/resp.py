@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -49,6 +49,7 @@ __all__ = [
     "encode",
     "RedisClient",
     "BlockingRedis",
+    "BlockingCommands",
     "PASSWORD_ENVIRONMENT",
 ]
 
@@ -572,3 +573,29 @@ class BlockingRedis:
 
     def eval(self, script: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         return self.execute("EVAL", script, len(keys), *keys, *args)
+
+
+class BlockingCommands:
+    """
+    L{RedisClient}'s command methods over a L{BlockingRedis}, each
+    returning an already-fired Deferred: the Redis store's own code then
+    serves the CLI (which runs no reactor) and the synchronous contract
+    tests against a real server.
+    """
+
+    def __init__(self, redis: BlockingRedis) -> None:
+        self.redis = redis
+        self.connected = True
+        self.unavailable = 0
+
+    def execute(self, *args: Arg) -> Deferred[Any]:
+        return maybeDeferred(self.redis.execute, *args)
+
+    def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Deferred[Any]]:
+        return [self.execute(*command) for command in commands]
+
+    def eval(self, script: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Deferred[Any]:
+        return maybeDeferred(self.redis.eval, script, keys, args)
+
+    def transaction(self, commands: Sequence[Sequence[Arg]]) -> Deferred[Any]:
+        return maybeDeferred(self.redis.transaction, commands)

@@ -15,7 +15,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tenantedge.resp import BlockingRedis, RedisAddress, RedisUnavailable
+from tenantedge.resp import BlockingCommands, BlockingRedis, RedisAddress, RedisUnavailable
 
 from .pebble import free_port
 from .processes import require_tool
@@ -164,27 +164,5 @@ class SyncRedis:
         self.process.wait()
 
 
-class BlockingClientAdapter:
-    """
-    L{tenantedge.resp.RedisClient}'s command methods over a blocking
-    connection, each returning an already-fired Deferred: the same Redis
-    store code runs the store contract tests synchronously
-    (C{successResultOf}) against a real redis-server.
-    """
-
-    def __init__(self, redis: BlockingRedis) -> None:
-        self.redis = redis
-        self.connected = True
-        self.unavailable = 0
-
-    def execute(self, *args: Any) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(self.redis.execute, *args)
-
-    def pipeline(self, commands: Any) -> list[defer.Deferred[Any]]:
-        return [self.execute(*command) for command in commands]
-
-    def eval(self, script: str, keys: Any, args: Any) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(self.redis.eval, script, keys, args)
-
-    def transaction(self, commands: Any) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(self.redis.transaction, commands)
+#: The store code over a blocking connection (now part of the library).
+BlockingClientAdapter = BlockingCommands
