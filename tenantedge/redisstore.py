@@ -69,6 +69,7 @@ __all__ = [
     "RedisEvents",
     "RedisConnections",
     "StoreUnavailable",
+    "RenewalLeader",
 ]
 
 
@@ -424,6 +425,37 @@ class RedisNameLock:
             host=server_name, error=f.getErrorMessage()))
 
 
+_LEAD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+@attrs.define(eq=False)
+class RenewalLeader:
+    """
+    Which node walks the store for renewals: the holder of
+    C{P:renewal-leader}, taken with C{SET NX PX} and kept by walking
+    (each walk extends it to C{lease} seconds). If the leader dies, the
+    first node to walk after the lease runs out leads. The per-name lock
+    still guards each renewal, so a leader change mid-walk is harmless.
+    """
+
+    client: RedisClient
+    keys: Keys
+    lease: float
+    token: str = attrs.field(factory=lambda: secrets.token_hex(16))
+
+    def __call__(self) -> Deferred[bool]:
+        d = self.client.eval(_LEAD, [f"{self.keys.prefix}:renewal-leader"], [self.token, int(self.lease * 1000)])
+        d.addCallbacks(bool, lambda f: False)  # Redis away: nobody walks (renewal has weeks of margin)
+        return d
+
+
 _CAS = """
 local v = redis.call('HGET', KEYS[1], 'version') or '0'
 if v ~= ARGV[1] then return 0 end
@@ -676,6 +708,7 @@ def open_redis_storage(
     password_file: str | None = None,
     ca: str | None = None,
     lock_ttl: float = 30.0,
+    renew_interval: float = 43200.0,
 ) -> dict[str, Any]:
     """
     The pieces of a Redis-backed L{tenantedge.service.Storage}, as keyword
@@ -732,4 +765,5 @@ def open_redis_storage(
         accounts=accounts,
         services=(connections,),
         attach=attach,
+        leader=RenewalLeader(client, keys, lease=2.5 * renew_interval),
     )

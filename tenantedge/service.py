@@ -108,6 +108,8 @@ class Storage:
     #: Told the resolver's forget and resync calls and the metrics
     #: registry, for a store that publishes its changes.
     attach: Callable[[Callable[[str], None], Callable[[], Any], Any], None] | None = None
+    #: Asked before each renewal walk whether this node walks (a fleet's leader).
+    leader: Callable[[], Deferred[bool]] | None = None
 
 
 def _run_blocking(reactor: Any) -> Callable[..., Any]:
@@ -142,7 +144,7 @@ def open_storage(config: OnDemandConfig, reactor: Any) -> Storage:
         try:
             return Storage(**open_redis_storage(
                 config.store, reactor, password_file=config.store_password_file, ca=config.store_ca,
-                lock_ttl=config.store_lock_ttl,
+                lock_ttl=config.store_lock_ttl, renew_interval=config.renew_check_interval,
             ))
         except ValueError as e:
             raise ConfigError("store", str(e)) from None
@@ -477,6 +479,7 @@ def _build(
         interval=config.renew_check_interval,
         renew_before=config.renew_before,
         window=acme_issuers[0].renewal_window if acme_issuers else None,
+        leader=storage.leader,
     )
     refresher = periodic(config.store_poll, resolver.refresh_changed_logged, reactor, "store-refresher")
     if storage.attach is not None:

@@ -225,3 +225,16 @@ class RedisAccountStoreTests(_OnRedis, SynchronousTestCase):
         again = other.load_or_create_key()
         self.assertEqual(again.thumbprint(), key.thumbprint())
         self.assertEqual(other.load_url(again), "https://ca/acct/1")
+
+
+class RenewalLeaderTests(_OnRedis, SynchronousTestCase):
+    def test_one_leader(self) -> None:
+        """One node walks; the others skip until its lease runs out."""
+        from tenantedge.redisstore import RenewalLeader
+
+        nodes = [RenewalLeader(self.client(), Keys("t"), lease=60) for _ in range(3)]
+        self.assertEqual([self.successResultOf(n()) for n in nodes], [True, False, False])
+        self.assertTrue(self.successResultOf(nodes[0]()))  # keeps it by walking
+        self.redis().connect().execute("DEL", "t:renewal-leader")  # the lease ran out
+        self.assertTrue(self.successResultOf(nodes[2]()))
+        self.assertFalse(self.successResultOf(nodes[0]()))
