@@ -131,11 +131,22 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(got, [(b"ch", b"hi")])
 
     def test_not_connected_fails_fast(self) -> None:
-        """A command while Redis is unreachable fails at once, never queues."""
+        """
+        Before the first connection a command waits for it (bounded by the
+        timeout: start-up work such as renewal's first walk); once a
+        connection has been up and is lost, a command fails at once, never
+        queues behind the outage (the fleet test shows it on a real one).
+        """
         reactor = MemoryReactorClock()
-        client = RedisClient(RedisAddress.from_url("redis://127.0.0.1:1/0", environ={}), reactor)
+        client = RedisClient(RedisAddress.from_url("redis://127.0.0.1:1/0", environ={}), reactor, timeout=5)
         client.start()
+        waiting = client.execute("PING")
+        self.assertNoResult(waiting)
+        reactor.advance(5)
+        self.failureResultOf(waiting, RedisUnavailable)
+        client._ever_connected = True  # as after a connection that was lost
         self.failureResultOf(client.execute("PING"), RedisUnavailable)
+        self.assertEqual(client.unavailable, 1)
         stopped = client.stop()
         reactor.advance(0)
         self.successResultOf(stopped)
