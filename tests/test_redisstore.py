@@ -238,3 +238,26 @@ class RenewalLeaderTests(_OnRedis, SynchronousTestCase):
         self.redis().connect().execute("DEL", "t:renewal-leader")  # the lease ran out
         self.assertTrue(self.successResultOf(nodes[2]()))
         self.assertFalse(self.successResultOf(nodes[0]()))
+
+
+class StartupTests(SynchronousTestCase):
+    def test_unreachable_is_one_line(self) -> None:
+        """Redis unreachable at start: StartupError with one line naming the address."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tenantedge.config import OnDemandConfig
+        from tenantedge.service import OnDemandTLS, StartupError
+
+        config = OnDemandConfig(store="redis://127.0.0.1:1/0?prefix=x", ca=["https://acme.test/dir"])
+        edge = OnDemandTLS.from_config(config, MemoryReactorClock())
+        e = self.assertRaises(StartupError, edge.prepare)
+        self.assertEqual(str(e), "cannot reach Redis at redis://127.0.0.1:1/0?prefix=x: Connection refused")
+
+    def test_local_ca_refused(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tenantedge.config import ConfigError, OnDemandConfig
+        from tenantedge.service import OnDemandTLS
+
+        config = OnDemandConfig(store="redis://127.0.0.1:1/0", ca=["internal"])
+        self.assertRaises(ConfigError, OnDemandTLS.from_config, config, MemoryReactorClock())
