@@ -3,7 +3,9 @@ Everything a fleet of edges shares, in one Redis under one key prefix
 (C{--store redis://host:port/db?prefix=P}), so that several environments
 can share a server::
 
-    P:cert:<name>        hash: pem (key, leaf, chain), version (a counter)
+    P:cert:<name>        hash: pem (key, leaf, chain), version (a counter
+                         that only grows, removal included: a name removed
+                         and stored again never looks unchanged)
     P:names              set of names with a certificate
     P:archive:<name>     list: removed bundles (keys are never destroyed)
     P:challenge:<key>    pending HTTP-01 / TLS-ALPN-01 answers (expire)
@@ -130,9 +132,10 @@ _DELETE = """
 local pem = redis.call('HGET', KEYS[1], 'pem')
 if not pem then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2] .. '\\n' .. pem)
-redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[1], 'pem')
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('PUBLISH', KEYS[4], 'cert ' .. ARGV[1] .. ' 0')
+redis.call('PUBLISH', KEYS[4], 'cert ' .. ARGV[1] .. ' ' .. v)
 return 1
 """
 

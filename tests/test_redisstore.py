@@ -87,6 +87,14 @@ class RedisStoreTests(_OnRedis, SharedStoreContractMixin, SynchronousTestCase):
         self.assertEqual(forgotten, ["a.example"])
         events.message(b"t:events", b"\xff garbage")
 
+    def test_removed_and_stored_again_is_changed(self) -> None:
+        """The version only grows: remove then store again is seen as a change (no ABA)."""
+        self.successResultOf(self.store.store("a.example", make_bundle("a.example")))
+        peer = self.make_peer()
+        self.successResultOf(peer.delete("a.example"))
+        self.successResultOf(peer.store("a.example", make_bundle("a.example")))
+        self.assertEqual(self.successResultOf(self.store.changed(["a.example"])), ["a.example"])
+
     def test_corrupt_is_missing(self) -> None:
         self.redis().connect().execute("HSET", "t:cert:a.example", "pem", b"junk", "version", 1)
         self.failureResultOf(self.store.get("a.example"), KeyError)
