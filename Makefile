@@ -17,10 +17,11 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	touch $@
 
 # System tools the end-to-end tests drive: curl and openssl (real TLS
-# clients) and pebble (a real ACME server), from Debian's archive.
+# clients), pebble (a real ACME server) and redis-server (the store a fleet
+# shares), from Debian's archive.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
-	@missing=""; for tool in curl openssl pebble; do \
+	@missing=""; for tool in curl openssl pebble redis-server; do \
 	  command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

@@ -20,6 +20,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .interfaces import ISharedState
 from .shared import KEEP, StateFile
 
 __all__ = ["FailureBackoff", "LADDER"]
@@ -37,17 +38,20 @@ class FailureBackoff:
     @ivar path: the JSON file, or C{None} to keep state in memory only.
     @ivar clock: the time source.
     @ivar ladder: waits after consecutive failures.
+    @ivar shared: where the state lives instead of C{path} (a fleet's
+        Redis); C{path} then only labels it.
     """
 
     path: str | None
     clock: IReactorTime
     ladder: Sequence[float] = LADDER
+    shared: ISharedState | None = None
     _state: dict[str, tuple[int, float]] = attrs.field(factory=dict, init=False)
-    _file: StateFile = attrs.field(init=False)
+    _file: ISharedState = attrs.field(init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        self._file = StateFile(self.path)
+        self._file = self.shared if self.shared is not None else StateFile(self.path)
 
     def load(self) -> None:
         """Read persisted state; a corrupt file is logged and ignored."""

@@ -8,6 +8,7 @@ The command line: C{tenantedge ...} (or C{python -m tenantedge ...})::
                                 policy, limits and issuers (admin endpoint)
     certs renew HOST [--json]   renew now, through the running server
     certs remove HOST [--json]  move to <store>/archive/ (the key is kept)
+    store copy SRC DST      a directory store into Redis, or back (byte for byte)
     serve [options]         run the server (same as C{twist tenantedge})
 
 Every level takes C{--help} and C{--version}. Every C{certs} command also
@@ -99,8 +100,22 @@ def _write_json(out: IO[str], value: Any) -> None:
 # -- the store ----------------------------------------------------------------
 
 
-def _store(config: OnDemandConfig) -> DirectoryStore:
+def _store(config: OnDemandConfig) -> Any:
+    """
+    The configured store, opened for the CLI: a directory, or a Redis
+    store over a blocking connection (its Deferreds fire at once, so
+    L{_result} reads them the same way).
+    """
     path = config.store
+    if path.startswith(("redis://", "rediss://")):
+        from .redisstore import Keys, RedisStore
+        from .resp import BlockingCommands, BlockingRedis, RedisAddress, RedisUnavailable
+
+        try:
+            address = RedisAddress.from_url(path, password_file=config.store_password_file, ca=config.store_ca)
+            return RedisStore(BlockingCommands(BlockingRedis(address)), Keys(address.prefix))  # type: ignore[arg-type]
+        except (ValueError, RedisUnavailable) as e:
+            raise CLIError(str(e)) from None
     if not os.path.isdir(path):
         raise CLIError(f"no store at {path} (give --store or --config)")
     _become_store_owner(path)
@@ -427,7 +442,8 @@ class _Show(_CertsCommand):
             info = describe(host, _result(store.get(host)), time.time())
         except KeyError:
             raise CLIError(f"no usable certificate stored for {host}") from None
-        info["file"] = os.path.join(store.path, host + ".pem")
+        info["file"] = (os.path.join(store.path, host + ".pem") if isinstance(store, DirectoryStore)
+                        else store.keys.cert(host))
         if self["json"]:
             _write_json(out, info)
         else:
@@ -491,7 +507,8 @@ class _Remove(_CertsCommand):
             _result(store.delete(host))
         except KeyError:
             raise CLIError(f"nothing stored for {host}") from None
-        archive = os.path.join(store.path, "archive")
+        archive = (os.path.join(store.path, "archive") if isinstance(store, DirectoryStore)
+                   else store.keys.archive(host))
         try:
             _ask_server(self.config, host, "forget", timeout=5)
             notified = True
@@ -516,6 +533,47 @@ class _Certs(_Group):
         ["renew", None, _Renew, "Renew now, through the running server."],
         ["remove", None, _Remove, "Move a certificate to <store>/archive/."],
     ]
+
+
+class _StoreCopy(_Command):
+    """C{store copy SRC DST}."""
+
+    arguments = "SRC DST [--store-password-file FILE] [--store-ca PEM]"
+    longdesc = (
+        "Copy a store: a directory into Redis, or Redis into a directory (certificates, ACME accounts, "
+        "failure backoff, limit windows), byte for byte, so that no certificate is issued again. SRC and DST "
+        "are each a directory or a redis:// URL; the Redis password comes from --store-password-file or "
+        "TENANTEDGE_REDIS_PASSWORD."
+    )
+    optParameters = [
+        ["store-password-file", None, None, "File holding the Redis password (either side)."],
+        ["store-ca", None, None, "CA of a rediss:// side."],
+    ]
+
+    def parseArgs(self, source: str, target: str) -> None:  # type: ignore[override]
+        self.source = source
+        self.target = target
+
+    def run(self, out: IO[str]) -> int:
+        from .resp import RedisError, RedisUnavailable
+        from .storecopy import copy_store, open_side
+
+        try:
+            source = open_side(self.source, self["store-password-file"], self["store-ca"])
+            target = open_side(self.target, self["store-password-file"], self["store-ca"])
+            copied = copy_store(source, target)
+        except (ValueError, RedisUnavailable, RedisError) as e:
+            raise CLIError(str(e)) from None
+        out.write(f"copied {copied.certificates} certificate(s), {copied.accounts} account(s), "
+                  f"{copied.states} state file(s)\n")
+        for name in copied.skipped:
+            out.write(f"skipped {name}: its stored bundle does not parse\n")
+        return 0
+
+
+class _Stores(_Group):
+    longdesc = "Work on a whole store: copy it between a directory and Redis."
+    subCommands = [["copy", None, _StoreCopy, "Copy a store (directory to Redis, or back)."]]
 
 
 class _Serve(_Command):
@@ -543,6 +601,7 @@ class TenantedgeOptions(_Group):
     )
     subCommands = [
         ["certs", None, _Certs, "List, show, issue, renew or remove certificates."],
+        ["store", None, _Stores, "Copy a store between a directory and Redis."],
         ["serve", None, _Serve, "Run the server (as `twist tenantedge`); `serve --help` lists its options."],
     ]
 

@@ -319,6 +319,11 @@ def _optional_endpoint(value: str | None) -> str | None:
 
 def _store(value: str) -> str:
     # A directory becomes absolute: twistd may change directory later.
+    if value.startswith(("redis://", "rediss://")):
+        from .resp import RedisAddress
+
+        RedisAddress.from_url(value, environ={})  # the syntax, and no password in it
+        return value
     return value if "://" in value else os.path.abspath(value)
 
 
@@ -471,8 +476,19 @@ class OnDemandConfig:
                                _choice(*LOG_FORMATS), metavar="FORMAT")
 
     # -- storage -----------------------------------------------------------------
-    store: str = _setting("/var/lib/tenantedge", "Certificate store directory (txacme format).", _store,
-                          endpoint=True, metavar="DIR")
+    store: str = _setting("/var/lib/tenantedge", "Certificate store: a directory (txacme format), or "
+                          "redis://[user@]host:port/db?prefix=P (rediss:// for TLS) shared by a fleet.", _store,
+                          endpoint=True, metavar="DIR|URL")
+    store_password_file: str | None = _setting(
+        None, "File holding the Redis store's password (else the TENANTEDGE_REDIS_PASSWORD environment "
+        "variable; never in the URL).", _absolute_path, endpoint=True, metavar="FILE",
+    )
+    store_ca: str | None = _setting(None, "PEM file of the CA that signed a rediss:// store's certificate.",
+                                    _absolute_path, endpoint=True, metavar="PEM")
+    store_lock_ttl: float = _setting(
+        30.0, "How long a fleet's per-name issuance lock outlives a node that died holding it (duration).",
+        parse_duration, endpoint=True, show=format_duration, metavar="DURATION",
+    )
 
     # -- issuers -------------------------------------------------------------------
     ca: tuple[str, ...] = _setting(

@@ -27,6 +27,7 @@ __all__ = [
     "IRenewalExemption",
     "IReplacesRefused",
     "INameLock",
+    "ISharedState",
     "Decision",
     "PolicyRefusal",
     "IssuanceFailed",
@@ -319,4 +320,39 @@ class INameLock(Interface):
         @return: a Deferred firing with a zero-argument callable that
             releases the lock (calling it twice is harmless); cancelling
             the Deferred abandons the wait.
+        """
+
+
+class ISharedState(Interface):
+    """
+    A small JSON document (the failure backoff, the issuance limit windows)
+    that every process or node on one store shares. Synchronous, because
+    the backoff and limits are consulted synchronously on every order: an
+    implementation over the network answers from a copy it keeps fresh.
+    """
+
+    path = Attribute("Where it lives, for log lines (a file path, or a Redis key).")
+
+    def changed():
+        """
+        @return: C{True} if someone else changed the state since this one
+            last read it (then the caller reads it again).
+        """
+
+    def read():
+        """
+        @return: the data (C{None} if there is none).
+        @raise OSError: if it cannot be read.
+        @raise ValueError: if it is not JSON.
+        """
+
+    def update(change):
+        """
+        Read-modify-write without losing anyone else's update: C{change} is
+        called with the current data (or L{tenantedge.shared.KEEP} when it
+        could not be read) and returns the new data; it may be called more
+        than once (an implementation retrying on a concurrent change), so
+        it must derive everything from its argument.
+
+        @return: the new data. A failure to save is logged, never raised.
         """

@@ -95,7 +95,7 @@ class AcmeIssuer:
     """
 
     client: AcmeClient
-    accounts: AccountStore
+    accounts: Any  # AccountStore, or tenantedge.redisstore.RedisAccountStore (same methods)
     responder: IChallengeResponder
     clock: IReactorTime
     email: str | None = None
@@ -185,7 +185,9 @@ class AcmeIssuer:
         url = await self.client.register(self.email, self.eab, host=server_name)
         assert self.client.key is not None, "register() signs with the key"
         if url != self.accounts.load_url(self.client.key):
-            self.accounts.save_url(url, self.client.directory_url, self.client.key)
+            saved = self.accounts.save_url(url, self.client.directory_url, self.client.key)
+            if isinstance(saved, Deferred):  # a shared store's write
+                await saved
             self._log.info("ACME account {url} at {ca}", url=url, ca=self.client.directory_url)
         return url
 

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from .acme import ValidationFailed
 from .certificates import CertificateBundle
 from .interfaces import IIssuer, IRenewalExemption, IReplacesRefused, LimitExceeded
+from .interfaces import ISharedState
 from .shared import KEEP, StateFile
 from .slots import Slots
 
@@ -52,6 +53,8 @@ class IssuanceLimits:
     Shared state of all limits.
 
     @ivar path: JSON file for the sliding windows, or C{None} (memory only).
+    @ivar shared: where the windows live instead of C{path} (a fleet's
+        Redis, so that N nodes do not spend N times the CA's budget).
     @ivar registered_domain: maps a name to the domain the per-domain limit
         counts against.
     """
@@ -64,6 +67,7 @@ class IssuanceLimits:
     max_new_orders: int = 300
     max_per_domain: int = 50
     max_failed_validations: int = 5
+    shared: ISharedState | None = None
     slots: Slots = attrs.field(
         init=False, default=attrs.Factory(lambda self: Slots(self.max_concurrent, self.max_waiting), takes_self=True)
     )
@@ -72,11 +76,11 @@ class IssuanceLimits:
     _domains: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
     _failures: dict[str, dict[str, list[float]]] = attrs.field(factory=dict, init=False)
     _downgraded: set[tuple[str, str]] = attrs.field(factory=set, init=False)
-    _file: StateFile = attrs.field(init=False)
+    _file: ISharedState = attrs.field(init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        self._file = StateFile(self.path)
+        self._file = self.shared if self.shared is not None else StateFile(self.path)
 
     # -- persistence (shared by every process on the store) -----------------------
 

@@ -90,6 +90,9 @@ class RenewalService(Service):
     @ivar window: optional ARI lookup, C{window(bundle) -> Deferred[Window]}.
     @ivar concurrency: renewals running at once (the issuance limits
         apply on top).
+    @ivar leader: in a fleet, asked before each walk whether this node is
+        the one that walks (so N nodes do not each read every key every
+        interval); C{None}: always walk.
     @ivar events: counters (C{renewed}, C{archived}, C{failed}, C{panic}...).
     """
 
@@ -107,6 +110,7 @@ class RenewalService(Service):
     window: Callable[[CertificateBundle], Deferred[Window]] | None = None
     random: Callable[[], float] = random.random
     concurrency: int = 4
+    leader: Callable[[], Deferred[bool]] | None = None
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     soonest_expiry: float | None = attrs.field(default=None, init=False)
     stored_count: int = attrs.field(default=0, init=False)
@@ -171,6 +175,9 @@ class RenewalService(Service):
             finally:
                 self._sleep = None
         if self._stopping:
+            return
+        if self.leader is not None and not await self.leader():
+            self.events["not-leader"] += 1
             return
         names = await self.store.names()
         self.stored_count = len(names)

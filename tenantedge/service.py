@@ -56,7 +56,7 @@ from .challenges import (
     TLSALPN01Responder,
 )
 from .config import ConfigError, OnDemandConfig
-from .interfaces import ICertificateStore, IChallengeStore, IDomainPolicy, IIssuer, INameLock
+from .interfaces import ICertificateStore, IChallengeStore, IDomainPolicy, IIssuer, INameLock, ISharedState
 from .issuer import AcmeIssuer, BackoffIssuer, FallbackIssuer
 from .limits import IssuanceLimits, LimitedIssuer
 from .localca import LocalCA, local_ca_check
@@ -99,6 +99,17 @@ class Storage:
     lock: INameLock
     directory: str
     preparations: tuple[Preparation, ...] = ()
+    #: A shared store's backoff and limit state, by label (else files).
+    shared_state: Callable[[str], ISharedState] | None = None
+    #: A shared store's ACME account stores, by CA slug (else files).
+    accounts: Callable[[str], Any] | None = None
+    #: Services started and stopped with the edge (a shared store's connections).
+    services: tuple[Any, ...] = ()
+    #: Told the resolver's forget and resync calls and the metrics
+    #: registry, for a store that publishes its changes.
+    attach: Callable[[Callable[[str], None], Callable[[], Any], Any], None] | None = None
+    #: Asked before each renewal walk whether this node walks (a fleet's leader).
+    leader: Callable[[], Deferred[bool]] | None = None
 
 
 def _run_blocking(reactor: Any) -> Callable[..., Any]:
@@ -119,10 +130,26 @@ def open_storage(config: OnDemandConfig, reactor: Any) -> Storage:
     and the per-name issuance lock in the same directory, so every process
     on it (the workers of one box, or several servers) shares them.
 
+    A C{redis://} or C{rediss://} URL opens a Redis store instead
+    (L{tenantedge.redisstore}): certificates, challenges, the lock, the
+    backoff and limit state and the ACME accounts, shared by a fleet.
+
     @raise ConfigError: for a C{store} value that names no known kind.
     """
+    if config.store.startswith(("redis://", "rediss://")):
+        from .redisstore import open_redis_storage
+
+        if "internal" in config.ca:
+            raise ConfigError("ca", "the local CA keeps its root on disk: use it with a directory store")
+        try:
+            return Storage(**open_redis_storage(
+                config.store, reactor, password_file=config.store_password_file, ca=config.store_ca,
+                lock_ttl=config.store_lock_ttl, renew_interval=config.renew_check_interval,
+            ))
+        except ValueError as e:
+            raise ConfigError("store", str(e)) from None
     if "://" in config.store:
-        raise ConfigError("store", f"{config.store!r}: give a directory")
+        raise ConfigError("store", f"{config.store!r}: give a directory, or a redis:// URL")
     store = DirectoryStore(config.store, run_blocking=_run_blocking(reactor))
     challenges = DirectoryChallengeStore(os.path.join(config.store, "challenges"))
     return Storage(
@@ -371,11 +398,13 @@ def _build(
 
     local_ca: LocalCA | None = None
     acme_issuers: list[AcmeIssuer] = []
-    backoff = FailureBackoff(state("backoff.json"), reactor)
+    shared = storage.shared_state
+    backoff = FailureBackoff(state("backoff.json"), reactor, shared=shared("backoff") if shared else None)
     limits = IssuanceLimits(
         state("limits.json"),
         reactor,
         registered_domain,
+        shared=shared("limits") if shared else None,
         max_concurrent=config.max_concurrent_issuance,
         max_new_orders=config.max_new_orders,
         max_per_domain=config.max_certs_per_domain,
@@ -393,7 +422,8 @@ def _build(
             acme = AcmeIssuer(
                 AcmeClient(ca, None, acme_http_client(reactor, api_pool, config.ca_root), reactor,
                            user_agent=f"tenantedge/{__version__}"),
-                AccountStore(account_directory(storage.directory, ca)),
+                storage.accounts(os.path.basename(account_directory("", ca))) if storage.accounts
+                else AccountStore(account_directory(storage.directory, ca)),
                 responder,
                 reactor,
                 email=config.email,
@@ -449,8 +479,11 @@ def _build(
         interval=config.renew_check_interval,
         renew_before=config.renew_before,
         window=acme_issuers[0].renewal_window if acme_issuers else None,
+        leader=storage.leader,
     )
     refresher = periodic(config.store_poll, resolver.refresh_changed_logged, reactor, "store-refresher")
+    if storage.attach is not None:
+        storage.attach(resolver.forget, resolver.refresh_changed_logged, timings.registry)
     summary = RefusalSummary(resolver.events)
     summarising = periodic(summary.interval, summary.summarise, reactor, "refusal-summary")
     return cls(
@@ -471,6 +504,6 @@ def _build(
         backoff=backoff,
         preparations=tuple(preparations),
         contexts=contexts,
-        children=(refresher, summarising, *rotation),
+        children=(*storage.services, refresher, summarising, *rotation),
         on_stop=(api_pool.closeCachedConnections,),
     )

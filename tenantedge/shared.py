@@ -35,10 +35,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .hostnames import InvalidHostname, normalize
-from .interfaces import IChallengeStore, INameLock
+from .interfaces import IChallengeStore, INameLock, ISharedState
 from .store import atomic_write, ensure_private_directory
 
-__all__ = ["DirectoryChallengeStore", "DirectoryNameLock", "StateFile", "KEEP"]
+__all__ = ["DirectoryChallengeStore", "DirectoryNameLock", "StateFile", "KEEP", "challenge_key_valid"]
 
 #: Passed to a L{StateFile.update} change when the file could not be
 #: locked or read: keep the state in memory as it is and change that.
@@ -67,6 +67,15 @@ def _challenge_file(directory: str, key: str) -> str:
         except InvalidHostname:
             pass
     raise KeyError(key)
+
+
+def challenge_key_valid(key: str) -> bool:
+    """Is this a challenge key any store may keep (an ACME token, or C{tls-alpn-01:<name>})?"""
+    try:
+        _challenge_file("", key)
+    except KeyError:
+        return False
+    return True
 
 
 @implementer(IChallengeStore)
@@ -183,6 +192,7 @@ def _releaser(fd: int) -> Callable[[], None]:
     return release
 
 
+@implementer(ISharedState)
 class StateFile:
     """
     A small JSON file that several processes read and change: read again

@@ -269,8 +269,8 @@ class CommandLineTests(TestCase):
     async def test_usage_errors(self) -> None:
         """Usage errors: one line on stderr, exit status 2."""
         for args, message in [
-            ([], b"choose a command: certs or serve"),
-            (["frobnicate"], b"unknown command 'frobnicate': choose certs or serve"),
+            ([], b"choose a command: certs, store or serve"),
+            (["frobnicate"], b"unknown command 'frobnicate': choose certs, store or serve"),
             (["certs"], b"choose a command: list, show, issue, renew or remove"),
             (["certs", "frobnicate"], b"unknown command 'frobnicate': choose list, show"),
             (["certs", "show"], b"which host?"),

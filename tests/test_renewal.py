@@ -117,6 +117,25 @@ class RenewalServiceTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(sorted(self.issuer.requests), ["due.test", "expired.test", "short-due.test"])
 
+    def test_only_the_leader_walks(self) -> None:
+        """
+        In a fleet, a node that is not the renewal leader does not walk the
+        store at all (N nodes do not each read every key every interval).
+        """
+        from twisted.internet.defer import succeed
+
+        self.store.bundles["due.test"] = bundle_aged("due.test", 90, 29)
+        self.service.leader = lambda: succeed(False)
+        self.service.check()
+        self.clock.advance(0)
+        self.assertEqual(self.issuer.requests, [])
+        self.assertEqual(self.service.events["not-leader"], 1)
+        self.service.leader = lambda: succeed(True)
+        self.service.check()
+        for _ in range(3):
+            self.clock.advance(0)
+        self.assertEqual(self.issuer.requests, ["due.test"])
+
     def test_hot_swap(self) -> None:
         """
         The old certificate serves while the renewal runs; once the new one

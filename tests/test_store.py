@@ -68,17 +68,48 @@ class StoreContractMixin:
             self.assertRaises(ValueError, self.store.store, name, make_bundle("a.example"))
 
 
+class SharedStoreContractMixin(StoreContractMixin):
+    """
+    The part of the contract a store shared by processes or nodes keeps:
+    what one instance changes, another notices. Subclasses also provide
+    C{make_peer}, another instance on the same storage.
+    """
+
+    def make_peer(self) -> ICertificateStore:
+        raise NotImplementedError
+
+    def test_changed(self) -> None:
+        """
+        Entries replaced or removed by another process are reported; the
+        store's own writes are not.
+        """
+        for name in ("a.example", "b.example", "c.example"):
+            self.successResultOf(self.store.store(name, make_bundle(name)))
+        self.successResultOf(self.store.get("a.example"))
+        self.assertEqual(self.successResultOf(self.store.changed(["a.example", "b.example", "c.example"])), [])
+        other = self.make_peer()  # another process, e.g. the admin CLI, or a fleet peer
+        self.successResultOf(other.store("a.example", make_bundle("a.example")))
+        self.successResultOf(other.delete("b.example"))
+        changed = self.successResultOf(self.store.changed(["a.example", "b.example", "c.example", "d.example"]))
+        self.assertEqual(sorted(changed), ["a.example", "b.example"])
+        # Reported once: after that the entry counts as unknown until read again.
+        self.assertEqual(self.successResultOf(self.store.changed(["a.example"])), [])
+
+
 class MemoryStoreTests(StoreContractMixin, SynchronousTestCase):
     def make_store(self) -> ICertificateStore:
         return MemoryStore()
 
 
-class DirectoryStoreTests(StoreContractMixin, SynchronousTestCase):
+class DirectoryStoreTests(SharedStoreContractMixin, SynchronousTestCase):
     def make_store(self) -> DirectoryStore:
         self.path = os.path.join(self.mktemp(), "store")
         store = DirectoryStore(self.path)
         store.prepare()
         return store
+
+    def make_peer(self) -> DirectoryStore:
+        return DirectoryStore(self.path)
 
     def files(self) -> list[str]:
         """The plain files in the store directory (no temporary file may linger)."""
@@ -100,23 +131,6 @@ class DirectoryStoreTests(StoreContractMixin, SynchronousTestCase):
             self.assertRaises(BlockingIOError, fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def test_changed(self) -> None:
-        """
-        Entries replaced or removed by another process are reported; the
-        store's own writes are not.
-        """
-        for name in ("a.example", "b.example", "c.example"):
-            self.successResultOf(self.store.store(name, make_bundle(name)))
-        self.successResultOf(self.store.get("a.example"))
-        self.assertEqual(self.successResultOf(self.store.changed(["a.example", "b.example", "c.example"])), [])
-        other = DirectoryStore(self.path)  # another process, e.g. the admin CLI
-        self.successResultOf(other.store("a.example", make_bundle("a.example")))
-        self.successResultOf(other.delete("b.example"))
-        changed = self.successResultOf(self.store.changed(["a.example", "b.example", "c.example", "d.example"]))
-        self.assertEqual(sorted(changed), ["a.example", "b.example"])
-        # Reported once: after that the entry counts as unknown until read again.
-        self.assertEqual(self.successResultOf(self.store.changed(["a.example"])), [])
 
     def capture_logs(self) -> list[dict]:
         events: list[dict] = []

@@ -95,7 +95,7 @@ class Pebble:
         config_path = os.path.join(work, "pebble.json")
         with open(config_path, "w") as f:
             json.dump(config, f)
-        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", **self.env)
+        env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", **self.env}  # a test may turn the sleep back on
         self.proto = _PebbleProcess()
         self.process = reactor.spawnProcess(
             self.proto, binary, [binary, "-config", config_path, "-dnsserver", f"127.0.0.1:{udp.getHost().port}"],
