@@ -150,7 +150,8 @@ class LimitCollector:
     Connections and requests refused or closed by a limit of the request
     path, by reason: the HTTP/1.1 relay's (C{header-timeout} (408),
     C{idle-timeout}, C{head-too-large} (431), C{body-too-large} (413)), the
-    HTTP/2 relay's (C{h2-rapid-reset}, C{h2-protocol-error}, C{idle-timeout})
+    HTTP/2 relay's (C{h2-rapid-reset}, C{h2-protocol-error}, C{h2-malformed},
+    C{idle-timeout})
     and the PROXY header's (C{proxy-header-invalid}, C{proxy-header-timeout}).
     The connection caps are handshake outcomes
     (C{tenantedge_handshakes_total{outcome="refused-address-full"}}).

@@ -149,14 +149,17 @@ class OnDemandTests(EdgeTestCase):
         is closed as soon as the answer is out, over TLS too: s_client,
         waiting for the server to close, ends well within its time limit.
         """
+        # No body limit by default: this edge has one.
+        edge, port, _ = await start_edge(self, "--max-body-size", "1M", backend=self.backend.url)
+        root = edge.on_demand.local_ca.root_path
         for head in (
             "POST /echo HTTP/1.1\r\nHost: close.test\r\nContent-Length: 999999999999\r\n\r\n",
             "GET /echo HTTP/1.1\r\nHost: close.test\r\nX-Big: " + "a" * 40000 + "\r\n\r\n",
         ):
             out, err, code = await run(
                 self.openssl,
-                ["s_client", "-connect", f"127.0.0.1:{self.https_port}", "-servername", "close.test",
-                 "-CAfile", self.root, "-ign_eof", "-quiet"],
+                ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", "close.test",
+                 "-CAfile", root, "-ign_eof", "-quiet"],
                 stdin=head.encode(), timeout=15,
             )
             self.assertRegex(out, rb"HTTP/1.1 (413|431) ")

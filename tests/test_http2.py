@@ -421,3 +421,41 @@ class WebSocketOverH2Tests(H2TestCase):
     def test_other_protocols_refused(self) -> None:
         sid = self.client.request(b"CONNECT", b"/x", headers=[(b":protocol", b"something")], end=False)
         self.assertEqual(self.client.status(sid), b"501")
+
+
+class ContentLengthTests(H2TestCase):
+    """RFC 9113 8.1.1: a body that disagrees with Content-Length is a stream error, not a connection one."""
+
+    def test_short_body(self) -> None:
+        sid = self.client.request(b"POST", headers=[(b"content-length", b"10")], end=False)
+        backend, bwire = self.backend()
+        other = self.client.request()
+        self.client.send(sid, b"abc", end=True)
+        resets = {e.stream_id: e.error_code for e in self.client.events if isinstance(e, StreamReset)}
+        self.assertEqual(resets.get(sid), ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue(bwire.disconnecting)
+        self.assertEqual(self.proxy.events["h2-malformed"], 1)
+        self.assertEqual([e for e in self.client.events if isinstance(e, ConnectionTerminated)], [])
+        backend2, _ = self.backend()
+        backend2.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.client.pump()
+        self.assertEqual(self.client.status(other), b"204")
+
+    def test_long_body(self) -> None:
+        sid = self.client.request(b"POST", headers=[(b"content-length", b"2")], end=False)
+        backend, bwire = self.backend()
+        bwire.clear()
+        self.client.send(sid, b"abc")
+        resets = {e.stream_id: e.error_code for e in self.client.events if isinstance(e, StreamReset)}
+        self.assertEqual(resets.get(sid), ErrorCodes.PROTOCOL_ERROR)
+        self.assertEqual(bwire.value(), b"")  # nothing of it forwarded
+        self.assertEqual([e for e in self.client.events if isinstance(e, ConnectionTerminated)], [])
+
+    def test_answered_then_short(self) -> None:
+        """After a 413, a client ending its upload short (as curl does) is fine."""
+        self.proxy.max_body_size = 10
+        sid = self.client.request(b"POST", headers=[(b"content-length", b"100")], end=False)
+        self.assertEqual(self.client.status(sid), b"413")
+        self.client.send(sid, b"x" * 5, end=True)
+        self.assertEqual([e for e in self.client.events if isinstance(e, (ConnectionTerminated, StreamReset))], [])
+        self.assertEqual(self.proto.streams, {})

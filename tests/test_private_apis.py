@@ -87,3 +87,35 @@ class HAProxyParserTests(SynchronousTestCase):
         self.assertEqual((info.source.host, info.source.port, rest), ("1.2.3.4", 1000, b"rest"))
         self.assertRaises(InvalidProxyHeader, V1Parser().feed, b"PROXY TCP9 1 2 3 4\r\n")
         self.assertRaises(InvalidProxyHeader, V2Parser().feed, V2Parser.PREFIX + b"\x30\x11\x00\x00")
+
+
+class H2PrivateAPITests(SynchronousTestCase):
+    """
+    L{tenantedge.http2} turns h2's own Content-Length check off per stream
+    (it is a connection error there; RFC 9113 wants a stream error, which
+    the edge gives itself) by clearing C{H2Stream._expected_content_length}.
+    """
+
+    def test_expected_content_length(self) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+        from h2.exceptions import ProtocolError
+
+        def exchange(clear: bool) -> None:
+            client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+            server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            client.initiate_connection()
+            server.initiate_connection()
+            server.receive_data(client.data_to_send())
+            client.receive_data(server.data_to_send())
+            client.send_headers(1, [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/"),
+                                    (b":authority", b"a.test"), (b"content-length", b"10")])
+            server.receive_data(client.data_to_send())
+            self.assertEqual(server.streams[1]._expected_content_length, 10)
+            if clear:
+                server.streams[1]._expected_content_length = None
+            client.send_data(1, b"abc", end_stream=True)
+            server.receive_data(client.data_to_send())
+
+        self.assertRaises(ProtocolError, exchange, False)  # h2's own check, a connection error
+        exchange(True)  # cleared: no error from h2
