@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -61,7 +62,7 @@ from zope.interface import implementer
 
 from .backend import NO_RESPONSE_BODY, BackendConnection
 from .headers import HOP_BY_HOP, connection_tokens, error_body
-from .exchange import DETAILS, REASONS, Exchange, Relay, upstream_head
+from .exchange import DETAILS, PENDING_BODY, REASONS, Exchange, Relay, upstream_head
 from .tunnel import Tunnel
 from .writethrough import set_no_delay
 
@@ -81,6 +82,9 @@ STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 #: Largest frame the client may send us.
 MAX_FRAME = 1 << 20
+#: Seconds a connection being closed (GOAWAY sent) has to take the last
+#: bytes before it is aborted.
+CLOSE_GRACE = 10.0
 #: After an early answer (413), how much more of the request body is read
 #: and dropped, and for how long, before RST_STREAM tells the client to stop.
 DISCARD_BYTES = 4 << 20
@@ -107,7 +111,10 @@ _H2_CONFIG = H2Configuration(
     normalize_outbound_headers=False,
 )
 
-_NO_BODY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
+#: A method is a token (RFC 9110 5.6.2); a path has no space or control
+#: byte (they would split the backend's request line).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_NOT_IN_PATH = re.compile(rb"[\x00-\x20\x7f]")
 
 
 class _H2Exchange(Exchange):
@@ -131,7 +138,9 @@ class _H2Exchange(Exchange):
         out = [(b":status", b"%d" % code)]
         out += [(name.lower(), value) for name, value in kept]
         self.sent = length
-        if not keep_alive:
+        if not keep_alive or self.upgrade:
+            # A declined WebSocket's connection is not reused: whatever it
+            # was offered was meant for a tunnel, not for the next request.
             self.response_close = True
         self.response_started = True
         stream = self.stream
@@ -166,6 +175,8 @@ class _H2Exchange(Exchange):
     def fail(self, code: int, detail: str, quiet: bool = False) -> None:
         if not self._failing(code, detail, quiet):
             return
+        if code == 413:
+            self.proxy.events["body-too-large"] += 1
         body = error_body(code, REASONS[code].decode(), DETAILS.get(code, detail))
         self.sent = len(body)
         stream = self.stream
@@ -227,7 +238,9 @@ class _H2Exchange(Exchange):
         tunnel = Tunnel(pipe, conn.transport, proxy.clock, proxy.websocket_idle_timeout, closed)
         stream.tunnel = conn.tunnel = tunnel
         proxy.tunnels.add(tunnel)
-        tunnel.start(b"", rest)
+        held, stream.held = stream.held, []
+        tunnel.start(b"".join(held), rest)
+        stream.release_window()
 
 
 def websocket_accept(key: bytes) -> bytes:
@@ -269,6 +282,7 @@ class _StreamPipe:
 
     def abortConnection(self) -> None:
         self.stream.connection.reset(self.stream, ErrorCodes.CANCEL)
+        self.stream.abandon()  # tells the tunnel the client side is gone
 
 
 @implementer(IPushProducer)
@@ -282,7 +296,7 @@ class _Stream:
     __slots__ = (
         "connection", "stream_id", "proxy", "peer", "transport", "exchange", "paused", "unacked", "queue",
         "queued", "end_pending", "local_ended", "remote_ended", "closed", "source", "source_paused",
-        "tunnel", "websocket_key", "discard", "discard_timer", "declared",
+        "tunnel", "websocket_key", "discard", "discard_timer", "declared", "held", "held_size",
     )
 
     def __init__(self, connection: H2ProxyProtocol, stream_id: int) -> None:
@@ -310,6 +324,11 @@ class _Stream:
         self.tunnel: Tunnel | None = None
         #: The Sec-WebSocket-Key sent to the backend for it.
         self.websocket_key: bytes | None = None
+        #: A WebSocket's first bytes, sent before the backend switched:
+        #: held (never written into the HTTP/1.1 connection, where the
+        #: backend would read them as a request) until the tunnel opens.
+        self.held: list[bytes] = []
+        self.held_size = 0
         #: The request's Content-Length, checked against its DATA.
         self.declared: int | None = None
         #: Request bytes still read and dropped after an early answer.
@@ -339,6 +358,8 @@ class _Stream:
         return False
 
     def exchange_finished(self, exchange: Exchange) -> None:
+        if self.tunnel is None and not self.closed:
+            self.release_window()  # no backend takes its bytes any more
         if not self.remote_ended and not self.closed:
             # Answered before the request body was all in (413, an early
             # response). The rest of the body is read and dropped, up to
@@ -413,12 +434,26 @@ class _Stream:
             if self.source is not None:
                 self.source.resumeProducing()
 
+    def release_window(self) -> None:
+        """
+        Give back the window held for back-pressure: on a stream that ends
+        or stops mattering, those bytes would otherwise shrink the
+        connection's window for good (h2 reopens only the connection's for
+        a closed stream, which is what is wanted).
+        """
+        self.paused = False
+        unacked, self.unacked = self.unacked, 0
+        if unacked:
+            self.connection.acknowledge(self.stream_id, unacked)
+
     def abandon(self) -> None:
         """
         The stream is gone (reset, the connection lost, h2 refusing to send
         on it): nothing more goes out, and what it carried stops (its
         backend request abandoned, its WebSocket's backend closed).
         """
+        if not self.connection._closing:
+            self.release_window()
         self.closed = True
         self.queue.clear()
         timer, self.discard_timer = self.discard_timer, None
@@ -459,6 +494,7 @@ class H2ProxyProtocol(Protocol):
         self._closing = False
         self._transport_paused = False
         self._idle_timer: Any = None
+        self._abort_timer: Any = None
         self._resets: deque[float] = deque()
         #: Streams answered before their request ended: reset (NO_ERROR)
         #: once the queued response is out.
@@ -522,6 +558,9 @@ class H2ProxyProtocol(Protocol):
         self.proxy.connections.discard(self)
         self._closing = True
         self._cancel_idle()
+        timer, self._abort_timer = self._abort_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self._abandon_all()
 
     def abort(self) -> None:
@@ -541,7 +580,16 @@ class H2ProxyProtocol(Protocol):
         self._write()
         self._closing = True
         self._cancel_idle()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        transport = self.transport
+        if self._abort_timer is not None:
+            return  # closing already
+        # A TLS transport waits for its producer to go before it closes:
+        # unregistered, the GOAWAY is flushed and the connection closed.
+        transport.unregisterProducer()  # type: ignore[union-attr]
+        transport.loseConnection()  # type: ignore[union-attr]
+        # A client that never reads would hold the flush (and the socket)
+        # for ever.
+        self._abort_timer = self.proxy.clock.callLater(CLOSE_GRACE, transport.abortConnection)  # type: ignore[union-attr]
 
     def _write(self) -> None:
         data = self.h2.data_to_send()
@@ -593,7 +641,9 @@ class H2ProxyProtocol(Protocol):
         bad = False
         for name, value in event.headers or ():
             if (b"\r" in value or b"\n" in value or b"\0" in value or b"\r" in name or b"\n" in name
-                    or b"\0" in name or b" " in name or b":" in name[1:] or not name):
+                    or b"\0" in name or b" " in name or b":" in name[1:] or not name or name.lower() != name):
+                # (Upper case in a name is malformed in HTTP/2, RFC 9113
+                # 8.2.1: and would slip past the checks below.)
                 bad = True
                 continue
             if name[:1] == b":":
@@ -633,8 +683,12 @@ class H2ProxyProtocol(Protocol):
             h2_stream._expected_content_length = None
         problem: tuple[int, str] | None = None
         upgrade: bytes | None = None
-        if bad:
+        if bad or not _TOKEN.match(method) or _NOT_IN_PATH.search(path):
             problem = (400, "Malformed request header.")
+        elif ended and stream.declared:
+            # A length with no DATA to follow: the backend would take the
+            # next request on its connection for this one's body.
+            problem = (400, "Content-Length on a request without a body.")
         elif method == b"CONNECT" and protocol == b"websocket" and not ended:
             # RFC 8441: to the backend, the HTTP/1.1 upgrade it knows
             # (RFC 6455), with a key of our own.
@@ -691,10 +745,25 @@ class H2ProxyProtocol(Protocol):
             return
         exchange = stream.exchange
         if exchange.finished:
-            # Answered already: drop the bytes, keep the windows open.
+            # Answered already: drop the bytes, keep the windows open (up to
+            # the discard budget: beyond, the window stays shut until the
+            # reset goes out).
             if size:
-                self.acknowledge(event.stream_id, size)
+                if stream.discard > 0:
+                    self.acknowledge(event.stream_id, size)
+                else:
+                    stream.unacked += size
                 stream.discarded(size)
+            return
+        if exchange.upgrade:
+            # A WebSocket's bytes before the backend's 101: held, not sent.
+            if event.data:
+                stream.held.append(event.data)
+                stream.held_size += len(event.data)
+            if size:
+                stream.unacked += size
+            if stream.held_size > PENDING_BODY:
+                stream.paused = True
             return
         if event.data:
             if stream.declared is not None and exchange.body_seen + len(event.data) > stream.declared:
@@ -737,8 +806,8 @@ class H2ProxyProtocol(Protocol):
         self._pending_resets.pop(event.stream_id, None)
         if stream is not None:
             stream.abandon()
-            if not self.streams:
-                self._arm_idle()
+        if not self.streams:
+            self._arm_idle()
         if event.remote_reset:
             now = self.proxy.clock.seconds()
             resets = self._resets
@@ -876,6 +945,8 @@ class H2ProxyProtocol(Protocol):
         self._pending_resets.pop(stream.stream_id, None)
         self.streams.pop(stream.stream_id, None)
         stream.abandon()
+        if not self.streams:
+            self._after_last_stream()
 
     def _after_last_stream(self) -> None:
         self._arm_idle()

@@ -20,7 +20,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tenantedge.backend import BackendPool
 from tenantedge.exchange import Relay
-from tenantedge.http2 import DISCARD_BYTES, DISCARD_SECONDS, MAX_RESETS, QUEUE_HIGH, H2ProxyProtocol, websocket_accept
+from tenantedge.http2 import (
+    CLOSE_GRACE,
+    DISCARD_BYTES,
+    DISCARD_SECONDS,
+    MAX_RESETS,
+    QUEUE_HIGH,
+    H2ProxyProtocol,
+    websocket_accept,
+)
 
 from .test_http1 import FakeEndpoint, _Peer
 
@@ -459,3 +467,116 @@ class ContentLengthTests(H2TestCase):
         self.client.send(sid, b"x" * 5, end=True)
         self.assertEqual([e for e in self.client.events if isinstance(e, (ConnectionTerminated, StreamReset))], [])
         self.assertEqual(self.proto.streams, {})
+
+
+class ReviewRegressionTests(H2TestCase):
+    """Defects a review found, each reproduced first."""
+
+    def accept_for(self, sent: bytes) -> bytes:
+        key = [line.split(b": ", 1)[1] for line in sent.split(b"\r\n") if line.startswith(b"sec-websocket-key: ")][0]
+        return websocket_accept(key)
+
+    def open_websocket(self) -> tuple[int, Any, StringTransport, bytes]:
+        sid = self.client.request(b"CONNECT", b"/chat", headers=[(b":protocol", b"websocket"),
+                                                              (b"sec-websocket-version", b"13")], end=False)
+        backend, bwire = self.backend()
+        sent = bwire.value()
+        bwire.clear()
+        return sid, backend, bwire, sent
+
+    def test_websocket_bytes_before_101_are_held(self) -> None:
+        """
+        Bytes a client sends on a WebSocket stream before the backend's 101
+        never enter the HTTP/1.1 connection (the backend would read them
+        as a request of the client's making); a declined upgrade's
+        connection is not pooled; an accepted one gets them first.
+        """
+        sid, backend, bwire, sent = self.open_websocket()
+        self.client.send(sid, b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n")
+        self.assertEqual(bwire.value(), b"")
+        backend.dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        self.client.pump()
+        self.assertEqual(self.client.status(sid), b"404")
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertTrue(bwire.disconnecting)
+        sid, backend, bwire, sent = self.open_websocket()
+        self.client.send(sid, b"early")
+        backend.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: " + self.accept_for(sent) + b"\r\n\r\n")
+        self.assertEqual(bwire.value(), b"early")
+
+    def test_content_length_without_body(self) -> None:
+        for name in (b"content-length", b"Content-Length"):
+            sid = self.client.request(b"GET", headers=[(name, b"5")], end=True)
+            self.assertEqual(self.client.status(sid), b"400", name)
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_bad_method_or_path(self) -> None:
+        for method, path in ((b"GET /x HTTP/1.1\r\n", b"/"), (b"G T", b"/"), (b"GET", b"/a b"), (b"GET", b"/\x7f")):
+            sid = self.client.request(method, path)
+            self.assertEqual(self.client.status(sid), b"400", (method, path))
+        self.assertEqual(self.endpoint.attempts, [])
+
+    def test_cancelled_paused_uploads_give_the_window_back(self) -> None:
+        self.proxy.max_body_size = 0
+        for _ in range(40):  # 20 MB: more than the connection's window, were it never given back
+            sid = self.client.request(b"POST", end=False)
+            backend, bwire = self.backend()
+            bwire.producer.pauseProducing()
+            self.client.send(sid, b"u" * 500_000)
+            self.client.h2.reset_stream(sid, ErrorCodes.CANCEL)
+            self.client.pump()
+        # h2 sends WINDOW_UPDATE in batches of half the window: what is
+        # given back may lag by that much, never more.
+        self.assertGreater(self.client.h2.outbound_flow_control_window, 7 << 20)
+
+    def test_close_unregisters_and_aborts_late(self) -> None:
+        """
+        Closing (idle, GOAWAY) unregisters the protocol as the transport's
+        producer (a TLS transport waits for that before it closes), and
+        aborts a client that never takes the last bytes.
+        """
+        self.clock.advance(61)
+        self.assertIsNone(self.client.wire.producer)
+        self.assertTrue(self.client.wire.disconnecting)
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(self.client.wire.disconnected)  # aborted
+
+    def test_websocket_idle_timeout_forgets_the_tunnel(self) -> None:
+        self.proxy.websocket_idle_timeout = 30
+        sid, backend, bwire, sent = self.open_websocket()
+        backend.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: " + self.accept_for(sent) + b"\r\n\r\n")
+        self.assertEqual(len(self.proxy.tunnels), 1)
+        self.clock.advance(31)
+        backend.connectionLost()
+        self.client.pump()
+        self.assertEqual(self.proxy.tunnels, set())
+        self.assertEqual(self.proto.streams, {})
+
+    def test_idle_timer_after_a_stream_gone_at_once(self) -> None:
+        sid = self.client.request(authority=b"other.test", end=False)  # 421 at once
+        self.client.h2.reset_stream(sid, ErrorCodes.CANCEL)
+        self.client.pump()
+        self.assertEqual(self.proto.streams, {})
+        self.clock.advance(61)
+        self.assertTrue(self.client.wire.disconnecting)
+
+    def test_discard_budget_shuts_the_window(self) -> None:
+        """
+        Past the discard budget, while the answer is still queued (the
+        client reads nothing), the stream's bytes are no longer
+        acknowledged: the client cannot go on uploading through the edge.
+        """
+        client = self.connect(window=50)  # the 413's body cannot go out
+        self.proxy.max_body_size = 10
+        sid = client.request(b"POST", headers=[(b"content-length", b"100000000")], end=False)
+        before = len([e for e in client.events if isinstance(e, WindowUpdated) and e.stream_id == sid])
+        chunk = b"d" * 900_000
+        sent = 0
+        while sent < DISCARD_BYTES + 2_000_000 and client.h2.local_flow_control_window(sid) >= len(chunk):
+            client.send(sid, chunk)
+            sent += len(chunk)
+        self.assertLess(sent, DISCARD_BYTES + 2_000_000)  # the window shut
+        self.assertGreater(len([e for e in client.events if isinstance(e, WindowUpdated) and e.stream_id == sid]),
+                           before)
