@@ -642,11 +642,28 @@ class RedisEvents:
             self._log.warn("ignoring a malformed message on {channel}", channel=channel.decode("ascii", "replace"))
 
     def reconnected(self) -> None:
+        """
+        The subscriber is back: catch up on what was missed, once the
+        command connection is back too (the two reconnect on their own
+        schedules; a catch-up on a command client still away would fail
+        at once and be lost until the next store poll).
+        """
+        d = self.store.client.when_connected(CATCH_UP_WAIT)
+        d.addCallbacks(lambda _: self._catch_up(), lambda f: self._log.warn(
+            "Redis events are back but commands are not ({error}); the store poll will catch up",
+            error=f.getErrorMessage()))
+
+    def _catch_up(self) -> None:
         self.lock.wake_all()
         for state in self.states.values():
             state.refresh()
         for call in self.resync:
             call()
+
+
+#: How long a reconnected subscriber waits for the command connection
+#: before its catch-up is left to the store poll.
+CATCH_UP_WAIT = 30.0
 
 
 @attrs.define(eq=False, slots=False)

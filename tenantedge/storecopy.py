@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -69,6 +70,7 @@ class DirectorySide:
                 yield name, f.read()
 
     def put_certificate(self, name: str, pem: bytes) -> None:
+        _check_name(name)
         ensure_private_directory(self.path)
         atomic_write(os.path.join(self.path, name + ".pem"), pem)
 
@@ -90,6 +92,7 @@ class DirectorySide:
             yield slug, Account(key, info)
 
     def put_account(self, slug: str, account: Account) -> None:
+        _check_slug(slug)
         folder = os.path.join(self.path, "accounts", slug)
         ensure_private_directory(folder)
         atomic_write(os.path.join(folder, "account-key.pem"), account.key)
@@ -129,7 +132,16 @@ class RedisSide:
 
     def accounts(self) -> Iterator[tuple[str, Account]]:
         prefix = self.keys.account("")
-        for raw in sorted(self.redis.execute("KEYS", prefix + "*")):
+        # SCAN, not KEYS (which blocks a shared Redis), matching this
+        # prefix only: glob characters in it are escaped.
+        found: set[bytes] = set()
+        cursor = b"0"
+        while True:
+            cursor, keys = self.redis.execute("SCAN", cursor, "MATCH", _glob_escape(prefix) + "*", "COUNT", "1000")
+            found.update(keys)
+            if cursor in (b"0", 0, "0"):
+                break
+        for raw in sorted(found):
             slug = raw.decode()[len(prefix):]
             key, url, directory, thumbprint = self.redis.execute("HMGET", raw, "key", "url", "directory",
                                                                  "thumbprint")
@@ -205,3 +217,27 @@ def copy_store(source: Side, target: Side) -> Copied:
         target.put_state(label, data)
         states += 1
     return Copied(certificates, accounts, states, tuple(skipped))
+
+
+_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def _glob_escape(text: str) -> str:
+    """C{text} as a literal in a Redis glob pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _check_name(name: str) -> None:
+    """A name read from Redis becomes a file name: it must be a canonical host name, nothing else."""
+    try:
+        if normalize(name) == name:
+            return
+    except InvalidHostname:
+        pass
+    raise ValueError(f"refusing to copy a certificate stored under {name!r}: not a canonical host name")
+
+
+def _check_slug(slug: str) -> None:
+    """An account's slug becomes a directory name: no separators, no dot files."""
+    if not _SLUG.match(slug):
+        raise ValueError(f"refusing to copy an ACME account stored under {slug!r}")

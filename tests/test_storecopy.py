@@ -76,6 +76,32 @@ class StoreCopyTests(SynchronousTestCase):
             lists.append([row["host"] for row in json.loads(text)])
         self.assertEqual(lists, [["a.test", "b.test"]] * 2)
 
+    def test_prefixes_stay_apart(self) -> None:
+        """
+        A prefix with glob characters copies its own accounts only (not
+        those of a prefix its pattern would match), found with SCAN.
+        """
+        for prefix in ("env*", "envX"):
+            code, text = self.cli("store", "copy", self.source, self.redis.url(prefix))
+            self.assertEqual(code, 0, text)
+        self.redis.connect().execute("HSET", "envX:account:other", "key", "not ours")
+        back = os.path.join(self.mktemp(), "back")
+        os.makedirs(back)
+        code, text = self.cli("store", "copy", self.redis.url("env*"), back)
+        self.assertEqual(code, 0, text)
+        self.assertIn("1 account(s)", text)
+
+    def test_hostile_names_refused(self) -> None:
+        """A Redis entry whose name would become a path outside the store is refused, not written."""
+        from tenantedge.storecopy import _check_name, _check_slug
+
+        for name in ("../x", "a/b.test", "UPPER.test", ".."):
+            self.assertRaises(ValueError, _check_name, name)
+        for slug in ("../x", ".hidden", "a/b", ""):
+            self.assertRaises(ValueError, _check_slug, slug)
+        _check_name("a.test")
+        _check_slug("acme-v02.api.letsencrypt.org")
+
     def test_unreachable(self) -> None:
         code, text = self.cli("store", "copy", self.source, "redis://127.0.0.1:1/0")
         self.assertEqual(code, 1)
