@@ -98,6 +98,13 @@ class _Incomplete(Exception):
     pass
 
 
+@attrs.frozen
+class _ArrayHead:
+    """The start of an array reply: C{count} elements follow."""
+
+    count: int
+
+
 class ReplyParser:
     """
     Incremental RESP2 reply parser: feed it bytes as they arrive, get whole
@@ -105,22 +112,48 @@ class ReplyParser:
     nil C{None}, arrays lists, error replies L{RedisError} instances (as
     values: an error inside an EXEC result is one element, not a failure).
 
+    Each element is parsed once: arrays being filled wait on a stack, and
+    the buffer is a C{bytearray} read from an offset, so a large reply
+    (C{SMEMBERS} of every name) read in many pieces costs linear time on
+    the reactor thread, not quadratic.
+
     @raise ProtocolError: from L{feed}, on anything that is not RESP2.
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._pos = 0
+        #: Arrays being filled, innermost last: [elements still to come, elements].
+        self._stack: list[list[Any]] = []
 
     def feed(self, data: bytes) -> list[Reply]:
         self._buffer += data
         replies: list[Reply] = []
-        while self._buffer:
+        stack = self._stack
+        while self._pos < len(self._buffer):
             try:
-                reply, end = self._parse(0)
+                value, self._pos = self._element(self._pos)
             except _Incomplete:
                 break
-            replies.append(reply)
-            self._buffer = self._buffer[end:]
+            if isinstance(value, _ArrayHead):
+                if value.count > 0:
+                    stack.append([value.count, []])
+                    continue
+                value = None if value.count < 0 else []
+            # A complete value: it fills the arrays waiting for it.
+            while stack:
+                top = stack[-1]
+                top[1].append(value)
+                top[0] -= 1
+                if top[0]:
+                    break
+                stack.pop()
+                value = top[1]
+            else:
+                replies.append(value)
+        if self._pos and (self._pos == len(self._buffer) or self._pos > 65536):
+            del self._buffer[:self._pos]
+            self._pos = 0
         return replies
 
     def _line(self, start: int) -> tuple[bytes, int]:
@@ -129,11 +162,9 @@ class ReplyParser:
             if len(self._buffer) - start > 65536:
                 raise ProtocolError("line too long")
             raise _Incomplete()
-        return self._buffer[start:end], end + 2
+        return bytes(self._buffer[start:end]), end + 2
 
-    def _parse(self, start: int) -> tuple[Reply, int]:
-        if start >= len(self._buffer):
-            raise _Incomplete()
+    def _element(self, start: int) -> tuple[Reply | _ArrayHead, int]:
         kind = self._buffer[start:start + 1]
         line, after = self._line(start + 1)
         if kind == b"+":
@@ -155,18 +186,11 @@ class ReplyParser:
                 raise _Incomplete()
             if self._buffer[after + number:after + number + 2] != b"\r\n":
                 raise ProtocolError("bulk reply not followed by CRLF")
-            return self._buffer[after:after + number], after + number + 2
+            return bytes(self._buffer[after:after + number]), after + number + 2
         if kind == b"*":
-            if number < 0:
-                return None, after
             if number > 1024 * 1024:
                 raise ProtocolError(f"array reply of {number} elements")
-            items: list[Any] = []
-            position = after
-            for _ in range(number):
-                item, position = self._parse(position)
-                items.append(item)
-            return items, position
+            return _ArrayHead(number), after
         raise ProtocolError(f"unknown reply type {kind!r}")
 
 

@@ -119,3 +119,20 @@ class H2PrivateAPITests(SynchronousTestCase):
 
         self.assertRaises(ProtocolError, exchange, False)  # h2's own check, a connection error
         exchange(True)  # cleared: no error from h2
+
+    def test_data_frame_repr(self) -> None:
+        """
+        h2 formats every received frame with C{repr} (for a trace log), and
+        C{tenantedge.http2._H2Connection} makes a DATA frame's cheap by
+        setting C{_body_repr} on the instance.
+        """
+        import inspect
+
+        from h2.connection import H2Connection
+        from hyperframe.frame import DataFrame
+
+        self.assertIn("repr(frame)", inspect.getsource(H2Connection._receive_frame))
+        frame = DataFrame(1, data=b"x" * 16384)
+        frame._body_repr = lambda: "data=..."
+        self.assertEqual(repr(frame), "DataFrame(stream_id=1, flags=[]): data=...")
+
