@@ -312,6 +312,13 @@ class RedisProtocol(Protocol):
         self.on_message = on_message
         self.on_lost = on_lost
 
+    def connectionMade(self) -> None:
+        # The kernel notices a peer gone without a reset too (slowly: the
+        # subscriber's heartbeat is the quick way).
+        keep_alive = getattr(self.transport, "setTcpKeepAlive", None)
+        if keep_alive is not None:
+            keep_alive(True)
+
     def send(self, commands: Iterable[Sequence[Arg]]) -> list[Deferred[Reply]]:
         """Write commands in one piece; one Deferred per reply, in order."""
         data = []
@@ -374,6 +381,7 @@ class RedisClient:
     @ivar on_disconnect: called when it is lost.
     @ivar timeout: a reply not received within this many seconds aborts
         the connection (a hung server must not hold issuance forever).
+    @ivar heartbeat: see L{_beat}.
     """
 
     address: RedisAddress
@@ -383,6 +391,9 @@ class RedisClient:
     on_connect: Callable[[], None] | None = None
     on_disconnect: Callable[[], None] | None = None
     timeout: float = 10.0
+    #: A subscriber PINGs this often (seconds; 0: never) to find a dead connection.
+    heartbeat: float = 15.0
+    _heartbeat: Any = attrs.field(default=None, init=False)
     _service: ClientService | None = attrs.field(default=None, init=False)
     _current: RedisProtocol | None = attrs.field(default=None, init=False)
     #: Commands refused at once because no connection was up (a metric).
@@ -422,12 +433,35 @@ class RedisClient:
                 await self._timed(protocol.send([["SUBSCRIBE", channel]])[0], protocol)
         self._current = protocol
         self._ever_connected = True
+        if self.channels and self.heartbeat:
+            self._beat(protocol)
         if self.on_connect is not None:
             self.on_connect()
+
+    def _beat(self, protocol: RedisProtocol) -> None:
+        """
+        A subscriber only ever receives: a connection that died without a
+        reset (a NAT, a failover) would go quiet unnoticed, and with it
+        every invalidation and lock wake-up. A PING each C{heartbeat}
+        seconds, answered within C{timeout} or the connection is aborted
+        (and remade).
+        """
+
+        def ping() -> None:
+            if self._current is not protocol:
+                return
+            d = self._timed(protocol.send([["PING"]])[0], protocol)
+            d.addErrback(lambda f: None)  # the loss is handled by _lost
+            self._heartbeat = self.reactor.callLater(self.heartbeat, ping)
+
+        self._heartbeat = self.reactor.callLater(self.heartbeat, ping)
 
     def _lost(self, protocol: RedisProtocol) -> None:
         if self._current is protocol:
             self._current = None
+            beat, self._heartbeat = self._heartbeat, None
+            if beat is not None and beat.active():
+                beat.cancel()
             if self.on_disconnect is not None:
                 self.on_disconnect()
 
@@ -451,6 +485,9 @@ class RedisClient:
             return Deferred.fromCoroutine(_nothing())
         service, self._service = self._service, None
         self._current = None
+        beat, self._heartbeat = self._heartbeat, None
+        if beat is not None and beat.active():
+            beat.cancel()
         # On a later turn: a caller reacting to this client's own events
         # (a connection just made or lost) would otherwise re-enter the
         # ClientService state machine, which refuses it.

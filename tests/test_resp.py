@@ -6,6 +6,9 @@ and both clients against a real C{redis-server}.
 
 from __future__ import annotations
 
+import os
+import signal
+
 from hypothesis import given, strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -200,6 +203,36 @@ class RealRedisTests(TestCase):
             await _sleep(0.1)
         self.assertEqual(len(connects), 2)
         self.assertEqual(await self.client.execute("PING"), b"PONG")
+
+    async def test_silent_subscriber_connection_noticed(self) -> None:
+        """
+        A subscriber whose server goes silent (SIGSTOP: a peer gone without
+        a reset, as behind a NAT or a failover) notices by its heartbeat,
+        and subscribes again once the server answers.
+        """
+        lost: list[int] = []
+        connects: list[int] = []
+        sub = RedisClient(self.server.address(db=1), reactor, channels=["ch"], on_message=lambda c, m: None,
+                          on_connect=lambda: connects.append(1), on_disconnect=lambda: lost.append(1),
+                          heartbeat=0.2, timeout=0.5)
+        sub.start()
+        self.addCleanup(sub.stop)
+        await sub.when_connected(10)
+        pid = self.server.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(50):
+                if lost:
+                    break
+                await _sleep(0.1)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        self.assertEqual(lost, [1])
+        for _ in range(100):
+            if len(connects) >= 2:
+                break
+            await _sleep(0.1)
+        self.assertEqual(len(connects), 2)
 
     def test_unreachable_blocking(self) -> None:
         """The start-up client names the address, never the password."""
