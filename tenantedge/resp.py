@@ -381,7 +381,8 @@ class RedisClient:
     @ivar on_disconnect: called when it is lost.
     @ivar timeout: a reply not received within this many seconds aborts
         the connection (a hung server must not hold issuance forever).
-    @ivar heartbeat: see L{_beat}.
+    @ivar heartbeat: a subscriber PINGs this often (seconds; 0: never) to
+        find a dead connection (see L{_beat}).
     """
 
     address: RedisAddress
@@ -391,7 +392,6 @@ class RedisClient:
     on_connect: Callable[[], None] | None = None
     on_disconnect: Callable[[], None] | None = None
     timeout: float = 10.0
-    #: A subscriber PINGs this often (seconds; 0: never) to find a dead connection.
     heartbeat: float = 15.0
     _heartbeat: Any = attrs.field(default=None, init=False)
     _service: ClientService | None = attrs.field(default=None, init=False)
