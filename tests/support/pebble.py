@@ -135,8 +135,20 @@ class Pebble:
 
         from tenantedge.trust import https_policy
 
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.internet.task import deferLater
+
         client = HTTPClient(Agent(reactor, contextFactory=https_policy([self.ca_root])))
-        response = await client.get(f"https://localhost:{self.management_port}/roots/0")
+        # Pebble logs "ACME directory available" once its main listener is
+        # up; the management listener may come a moment later.
+        for attempt in range(100):
+            try:
+                response = await client.get(f"https://localhost:{self.management_port}/roots/0")
+                break
+            except ConnectionRefusedError:
+                if attempt == 99:
+                    raise
+                await deferLater(reactor, 0.05, lambda: None)
         body = await treq.content(response)
         with open(path, "wb") as f:
             f.write(body)
