@@ -145,6 +145,51 @@ class CertificateResolver:
         return changed
 
 
+    async def warm(self) -> int:
+        """
+        Load stored certificates into the cache, as many as it has room for
+        (recently used entries are never pushed out). For a store shared by
+        a fleet, run when it (re)connects: each worker of each node then
+        serves every tenant from memory while the store is away, whichever
+        worker the tenant's next handshake reaches.
+
+        @return: how many were loaded.
+        """
+        room = self.cache_size - len(self._cache)
+        loaded = 0
+        if room <= 0:
+            return loaded
+        names: list[str] = sorted(await self.store.names())
+        for name in names:
+            if loaded >= room:
+                break
+            if name in self._cache:
+                continue
+            try:
+                bundle = await self.store.get(name)
+            except KeyError:
+                continue
+            if name not in self._cache and self.check(name, bundle, quiet=True):
+                self.remember(name, bundle)
+                loaded += 1
+        return loaded
+
+    def resync_logged(self) -> Deferred[Any]:
+        """
+        After a shared store (re)connects: forget what changed meanwhile
+        (messages may have been missed), then warm the cache.
+        """
+
+        async def resync() -> None:
+            await self.refresh_changed()
+            loaded = await self.warm()
+            if loaded:
+                self._log.info("loaded {count} stored certificate(s) into the cache", count=loaded)
+
+        d = Deferred.fromCoroutine(resync())
+        d.addErrback(lambda f: self._log.failure("catching up with the shared store failed", f))
+        return d
+
     def in_flight(self, server_name: str) -> bool:
         """Is a lookup or issuance for this name under way?"""
         return server_name in self._flights or self.pipeline.in_flight(server_name)

@@ -483,7 +483,7 @@ def _build(
     )
     refresher = periodic(config.store_poll, resolver.refresh_changed_logged, reactor, "store-refresher")
     if storage.attach is not None:
-        storage.attach(resolver.forget, resolver.refresh_changed_logged, timings.registry)
+        storage.attach(resolver.forget, resolver.resync_logged, timings.registry)
     summary = RefusalSummary(resolver.events)
     summarising = periodic(summary.interval, summary.summarise, reactor, "refusal-summary")
     return cls(

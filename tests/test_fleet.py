@@ -80,7 +80,7 @@ class _Fleet(TestCase):
                 "--store", self.redis.url(prefix="fleet"), "--store-lock-ttl", "3s",
                 "--ca", self.pebble.directory_url, "--ca-root", self.pebble.ca_root,
                 "--allow-suffix", ".test", "--allow-private-suffix", "--backend", self.backend.url,
-                "--workers", "1", "--store-poll", "30s",  # coherence must come from pub/sub, not the poll
+                "--workers", self.workers(i), "--store-poll", "30s",  # coherence must come from pub/sub, not the poll
             ])
             node.start()
             self.nodes.append(node)
@@ -91,6 +91,10 @@ class _Fleet(TestCase):
     def pebble_env(self) -> dict[str, str]:
         return {}
 
+    def workers(self, node: int) -> str:
+        """Worker processes of each node (C{--workers})."""
+        return "1"
+
     def setUp(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._setUp())
 
@@ -98,8 +102,14 @@ class _Fleet(TestCase):
         out, err, code = await run(self.curl, ["--silent", f"http://127.0.0.1:{admin}/metrics"])
         return out.decode() if code == 0 else ""
 
+    async def store_connected(self, admin: int) -> list[float]:
+        """The node's store-connected gauge: one value, or one per worker (a supervisor's /metrics)."""
+        text = await self.metrics(admin)
+        return [float(v) for v in re.findall(r"^tenantedge_store_connected(?:\{[^}]*\})? ([\d.]+)$", text, re.M)]
+
     async def connected(self, admin: int) -> bool:
-        return "tenantedge_store_connected 1.0" in await self.metrics(admin)
+        values = await self.store_connected(admin)
+        return bool(values) and all(v == 1.0 for v in values)
 
     async def wait_for(self, check: object, what: str, *servers: Server, tries: int = 600) -> None:
         for _ in range(tries):
@@ -130,7 +140,8 @@ class _Fleet(TestCase):
         return self.redis.client()
 
     async def not_connected(self, admin: int) -> bool:
-        return "tenantedge_store_connected 0.0" in await self.metrics(admin)
+        values = await self.store_connected(admin)
+        return bool(values) and all(v == 0.0 for v in values)
 
     def account_slug(self) -> str:
         from tenantedge.accounts import account_directory
@@ -139,6 +150,11 @@ class _Fleet(TestCase):
 
 
 class FleetTests(_Fleet):
+    def workers(self, node: int) -> str:
+        # C runs two workers on the Redis store: each has its own Redis
+        # connections, and the supervisor's /metrics merges them.
+        return "2" if node == 2 else "1"
+
     async def test_fleet(self) -> None:
         # Ordered by B, validated through A (Pebble reaches only A's port 80).
         out, err, code = await self.fetch("first.test", 1)

@@ -225,3 +225,39 @@ class RefusalSummaryTests(SynchronousTestCase):
         clock.advance(60)
         self.assertEqual(len([e for e in events if e.get("event") == "refused-summary"]), 1)
         self.assertEqual(Counter(e["log_level"] for e in events if e.get("event") == "refused")[LogLevel.info], 0)
+
+
+class WarmTests(SynchronousTestCase):
+    """L{resolver.warm}: a fleet node fills its cache from the shared store."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1_000_000)
+        self.store = MemoryStore()
+        policy = EdgePolicy(StaticPolicy.from_config(deny=[], allow_suffixes=[".tenants.test"]))
+        self.resolver = memory_resolver(self.store, policy, ControlledIssuer(), self.clock, cache_size=3,
+                                        make_context=lambda bundle: ("context", bundle))
+        now = self.clock.seconds()
+        for name in ("a.tenants.test", "b.tenants.test", "c.tenants.test", "d.tenants.test"):
+            self.successResultOf(self.store.store(name, make_bundle(name, now - 60, now + 30 * DAY)))
+        self.successResultOf(self.store.store("old.tenants.test", make_bundle("old.tenants.test", 0, now - 1)))
+
+    def test_fills_the_room_left(self) -> None:
+        """
+        Valid stored certificates are loaded up to the cache's free room;
+        what is cached stays, an expired one is not loaded.
+        """
+        self.successResultOf(self.resolver.context_for("d.tenants.test"))
+        loaded = self.successResultOf(Deferred.fromCoroutine(self.resolver.warm()))
+        self.assertEqual(loaded, 2)
+        self.assertEqual(sorted(self.resolver.cached_names()), ["a.tenants.test", "b.tenants.test", "d.tenants.test"])
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(self.resolver.warm())), 0)  # full
+
+    def test_resync_forgets_changed_then_warms(self) -> None:
+        self.successResultOf(self.resolver.context_for("a.tenants.test"))
+        now = self.clock.seconds()
+        self.successResultOf(self.store.store("a.tenants.test", make_bundle("a.tenants.test", now - 1, now + DAY)))
+        self.successResultOf(self.resolver.resync_logged())
+        cached = self.resolver.cached("a.tenants.test")
+        self.assertIsNotNone(cached)
+        self.assertEqual(len(self.resolver.cached_names()), 3)

@@ -246,3 +246,41 @@ async def _sleep(seconds: float) -> None:
     from twisted.internet.task import deferLater
 
     await deferLater(reactor, seconds, lambda: None)
+
+
+class TLSRedisTests(TestCase):
+    """
+    C{rediss://} with an ACL user, against a real redis-server serving TLS
+    only (its certificate from a throwaway CA, given as C{--store-ca}).
+    """
+
+    timeout = 60
+
+    async def test_tls_and_acl_user(self) -> None:
+        server = RedisServer(self, password="acl-pw-not-logged", username="edge", tls=True)
+        await server.start()
+        address = server.address(db=2)
+        self.assertTrue(address.tls)
+        self.assertEqual(address.username, "edge")
+        self.assertNotIn("acl-pw-not-logged", repr(address))
+        got: defer.Deferred[tuple[bytes, bytes]] = defer.Deferred()
+        client = RedisClient(address, reactor)
+        sub = RedisClient(address, reactor, channels=["ch"],
+                          on_message=lambda c, m: got.callback((c, m)) if not got.called else None)
+        for each in (client, sub):
+            each.start()
+            self.addCleanup(each.stop)
+        await client.when_connected(10)
+        await sub.when_connected(10)
+        self.assertEqual(await client.execute("SET", "k", "v"), b"OK")
+        self.assertEqual(await client.execute("GET", "k"), b"v")
+        await client.execute("PUBLISH", "ch", "over tls")
+        self.assertEqual(await got, (b"ch", b"over tls"))
+        blocking = BlockingRedis(address)
+        self.assertEqual(blocking.execute("GET", "k"), b"v")
+        # Without the CA, the server's certificate is not trusted.
+        untrusted = RedisAddress.from_url(server.url(db=2), environ={"TENANTEDGE_REDIS_PASSWORD": "acl-pw-not-logged"})
+        self.assertRaises(RedisUnavailable, BlockingRedis, untrusted)
+        # A wrong password for the ACL user is refused.
+        wrong = RedisAddress.from_url(server.url(db=2), environ={"TENANTEDGE_REDIS_PASSWORD": "nope"}, ca=server.ca)
+        self.assertRaises((RedisError, RedisUnavailable), BlockingRedis, wrong)

@@ -50,11 +50,16 @@ class RedisServer:
     """
 
     def __init__(self, testcase: TestCase, appendonly: bool = False, password: str | None = None,
-                 interface: str = "127.0.0.1") -> None:
+                 interface: str = "127.0.0.1", tls: bool = False, username: str | None = None) -> None:
         self.testcase = testcase
         self.appendonly = appendonly
         self.password = password
         self.interface = interface
+        #: TLS only (rediss://), with a throwaway CA (C{self.ca}).
+        self.tls = tls
+        #: An ACL user (with C{password}); the default user is then off.
+        self.username = username
+        self.ca: str | None = None
         self.port = free_port()
         self.directory = os.path.abspath(testcase.mktemp())
         os.makedirs(self.directory)
@@ -63,11 +68,14 @@ class RedisServer:
         self._cleanup = False
 
     def url(self, prefix: str = "tenantedge", db: int = 0) -> str:
-        return f"redis://{self.interface}:{self.port}/{db}?prefix={prefix}"
+        scheme = "rediss" if self.tls else "redis"
+        user = f"{self.username}@" if self.username else ""
+        host = "localhost" if self.tls else self.interface  # the name in the test certificate
+        return f"{scheme}://{user}{host}:{self.port}/{db}?prefix={prefix}"
 
     def address(self, prefix: str = "tenantedge", db: int = 0) -> RedisAddress:
         environ = {"TENANTEDGE_REDIS_PASSWORD": self.password} if self.password else {}
-        return RedisAddress.from_url(self.url(prefix, db), environ=environ)
+        return RedisAddress.from_url(self.url(prefix, db), environ=environ, ca=self.ca)
 
     async def start(self) -> None:
         binary = require_tool(self.testcase, "redis-server")
@@ -77,8 +85,22 @@ class RedisServer:
         ]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
-        if self.password:
+        if self.username and self.password:
+            args += ["--user", "default", "off", "--user", self.username, "on", f">{self.password}", "~*", "&*",
+                     "+@all"]
+        elif self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            from tenantedge.testing import write_https_material
+
+            if self.ca is None:
+                os.makedirs(os.path.join(self.directory, "tls"), exist_ok=True)
+                self.ca, cert, key = write_https_material(os.path.join(self.directory, "tls"))
+                self._tls_files = (cert, key)
+            cert, key = self._tls_files
+            args[args.index("--port") + 1] = "0"  # TLS only
+            args += ["--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", self.ca, "--tls-auth-clients", "no"]
         self.proto = _RedisProcess()
         self.process = reactor.spawnProcess(self.proto, binary, args, env={"PATH": os.environ.get("PATH", "")},
                                             path=self.directory)
