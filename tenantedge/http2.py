@@ -179,9 +179,6 @@ class _H2Exchange(Exchange):
         if not self.finished:
             self.stream.send(data)
 
-    def backend_closed_complete(self) -> bool:
-        return self.response_started and self.response_close and self.sent is None and not self.backend_framed
-
     def backend_done(self, conn: BackendConnection | None) -> None:
         if self.finished:
             return
