@@ -19,7 +19,12 @@ C{Headers} objects per stream that nobody reads. Here:
     window is shut, or a client whose socket buffer is full, pauses the
     backend connection feeding it;
   - a body over C{--max-body-size} gets 413 (or, if the response began,
-    RST_STREAM) on its own stream; the connection's other streams go on;
+    RST_STREAM) on its own stream, the rest of it read and dropped for a
+    while, then RST_STREAM NO_ERROR; a body that disagrees with its
+    Content-Length is a stream error too (h2 would make it the
+    connection's); the connection's other streams go on;
+  - WebSockets (RFC 8441 extended CONNECT) become an RFC 6455 upgrade at
+    the backend and then a L{tenantedge.tunnel.Tunnel} on the stream;
   - C{Host} disagreeing with C{:authority} is 400, C{:authority} (or
     C{Host}) naming another host than the TLS certificate 421;
   - at most L{MAX_STREAMS} concurrent streams (SETTINGS), and a client
