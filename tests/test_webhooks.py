@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from tenantedge.config import ConfigError, OnDemandConfig
 from tenantedge.metrics import WebhookCollector
 from tenantedge.store import atomic_write
 from tenantedge.webhooks import (
@@ -449,3 +450,82 @@ class ExpiryNoticeTests(SynchronousTestCase):
         self.assertEqual(events[0]["type"], "hostname.expiring-soon")
         self.assertEqual(events[0]["data"], {"hostname": "shop.example.com", "serial": "abc", "not_after": 1000,
                                              "error": "CA down"})
+
+
+class SettingsTests(SynchronousTestCase):
+    def secret_file(self, content: bytes = SECRET + b"\n", mode: int = 0o600) -> str:
+        path = self.mktemp()
+        atomic_write(path, content, mode=mode)
+        os.chmod(path, mode)
+        return path
+
+    def config(self, **kwargs: Any) -> OnDemandConfig:
+        kwargs.setdefault("store", self.mktemp())
+        return OnDemandConfig(ca=["internal"], **kwargs)
+
+    def test_secrets_read(self) -> None:
+        """Each non-empty line is a secret; the secrets never appear in the repr."""
+        path = self.secret_file(SECRET + b"\n\n" + b"second-secret-0123456\n")
+        config = self.config(webhook=[A, "http://127.0.0.1:9000/hook"], webhook_secret_file=path)
+        self.assertEqual(config.webhook_secrets, (SECRET, b"second-secret-0123456"))
+        self.assertNotIn(SECRET.decode(), repr(config))
+        self.assertEqual(config.webhook_directory, os.path.join(config.store, "webhooks"))
+
+    def test_secret_file_private(self) -> None:
+        """A secret file others can read is refused with the chmod that fixes it."""
+        path = self.secret_file(mode=0o644)
+        e = self.assertRaises(ConfigError, self.config, webhook=[A], webhook_secret_file=path)
+        self.assertEqual(e.key, "webhook-secret-file")
+        self.assertIn("chmod 600", e.problem)
+        self.assertNotIn(SECRET.decode(), str(e))
+
+    def test_short_secret(self) -> None:
+        """A secret under 16 bytes is refused."""
+        e = self.assertRaises(ConfigError, self.config, webhook=[A], webhook_secret_file=self.secret_file(b"short"))
+        self.assertIn("at least 16 bytes", e.problem)
+
+    def test_secret_required(self) -> None:
+        """Webhooks are always signed: a URL without a secret file is refused."""
+        e = self.assertRaises(ConfigError, self.config, webhook=[A])
+        self.assertEqual(e.key, "webhook-secret-file")
+
+    def test_plain_http_only_to_loopback(self) -> None:
+        """http:// is refused but to a loopback address; https:// anywhere."""
+        path = self.secret_file()
+        for url in ("http://127.0.0.1/h", "http://[::1]:8000/h", "http://localhost/h", "https://x.test/h"):
+            self.config(webhook=[url], webhook_secret_file=path)
+        for url in ("http://hooks.saas.test/h", "http://10.0.0.1/h", "ftp://x.test/", "https://x.test/#f"):
+            e = self.assertRaises(ConfigError, self.config, webhook=[url], webhook_secret_file=path)
+            self.assertEqual(e.key, "webhook")
+
+    def test_redis_store_needs_outbox(self) -> None:
+        """With a redis:// store the outbox directory must be given."""
+        path = self.secret_file()
+        e = self.assertRaises(ConfigError, OnDemandConfig, store="redis://127.0.0.1:6379/0", ca=["letsencrypt"],
+                              challenge="tls-alpn-01", webhook=[A], webhook_secret_file=path)
+        self.assertEqual(e.key, "webhook-outbox")
+        config = OnDemandConfig(store="redis://127.0.0.1:6379/0", ca=["letsencrypt"], challenge="tls-alpn-01",
+                                webhook=[A], webhook_secret_file=path, webhook_outbox="/var/spool/te")
+        self.assertEqual(config.webhook_directory, "/var/spool/te")
+
+    def test_service_has_outbox(self) -> None:
+        """
+        With C{webhook} the service has the outbox as a child service
+        (C{edge.webhooks}), prepared at start-up, with its metrics.
+        """
+        from prometheus_client import generate_latest
+
+        from tenantedge.service import OnDemandTLS
+
+        clock = Clock()
+        config = self.config(webhook=[A], webhook_secret_file=self.secret_file())
+        edge = OnDemandTLS.from_config(config, clock)
+        self.assertIsInstance(edge.webhooks, WebhookOutbox)
+        self.assertIs(edge.getServiceNamed("webhooks"), edge.webhooks)
+        self.assertIs(edge.renewal.expiring.emit.__self__, edge.webhooks)  # type: ignore[union-attr]
+        edge.prepare()
+        self.assertTrue(os.path.isdir(config.webhook_directory))
+        text = generate_latest(edge.timings.registry).decode()
+        self.assertIn('tenantedge_webhook_deliveries_total{result="gave-up"} 0.0', text)
+        self.assertIn("tenantedge_webhook_queue 0.0", text)
+        self.assertIsNone(OnDemandTLS.from_config(self.config(), clock).webhooks)
