@@ -167,6 +167,26 @@ class SignatureTests(SynchronousTestCase):
         self.assertTrue(verify_signature(new, header, b"x", now=1000))
 
 
+    def test_readme_snippet(self) -> None:
+        """The receiver's check the README shows accepts tenantedge's signatures and refuses forgeries."""
+        import re
+        import time
+
+        readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+        with open(readme, encoding="utf-8") as f:
+            code = re.search(r"```python\n(import hashlib, hmac, time\n.*?)```", f.read(), re.S)
+        assert code is not None
+        namespace: dict[str, Any] = {}
+        exec(code.group(1), namespace)
+        verify = namespace["verify"]
+        body = b'{"id":"1"}'
+        header = sign([SECRET], int(time.time()), body)
+        self.assertTrue(verify(SECRET, header, body))
+        self.assertFalse(verify(SECRET, header, body + b" "))
+        self.assertFalse(verify(b"another-secret-0123456", header, body))
+        self.assertFalse(verify(SECRET, sign([SECRET], int(time.time()) - 600, body), body))
+
+
 class DeliveryTests(OutboxTestCase):
     def test_delivered_signed(self) -> None:
         """
