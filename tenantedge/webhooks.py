@@ -215,6 +215,7 @@ class _Destination:
     sending: Deferred[None] | None = None
     gone: bool = False
     scanned: int | None = None
+    scanned_at: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -465,9 +466,13 @@ class WebhookOutbox(Service):
         except OSError as e:
             self._log.error("cannot read the outbox {path}: {error}", path=destination.directory, error=e.strerror)
             return
-        if changed == destination.scanned:
+        now = self.clock.seconds()
+        # The directory's mtime says when to look again; every 30 s anyway,
+        # since a file created within the same tick of the file system's
+        # clock as the last look leaves the mtime as it was.
+        if changed == destination.scanned and now - destination.scanned_at < 30:
             return
-        destination.scanned = changed
+        destination.scanned, destination.scanned_at = changed, now
         names = sorted(n for n in os.listdir(destination.directory) if n.endswith(_SUFFIX) and not n.startswith("."))
         queued = set(destination.pending)
         new = [n for n in names if n not in queued]
