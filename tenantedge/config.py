@@ -16,6 +16,7 @@ string); the field's metadata says how the front doors show it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -264,6 +265,32 @@ def _ca(value: str) -> str:
             f"{value!r}: use internal, letsencrypt, letsencrypt-staging or an https:// ACME directory URL"
         ) from None
     return value
+
+
+def _webhook_url(value: str) -> str:
+    """
+    A webhook URL: https, or plain http only to a loopback address (a local
+    relay): the body is signed, not encrypted, so over plain http on a
+    network anyone on the path reads every tenant's host name.
+    """
+    url = _http_url(value)
+    if url.fragment:
+        raise ValueError(f"{value!r}: no fragment allowed")
+    if url.scheme == "http" and not _loopback(url.host):
+        raise ValueError(
+            f"{value!r}: use https:// (plain http:// only to a loopback address such as 127.0.0.1: "
+            "a signed body is not a secret one)"
+        )
+    return value
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _pem_file(path: str) -> str:
@@ -558,6 +585,21 @@ class OnDemandConfig:
     max_certs_per_domain: int = _setting(50, "Certificates per registered domain per account per week.",
                                          _positive_int, endpoint=True, metavar="N")
 
+    # -- webhooks ------------------------------------------------------------------------
+    webhook: tuple[str, ...] = _setting(
+        (), "POST a signed JSON event to this URL when a certificate is issued, renewed, fails, is retired, "
+        "archived or expiring soon: https://, or http:// to a loopback address.", _webhook_url, kind="list",
+        endpoint=True, metavar="URL",
+    )
+    webhook_secret_file: str | None = _setting(
+        None, "File (mode 0600) holding the webhooks' HMAC-SHA256 signing secret; two lines during a rotation.",
+        _readable_file, endpoint=True, metavar="FILE",
+    )
+    webhook_outbox: str | None = _setting(
+        None, "Directory of undelivered webhook events (default: <store>/webhooks; needed with a redis:// store).",
+        _absolute_path, endpoint=True, metavar="DIR",
+    )
+
     # -- renewal and caching ---------------------------------------------------------------
     renew_check_interval: float = _setting(
         43200.0, "Time between renewal walks of the store, plus up to 10% jitter (duration).", parse_duration,
@@ -579,6 +621,8 @@ class OnDemandConfig:
                                     parse_duration, endpoint=True, show=format_duration, metavar="DURATION")
 
     static_policy: StaticPolicy = attrs.field(init=False, repr=False, eq=False)
+    #: The webhook signing secrets read from C{webhook_secret_file} (never shown).
+    webhook_secrets: tuple[bytes, ...] = attrs.field(init=False, repr=False, eq=False, default=())
     #: The C{trusted_proxy} networks, parsed once (C{None}: trust no peer's chain).
     trusted_proxies: TrustedProxies | None = attrs.field(init=False, repr=False, eq=False)
 
@@ -609,6 +653,7 @@ class OnDemandConfig:
             raise ConfigError(None, "eab-kid and eab-hmac-key (or eab-hmac-key-file) go together")
         if self.allow_url and self.ask:
             raise ConfigError(None, "give allow-url or ask, not both")
+        self._check_webhooks()
         if self.http is None and self.challenge == "http-01" and any(ca != "internal" for ca in self.ca):
             raise ConfigError(
                 "http",
@@ -628,6 +673,28 @@ class OnDemandConfig:
                     f"no name under {suffix} can get a certificate: it is not under a public suffix and a "
                     "public CA may be asked (add allow-private-suffix for a private ACME CA, or use ca=internal)",
                 )
+
+    def _check_webhooks(self) -> None:
+        from .webhooks import read_secrets
+
+        if self.webhook_secret_file is not None:
+            try:
+                object.__setattr__(self, "webhook_secrets", read_secrets(self.webhook_secret_file))
+            except ValueError as e:
+                raise ConfigError("webhook-secret-file", str(e)) from None
+        if not self.webhook:
+            return
+        if len(set(self.webhook)) != len(self.webhook):
+            raise ConfigError("webhook", "the same URL is given twice")
+        if not self.webhook_secrets:
+            raise ConfigError("webhook-secret-file", "webhooks are always signed: give the secret's file")
+        if self.webhook_outbox is None and "://" in self.store:
+            raise ConfigError("webhook-outbox", "with a redis:// store, give a local directory for the outbox")
+
+    @property
+    def webhook_directory(self) -> str:
+        """Where undelivered webhook events wait (C{webhook_outbox}, else C{<store>/webhooks})."""
+        return self.webhook_outbox or os.path.join(self.store, "webhooks")
 
     @property
     def worker_count(self) -> int:

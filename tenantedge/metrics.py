@@ -20,7 +20,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 if TYPE_CHECKING:
     from .backend import BackendPool
 
-__all__ = ["Timings", "EdgeCollector", "RenewalGauges", "LimitCollector", "BackendCollector", "UpgradeCollector"]
+__all__ = [
+    "Timings",
+    "EdgeCollector",
+    "RenewalGauges",
+    "LimitCollector",
+    "BackendCollector",
+    "UpgradeCollector",
+    "WebhookCollector",
+]
 
 
 class Timings:
@@ -236,3 +244,34 @@ class UpgradeCollector:
         )
         tunnels.add_metric([], self.open())
         yield tunnels
+
+
+#: The results a webhook delivery can have, each shown from zero.
+WEBHOOK_RESULTS = ("delivered", "failed-attempt", "gave-up", "dropped")
+
+
+@attrs.define(eq=False)
+class WebhookCollector:
+    """
+    Webhook deliveries by result and the events waiting
+    (L{tenantedge.webhooks.WebhookOutbox}).
+
+    @ivar results: the outbox's C{results}.
+    @ivar queued: events waiting in this process's queues (0 in a worker
+        that does not deliver).
+    """
+
+    results: Mapping[str, int]
+    queued: Callable[[], int]
+
+    def collect(self) -> Iterator[Any]:
+        deliveries = CounterMetricFamily(
+            "tenantedge_webhook_deliveries", "Webhook deliveries by result (failed-attempt: one try that will "
+            "be retried; gave-up, dropped: an event lost).", labels=["result"],
+        )
+        for result in sorted(set(WEBHOOK_RESULTS) | set(self.results)):
+            deliveries.add_metric([result], self.results.get(result, 0))
+        yield deliveries
+        queue = GaugeMetricFamily("tenantedge_webhook_queue", "Webhook events waiting for delivery, all URLs together.")
+        queue.add_metric([], self.queued())
+        yield queue

@@ -93,6 +93,9 @@ class RenewalService(Service):
     @ivar leader: in a fleet, asked before each walk whether this node is
         the one that walks (so N nodes do not each read every key every
         interval); C{None}: always walk.
+    @ivar expiring: told C{(name, serial, not_after, error)} when renewing
+        a certificate failed with less than C{panic_within} left (the
+        C{hostname.expiring-soon} webhook, L{tenantedge.webhooks.ExpiryNotices}).
     @ivar events: counters (C{renewed}, C{archived}, C{failed}, C{panic}...).
     """
 
@@ -111,6 +114,7 @@ class RenewalService(Service):
     random: Callable[[], float] = random.random
     concurrency: int = 4
     leader: Callable[[], Deferred[bool]] | None = None
+    expiring: Callable[[str, int, float, str], None] | None = None
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     soonest_expiry: float | None = attrs.field(default=None, init=False)
     stored_count: int = attrs.field(default=0, init=False)
@@ -269,6 +273,9 @@ class RenewalService(Service):
                     days=left / DAY,
                     error=getattr(e, "detail", None) or str(e),
                 )
+                if self.expiring is not None:
+                    self.expiring(name, bundle.leaf.serial_number, bundle.not_after,
+                                  getattr(e, "detail", None) or str(e))
             else:
                 self._log.warn(
                     "renewing {host} failed ({days:.1f} days left); will retry: {error}",

@@ -60,7 +60,7 @@ from .interfaces import ICertificateStore, IChallengeStore, IDomainPolicy, IIssu
 from .issuer import AcmeIssuer, BackoffIssuer, FallbackIssuer
 from .limits import IssuanceLimits, LimitedIssuer
 from .localca import LocalCA, local_ca_check
-from .metrics import EdgeCollector, RenewalGauges, Timings
+from .metrics import EdgeCollector, RenewalGauges, Timings, WebhookCollector
 from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
 from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
@@ -71,6 +71,7 @@ from .shared import DirectoryChallengeStore, DirectoryNameLock
 from .store import DirectoryStore, StoreError, run_inline
 from .tls import OnDemandTLSFactory
 from .trust import acme_http_client, https_policy
+from .webhooks import ExpiryNotices, WebhookOutbox
 
 __all__ = ["OnDemandTLS", "Storage", "open_storage", "StartupError"]
 
@@ -186,6 +187,8 @@ class OnDemandTLS(MultiService):
     @ivar children: further services started and stopped with this one
         (cache refresh, the refusal summary).
     @ivar on_stop: called when the service stops (connection pools).
+    @ivar webhooks: the signed-webhook outbox (a child service), if
+        C{webhook} URLs are configured: call its C{emit} on events.
     """
 
     config: OnDemandConfig
@@ -207,12 +210,17 @@ class OnDemandTLS(MultiService):
     preparations: Sequence[Preparation] = ()
     children: Sequence[Any] = ()
     on_stop: Sequence[Callable[[], Any]] = ()
+    webhooks: WebhookOutbox | None = None
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
         self.renewal.setName("renewal")
         self.renewal.setServiceParent(self)
+        if self.webhooks is not None:
+            self.webhooks.setName("webhooks")
+            self.webhooks.setServiceParent(self)
+            self.timings.registry.register(WebhookCollector(self.webhooks.results, self.webhooks.queued))
         for child in self.children:
             child.setServiceParent(self)
         self.timings.registry.register(
@@ -438,6 +446,16 @@ def _build(
         chain: IIssuer = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
     else:
         chain = issuer
+    webhooks: WebhookOutbox | None = None
+    if config.webhook:
+        webhooks = WebhookOutbox(
+            config.webhook,
+            config.webhook_secrets,
+            config.webhook_directory,
+            HTTPClient(Agent(reactor, contextFactory=https_policy(), pool=api_pool)),
+            reactor,
+        )
+        preparations.append(("the webhook outbox", webhooks.prepare))
     preparations.append(("the failure backoff", backoff.load))
     preparations.append(("the issuance limits", limits.load))
 
@@ -480,6 +498,7 @@ def _build(
         renew_before=config.renew_before,
         window=acme_issuers[0].renewal_window if acme_issuers else None,
         leader=storage.leader,
+        expiring=ExpiryNotices(webhooks.emit) if webhooks is not None else None,
     )
     refresher = periodic(config.store_poll, resolver.refresh_changed_logged, reactor, "store-refresher")
     if storage.attach is not None:
@@ -506,4 +525,5 @@ def _build(
         contexts=contexts,
         children=(*storage.services, refresher, summarising, *rotation),
         on_stop=(api_pool.closeCachedConnections,),
+        webhooks=webhooks,
     )

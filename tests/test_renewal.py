@@ -201,6 +201,28 @@ class RenewalServiceTests(SynchronousTestCase):
         self.assertTrue(critical)
         self.assertIn("PANIC", critical[0]["log_format"])
 
+    def test_expiring_told_inside_last_days(self) -> None:
+        """
+        C{expiring} (the expiring-soon webhook) is told of a failed renewal
+        only inside the last C{panic_within}, with the certificate's serial.
+        """
+        told: list[tuple[str, int, float, str]] = []
+        self.service.expiring = lambda *args: told.append(args)
+        bundle = bundle_aged("a.test", 90, 10)
+        self.store.bundles["a.test"] = bundle
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.issuer.fail_order("a.test")
+        self.clock.advance(0)
+        self.assertEqual(told, [])
+        self.clock.advance(3 * DAY + 1)
+        self.issuer.fail_order("a.test", "CA down")
+        self.clock.advance(3600)
+        self.assertTrue(told)
+        name, serial, not_after, error = told[0]
+        self.assertEqual((name, serial, not_after), ("a.test", bundle.leaf.serial_number, bundle.not_after))
+        self.assertIn("CA down", error)
+
     def test_walk_is_incremental(self) -> None:
         """The store is walked a batch per reactor turn, never all at once."""
         for i in range(6):
