@@ -60,7 +60,8 @@ from .interfaces import ICertificateStore, IChallengeStore, IDomainPolicy, IIssu
 from .issuer import AcmeIssuer, BackoffIssuer, FallbackIssuer
 from .limits import IssuanceLimits, LimitedIssuer
 from .localca import LocalCA, local_ca_check
-from .metrics import EdgeCollector, RenewalGauges, Timings
+from .lifecycle import HostnameLifecycle
+from .metrics import EdgeCollector, HostnameCollector, RenewalGauges, Timings
 from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
 from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
@@ -182,6 +183,8 @@ class OnDemandTLS(MultiService):
     @ivar contexts: the TLS contexts every tenant shares (ticket keys).
     @ivar acme_issuers: the ACME issuers, one per configured CA.
     @ivar backoff: the per-name failure backoff.
+    @ivar lifecycle: each hostname's lifecycle (the hostname API's
+        records; subscribe to its events).
     @ivar preparations: the start-up steps, run in order by L{startService}.
     @ivar children: further services started and stopped with this one
         (cache refresh, the refusal summary).
@@ -204,6 +207,7 @@ class OnDemandTLS(MultiService):
     contexts: ServingContexts | None = None
     acme_issuers: Sequence[AcmeIssuer] = ()
     backoff: FailureBackoff | None = None
+    lifecycle: HostnameLifecycle | None = None
     preparations: Sequence[Preparation] = ()
     children: Sequence[Any] = ()
     on_stop: Sequence[Callable[[], Any]] = ()
@@ -229,6 +233,8 @@ class OnDemandTLS(MultiService):
                 cache_length=self.resolver.cache_length,
             )
         )
+        if self.lifecycle is not None:
+            self.timings.registry.register(HostnameCollector(self.lifecycle.counts))
 
     @classmethod
     def from_config(
@@ -438,7 +444,12 @@ def _build(
         chain: IIssuer = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
     else:
         chain = issuer
+    lifecycle = HostnameLifecycle(
+        state("lifecycle.json"), reactor, retire_after=config.retire_after,
+        shared=shared("lifecycle") if shared else None, next_retry=backoff.blocked_until,
+    )
     preparations.append(("the failure backoff", backoff.load))
+    preparations.append(("the hostname lifecycle", lifecycle.load))
     preparations.append(("the issuance limits", limits.load))
 
     checker: AllowChecker | None = None
@@ -454,11 +465,13 @@ def _build(
                 deny_ttl=config.deny_ttl,
                 max_in_flight=config.max_allow_checks,
             )
-        policy = EdgePolicy(config.static_policy, checker)
+        policy = EdgePolicy(config.static_policy, checker,
+                            on_decision=lambda host, decision: lifecycle.decided(host, decision.value))
 
     check = CertificateCheck(reactor, local_ca_check(local_ca) if issuer is None else (lambda bundle: True))
     pipeline = IssuancePipeline(
-        store, BackoffIssuer(chain, backoff), reactor, check, lock=storage.lock, observe=timings.observe_issuance
+        store, BackoffIssuer(chain, backoff), reactor, check, lock=storage.lock, observe=timings.observe_issuance,
+        lifecycle=lifecycle,
     )
     rotation: list[Any] = []
     if contexts is None:
@@ -480,6 +493,7 @@ def _build(
         renew_before=config.renew_before,
         window=acme_issuers[0].renewal_window if acme_issuers else None,
         leader=storage.leader,
+        lifecycle=lifecycle,
     )
     refresher = periodic(config.store_poll, resolver.refresh_changed_logged, reactor, "store-refresher")
     if storage.attach is not None:
@@ -502,6 +516,7 @@ def _build(
         local_ca=local_ca,
         acme_issuers=tuple(acme_issuers),
         backoff=backoff,
+        lifecycle=lifecycle,
         preparations=tuple(preparations),
         contexts=contexts,
         children=(*storage.services, refresher, summarising, *rotation),
