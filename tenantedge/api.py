@@ -418,8 +418,14 @@ def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-_NAME = {"name": "name", "in": "path", "required": True, "description": "A host name (normalised: IDNA, lower case).",
-         "schema": {"type": "string"}}
+#: The names the document promises the API takes: LDH labels (no double
+#: hyphen) under a letter-led top label; upper case is folded. The API
+#: also takes what this leaves out (IDNA A-labels, longer labels).
+NAME_PATTERN = r"^([A-Za-z0-9]{1,20}(-[A-Za-z0-9]{1,20}){0,2}\.){1,6}[A-Za-z][A-Za-z0-9]{0,20}$"
+
+_NAME = {"name": "name", "in": "path", "required": True,
+         "description": "A host name (normalised: IDNA A-labels, lower case).",
+         "schema": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 253}}
 _HOST_REF = {"$ref": "#/components/schemas/Hostname"}
 _COMMON = {"400": _error("An invalid name or parameter."), "401": _error("No or a wrong bearer token."),
            "403": _error("The API is disabled (no --admin-token-file)."),
