@@ -168,3 +168,31 @@ class AdminAPITests(SynchronousTestCase):
         self.assertEqual(host_of(b""), None)
         self.assertEqual(bound_names("tcp:9180:interface=10.0.0.5"), ("10.0.0.5",))
         self.assertEqual(bound_names("tcp:9180"), ())
+
+
+class TokenFileTests(SynchronousTestCase):
+    def write(self, text: str, mode: int) -> str:
+        import os
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def test_refuses_readable_token_file(self) -> None:
+        """A token file group or others can read is refused at start-up, with one line naming the setting."""
+        from tenantedge.config import ConfigError, OnDemandConfig
+
+        with self.assertRaises(ConfigError) as caught:
+            OnDemandConfig(admin_token_file=self.write(TOKEN, 0o644))
+        self.assertIn("admin-token-file", str(caught.exception))
+        self.assertIn("chmod 600", str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_reads_private_token_file(self) -> None:
+        """A 0600 file's one line is the token; a short one is refused."""
+        from tenantedge.config import ConfigError, OnDemandConfig
+
+        self.assertEqual(OnDemandConfig(admin_token_file=self.write(TOKEN + "\n", 0o600)).admin_token, TOKEN)
+        self.assertRaises(ConfigError, OnDemandConfig, admin_token_file=self.write("short", 0o600))
