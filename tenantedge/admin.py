@@ -1,9 +1,13 @@
 """
 The admin endpoint (C{--admin}, loopback by default): Prometheus metrics,
-and the actions the admin CLI asks the running server to take::
+the hostname API (L{tenantedge.api}, C{/v1/...}) and the deprecated
+actions the admin CLI used before it::
 
   GET  /metrics                 Prometheus text format
-  POST /certs/<host>/issue      obtain a certificate now, through the
+  GET  /v1/openapi.json         the hostname API's OpenAPI document
+  ...  /v1/hostnames...         the hostname API (bearer token)
+  POST /certs/<host>/issue      (deprecated: PUT /v1/hostnames/<host>)
+                                obtain a certificate now, through the
                                 server's policy, limits and issuers
                                 (nothing is ordered for a name that
                                 already has a valid one)
@@ -11,14 +15,28 @@ and the actions the admin CLI asks the running server to take::
   POST /certs/<host>/forget     drop the cached context (the next
                                 handshake reads the store)
 
-It listens on 127.0.0.1 unless told otherwise: anyone who can reach it can
-trigger issuance, so keep it on loopback or behind a firewall.
+It listens on 127.0.0.1 unless told otherwise. Every request is checked
+first:
+
+  - its C{Host} must be one of the admin names (C{--admin-name}, by
+    default C{localhost}, C{127.0.0.1}, C{::1} and the address it binds),
+    or it gets 421: a web page whose name an attacker points at 127.0.0.1
+    (DNS rebinding) cannot talk to it. (A worker's private UNIX socket
+    skips this check; the supervisor makes it.)
+  - with C{--admin-token-file}, everything but C{/metrics} and
+    C{/v1/openapi.json} needs C{Authorization: Bearer <token>}, compared
+    in constant time (401 otherwise), the deprecated C{/certs} routes
+    included. Without a token file C{/v1} answers 403 and the C{/certs}
+    routes keep their old rule (the C{X-Tenantedge-Admin: 1} header):
+    anyone who can reach the endpoint can trigger issuance then, so keep it
+    on loopback.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -29,11 +47,12 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from .api import HostnameAPI, HostnameResource
 from .headers import ADMIN_HEADER
 from .hostnames import InvalidHostname, normalize
 from .interfaces import ICertificateStore, PolicyRefusal
 
-__all__ = ["AdminResource", "AdminActions", "ADMIN_HEADER"]
+__all__ = ["AdminResource", "AdminActions", "ADMIN_HEADER", "AdminGuard", "host_of", "bound_names"]
 
 
 
@@ -163,20 +182,131 @@ class MetricsResource(Resource):
         return generate_latest(self.registry)
 
 
-class AdminResource(Resource):
-    """The admin site's root."""
+def host_of(header: bytes | None) -> str | None:
+    """The host part of a C{Host} header, lower case, without port or brackets (C{None} if unreadable)."""
+    if not header:
+        return None
+    try:
+        text = header.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("["):
+        end = text.find("]")
+        return text[1:end] if end > 0 else None
+    if text.count(":") == 1:
+        text = text.partition(":")[0]
+    return text or None
 
-    def __init__(self, registry: CollectorRegistry, actions: dict[str, Callable[[str], Deferred[Any]]]) -> None:
+
+def bound_names(description: str | None) -> tuple[str, ...]:
+    """
+    The address an admin endpoint description binds (its C{interface=}),
+    as read by Twisted's own parser, for the Host check; nothing for a
+    wildcard or non-TCP endpoint.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactor
+
+    if description is None:
+        return ()
+    reactor = MemoryReactor()
+    try:
+        serverFromString(reactor, description).listen(Factory())
+    except Exception:
+        return ()
+    if not reactor.tcpServers:
+        return ()
+    interface = reactor.tcpServers[0][3]
+    return () if interface in ("", "0.0.0.0", "::") else (interface.lower(),)
+
+
+class AdminGuard:
+    """
+    The checks every admin request passes first (see the module docstring).
+
+    @ivar token: the bearer token, or C{None} (no token file).
+    @ivar names: the accepted C{Host} names, or C{None} not to check (a
+        worker's private UNIX socket).
+    """
+
+    def __init__(self, token: str | None, names: Iterable[str] | None) -> None:
+        self.token = token.encode("ascii") if token is not None else None
+        self.names = None if names is None else frozenset(n.lower() for n in names)
+
+    def host_refusal(self, request: Request) -> tuple[int, dict[str, Any]] | None:
+        """421 for a C{Host} that is not an admin name."""
+        if self.names is None:
+            return None
+        host = host_of(request.getHeader(b"host"))
+        if host is None or host not in self.names:
+            return 421, {"error": "misdirected", "detail": "the Host header is not an admin name (--admin-name)"}
+        return None
+
+    def token_refusal(self, request: Request) -> tuple[int, dict[str, Any]] | None:
+        """401 without the right bearer token (403 when no token is configured)."""
+        if self.token is None:
+            return 403, {"error": "disabled",
+                         "detail": "the hostname API needs a token: start the server with --admin-token-file"}
+        given = request.getHeader(b"authorization") or b""
+        scheme, _, credentials = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.token):
+            request.setHeader(b"www-authenticate", b'Bearer realm="tenantedge"')
+            return 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <the --admin-token-file token>"}
+        return None
+
+
+class _Refused(Resource):
+    isLeaf = True
+
+    def __init__(self, code: int, body: dict[str, Any]) -> None:
         super().__init__()
+        self.code = code
+        self.body = body
+
+    def render(self, request: Request) -> bytes:
+        return _json(request, self.code, self.body)
+
+
+class AdminResource(Resource):
+    """
+    The admin site's root.
+
+    @param api: the hostname API, or C{None} for none.
+    @param guard: the Host and token checks; by default none (tests,
+        embedders that put their own in front).
+    """
+
+    def __init__(self, registry: CollectorRegistry, actions: dict[str, Callable[[str], Deferred[Any]]],
+                 api: HostnameAPI | None = None, guard: AdminGuard | None = None) -> None:
+        super().__init__()
+        self.guard = guard if guard is not None else AdminGuard(None, None)
         self.putChild(b"metrics", MetricsResource(registry))
         self.putChild(b"certs", _CertAction(actions))
+        if api is not None:
+            self.putChild(b"v1", HostnameResource(api))
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        refusal = self.guard.host_refusal(request)
+        if refusal is None and path == b"certs" and self.guard.token is not None:
+            refusal = self.guard.token_refusal(request)
+        if refusal is None and path == b"v1" and request.postpath != [b"openapi.json"]:
+            refusal = self.guard.token_refusal(request)
+        if refusal is not None:
+            return _Refused(*refusal)
         if path == b"":
             return self  # GET / is the index below, not a 404
-        child: Resource = super().getChild(path, request)
+        child: Resource = super().getChildWithDefault(path, request)
         return child
+
+    def render(self, request: Request) -> bytes:
+        refusal = self.guard.host_refusal(request)
+        if refusal is not None:
+            return _json(request, *refusal)
+        result: bytes = super().render(request)
+        return result
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
-        return b"tenantedge admin: GET /metrics, POST /certs/<host>/(issue|renew|forget)\n"
+        return (b"tenantedge admin: GET /metrics, the hostname API under /v1 (GET /v1/openapi.json), "
+                b"deprecated: POST /certs/<host>/(issue|renew|forget)\n")

@@ -217,17 +217,29 @@ def _loopback_for(interface: str) -> str:
 
 def _ask_server(config: OnDemandConfig, host: str, action: str, timeout: float = 600.0) -> dict[str, Any]:
     """
-    POST C{/certs/<host>/<action>} to the running server's admin endpoint.
+    Ask the running server's admin endpoint for an action. With
+    C{--admin-token-file} the CLI uses the hostname API (C{issue}: C{PUT
+    /v1/hostnames/<host>}, C{renew}: C{POST /v1/hostnames/<host>/renew?force=true},
+    the CLI's renew meaning "now"), with the bearer token; C{forget} has no
+    API form and, like everything without a token file, goes to the
+    deprecated C{POST /certs/<host>/<action>}.
 
     http.client rather than urllib: the admin endpoint is on loopback, and
     an C{http_proxy} in the environment must not be asked to reach it.
     """
 
     address = admin_address(config.admin)
-    path = f"/certs/{host}/{action}"
+    method, path = "POST", f"/certs/{host}/{action}"
+    headers = {ADMIN_HEADER.decode(): "1"}
+    if config.admin_token is not None:
+        headers["Authorization"] = f"Bearer {config.admin_token}"
+        if action == "issue":
+            method, path = "PUT", f"/v1/hostnames/{host}"
+        elif action == "renew":
+            path = f"/v1/hostnames/{host}/renew?force=true"
     connection = http.client.HTTPConnection(address.host, address.port, timeout=timeout)
     try:
-        connection.request("POST", path, body=b"", headers={ADMIN_HEADER.decode(): "1"})
+        connection.request(method, path, body=b"", headers=headers)
         response = connection.getresponse()
         status, body = response.status, response.read()
     except (OSError, http.client.HTTPException) as e:
@@ -242,7 +254,12 @@ def _ask_server(config: OnDemandConfig, host: str, action: str, timeout: float =
         raise CLIError(f"{action} {host}: {address.url}{path} answered HTTP {status} without a JSON object "
                        "(is --admin the right endpoint?)")
     if status != 200:
-        raise CLIError(f"{action} {host}: {answer.get('error', f'HTTP {status}')}")
+        raise CLIError(f"{action} {host}: {answer.get('detail') or answer.get('error', f'HTTP {status}')}")
+    if path.startswith("/v1/"):
+        # The API's answer, in the shape the commands print.
+        certificate = answer.get("certificate") or {}
+        answer = {**answer, "host": host, "action": action, "not_after": certificate.get("not_after"),
+                  "archived": answer.get("reason") == "archived"}
     return answer
 
 

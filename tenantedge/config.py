@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -313,6 +314,26 @@ def _readable_file(path: str) -> str:
     return os.path.abspath(path)
 
 
+def _private_file(path: str) -> str:
+    """A file only its owner may read (a secret); refused otherwise, at start-up."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ValueError(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; chmod 600 it (it holds a secret)")
+    return os.path.abspath(path)
+
+
+def _admin_name(value: str) -> str:
+    name = value.strip().lower().removeprefix("[").removesuffix("]")
+    if not name or any(c in name for c in "/ @?#"):
+        raise ValueError(f"{value!r} is not a host name or address")
+    return name
+
+
 def _endpoint(value: str) -> str:
     # Built against a memory reactor: this only checks the syntax; the
     # real endpoint is made from the same string when the server starts.
@@ -430,6 +451,20 @@ class OnDemandConfig:
     admin: str | None = _setting(
         "tcp:9180:interface=127.0.0.1", "Admin endpoint (metrics, CLI actions); 'none' to disable.",
         _optional_endpoint, metavar="ENDPOINT", show=lambda v: v or "none",
+    )
+    admin_token_file: str | None = _setting(
+        None, "File holding the hostname API's bearer token (mode 0600); without it /v1 is refused and only "
+        "/metrics and the deprecated /certs routes answer.", _private_file, metavar="FILE",
+    )
+    admin_name: tuple[str, ...] = _setting(
+        ("localhost", "127.0.0.1", "::1"), "A Host name the admin endpoint answers to (besides the address it "
+        "binds); anything else gets 421 (defeats DNS rebinding). Repeat for several.", _admin_name, kind="list",
+        metavar="NAME",
+    )
+    retire_after: float = _setting(
+        3 * 86400.0, "A name failing this long is retired: no more orders until the hostname API or a changed "
+        "allow answer revives it; 0 never retires (duration).", _duration_or_zero, endpoint=True,
+        show=_show_duration_or_zero, metavar="DURATION",
     )
     backend: tuple[str, ...] = _setting(
         ("http://127.0.0.1:3000",), "The application: an http(s):// base URL or unix:/path/to.sock; repeat for "
@@ -623,6 +658,8 @@ class OnDemandConfig:
     static_policy: StaticPolicy = attrs.field(init=False, repr=False, eq=False)
     #: The webhook signing secrets read from C{webhook_secret_file} (never shown).
     webhook_secrets: tuple[bytes, ...] = attrs.field(init=False, repr=False, eq=False, default=())
+    #: The hostname API's bearer token, read from C{admin_token_file}.
+    admin_token: str | None = attrs.field(init=False, default=None, repr=False, eq=False)
     #: The C{trusted_proxy} networks, parsed once (C{None}: trust no peer's chain).
     trusted_proxies: TrustedProxies | None = attrs.field(init=False, repr=False, eq=False)
 
@@ -649,6 +686,15 @@ class OnDemandConfig:
                     object.__setattr__(self, "eab_hmac_key", f.read().strip())
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError("eab-hmac-key-file", f"{self.eab_hmac_key_file}: {e}") from None
+        if self.admin_token_file is not None:
+            try:
+                with open(self.admin_token_file, encoding="ascii") as f:
+                    token = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError("admin-token-file", f"{self.admin_token_file}: {e}") from None
+            if len(token) < 16 or any(c.isspace() for c in token):
+                raise ConfigError("admin-token-file", "the token must be one line of at least 16 characters")
+            object.__setattr__(self, "admin_token", token)
         if bool(self.eab_kid) != bool(self.eab_hmac_key):
             raise ConfigError(None, "eab-kid and eab-hmac-key (or eab-hmac-key-file) go together")
         if self.allow_url and self.ask:

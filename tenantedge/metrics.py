@@ -25,6 +25,7 @@ __all__ = [
     "EdgeCollector",
     "RenewalGauges",
     "LimitCollector",
+    "HostnameCollector",
     "BackendCollector",
     "UpgradeCollector",
     "WebhookCollector",
@@ -150,6 +151,27 @@ class EdgeCollector:
             )
             soonest.add_metric([], soonest_value)
             yield soonest
+
+
+@attrs.define(eq=False)
+class HostnameCollector:
+    """
+    Hostnames by lifecycle state (L{tenantedge.lifecycle}):
+    C{tenantedge_hostnames{state="active"}} and so on, every state present.
+    The records are shared by every worker on a store, so with
+    C{--workers} each worker reports the same numbers: aggregate with
+    C{max without (worker)}, not C{sum}.
+
+    @ivar counts: returns the records by state.
+    """
+
+    counts: Callable[[], Mapping[str, int]]
+
+    def collect(self) -> Iterator[Any]:
+        family = GaugeMetricFamily("tenantedge_hostnames", "Hostnames by lifecycle state.", labels=["state"])
+        for state, count in self.counts().items():
+            family.add_metric([state], count)
+        yield family
 
 
 @attrs.define(eq=False)

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle
 from .interfaces import BackedOff, ICertificateStore, IIssuer, INameLock, LimitExceeded
+from .lifecycle import HostnameLifecycle, Retired
 from .singleflight import SingleFlight
 from .timeouts import with_deadline
 
@@ -102,9 +103,11 @@ class IssuancePipeline:
     @ivar work_timeout: deadline for one run (lock, re-read, issuance,
         store), so that a hung lock, store or issuer cannot keep a name in
         flight forever.
+    @ivar lifecycle: told each renewal start, issuance and CA failure
+        (L{tenantedge.lifecycle}); a retired name gets no order.
     @ivar events: counts by C{"<purpose>:<result>"}: C{issued},
-        C{failed}, C{rate-limit}, C{backoff}, C{store-failed}, and
-        C{found} (another holder of the lock had stored it already).
+        C{failed}, C{rate-limit}, C{backoff}, C{retired}, C{store-failed},
+        and C{found} (another holder of the lock had stored it already).
     """
 
     store: ICertificateStore
@@ -114,6 +117,7 @@ class IssuancePipeline:
     lock: INameLock = attrs.field(factory=MemoryNameLock)
     observe: Observer | None = None
     work_timeout: float = 600.0
+    lifecycle: HostnameLifecycle | None = None
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _flights: SingleFlight[CertificateBundle] = attrs.field(factory=SingleFlight, init=False)
     _log = Logger()
@@ -139,7 +143,8 @@ class IssuancePipeline:
         @param replaces: the certificate a renewal replaces (ARI).
         @return: a Deferred firing with the stored bundle, or failing
             with what the issuer chain failed with (L{BackedOff},
-            L{LimitExceeded}, L{tenantedge.interfaces.IssuanceFailed}).
+            L{LimitExceeded}, L{tenantedge.interfaces.IssuanceFailed}),
+            or with L{Retired} for a retired name (revive it first).
         """
         return self._flights.run(
             server_name,
@@ -174,6 +179,13 @@ class IssuancePipeline:
         return None
 
     async def _issue(self, server_name: str, purpose: str, replaces: CertificateBundle | None) -> CertificateBundle:
+        if self.lifecycle is not None:
+            record = self.lifecycle.get(server_name)
+            if record is not None and record.state == "retired":
+                self.events[f"{purpose}:retired"] += 1
+                raise Retired(server_name, record.since)
+            if purpose == RENEW:
+                self.lifecycle.renewing(server_name)
         started = self.clock.seconds()
         try:
             bundle: CertificateBundle = await self.issuer.issue(server_name, replaces=replaces)
@@ -181,9 +193,11 @@ class IssuancePipeline:
             # Refused without contacting a CA; the failure that started the
             # backoff was logged when it happened.
             self.events[f"{purpose}:backoff"] += 1
+            self._settle(server_name)
             raise
         except LimitExceeded as e:
             self.events[f"{purpose}:rate-limit"] += 1
+            self._settle(server_name)
             self._log.warn("no order for {host}: {error}", event="refused", reason="rate-limit",
                            host=server_name, purpose=purpose, error=e.detail)
             raise
@@ -191,6 +205,8 @@ class IssuancePipeline:
             elapsed = self.clock.seconds() - started
             self.events[f"{purpose}:failed"] += 1
             self._observe(purpose, "failed", elapsed)
+            if self.lifecycle is not None:
+                self.lifecycle.failed(server_name, e)
             if purpose == ISSUE:
                 # Renewal logs its own failures, with the days left.
                 self._log.error(
@@ -200,6 +216,8 @@ class IssuancePipeline:
                 )
             raise
         elapsed = self.clock.seconds() - started
+        if self.lifecycle is not None:
+            self.lifecycle.issued(server_name, bundle.not_after, renewal=purpose == RENEW)
         self.events[f"{purpose}:issued"] += 1
         self._observe(purpose, "issued", elapsed)
         self._log.info(
@@ -220,6 +238,11 @@ class IssuancePipeline:
                 host=server_name, error=str(e),
             )
         return bundle
+
+    def _settle(self, server_name: str) -> None:
+        """No order was placed after all: a name marked renewing goes back to what it was."""
+        if self.lifecycle is not None:
+            self.lifecycle.settle(server_name)
 
     def _observe(self, purpose: str, result: str, seconds: float) -> None:
         if self.observe is not None:

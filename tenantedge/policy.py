@@ -18,17 +18,20 @@ in this order, and stops at the first answer:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 import attrs
 from publicsuffixlist import PublicSuffixList
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from .allow import AllowChecker, Decision
 from .hostnames import matches_suffix, normalize, normalize_suffix
 from .interfaces import IDomainPolicy, PolicyRefusal
+
+_log = Logger()
 
 __all__ = [
     "StaticPolicy",
@@ -133,10 +136,21 @@ class EdgePolicy:
 
     @ivar static: the I/O-free rules.
     @ivar checker: the allow endpoint, if configured.
+    @ivar on_decision: told each answer, C{on_decision(name, decision)}
+        (the hostname lifecycle records the last one and when).
     """
 
     static: StaticPolicy
     checker: AllowChecker | None = None
+    on_decision: Callable[[str, Decision], None] | None = None
+
+    def _tell(self, server_name: str, decision: Decision) -> Decision:
+        if self.on_decision is not None:
+            try:
+                self.on_decision(server_name, decision)
+            except Exception:
+                _log.failure("recording the allow decision for {host} failed", host=server_name)
+        return decision
 
     @property
     def issues_anything(self) -> bool:
@@ -149,12 +163,18 @@ class EdgePolicy:
     def check(self, server_name: str) -> Deferred[None]:
         reason = self.static_refusal(server_name)
         if reason is not None:
+            if reason == "deny-list":
+                self._tell(server_name, Decision.DENY)
             return fail(PolicyRefusal(server_name, reason))
         if self.static.allowed_by_suffix(server_name):
+            self._tell(server_name, Decision.ALLOW)
             return succeed(None)
         if self.checker is None:
             return fail(PolicyRefusal(server_name, "not-allowed"))
-        return self.checker.decide(server_name).addCallback(self._decided, server_name)
+        return self.checker.decide(server_name).addCallback(self._tell_decided, server_name)
+
+    def _tell_decided(self, decision: Decision, server_name: str) -> None:
+        self._decided(self._tell(server_name, decision), server_name)
 
     @staticmethod
     def _decided(decision: Decision, server_name: str) -> None:
@@ -174,9 +194,9 @@ class EdgePolicy:
         online through a configuration slip or an outage of the SaaS API.
         """
         if self.static_refusal(server_name) == "deny-list":
-            return succeed(Decision.DENY)
+            return succeed(self._tell(server_name, Decision.DENY))
         if self.static.allowed_by_suffix(server_name):
-            return succeed(Decision.ALLOW)
+            return succeed(self._tell(server_name, Decision.ALLOW))
         if self.checker is None:
             return succeed(Decision.UNKNOWN)
-        return self.checker.ask(server_name)
+        return self.checker.ask(server_name).addCallback(lambda decision: self._tell(server_name, decision))

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from .certificates import CertificateBundle
 from .interfaces import Decision, ICertificateStore, IDomainPolicy
+from .lifecycle import HostnameLifecycle
 from .pipeline import RENEW, IssuancePipeline
 
 __all__ = ["RenewalService", "renewal_due", "DAY"]
@@ -96,7 +97,11 @@ class RenewalService(Service):
     @ivar expiring: told C{(name, serial, not_after, error)} when renewing
         a certificate failed with less than C{panic_within} left (the
         C{hostname.expiring-soon} webhook, L{tenantedge.webhooks.ExpiryNotices}).
-    @ivar events: counters (C{renewed}, C{archived}, C{failed}, C{panic}...).
+    @ivar lifecycle: the hostname lifecycle: stored names without a
+        record are adopted as active, retired names are skipped, archives
+        and certificates about to lapse are reported to it.
+    @ivar events: counters (C{renewed}, C{archived}, C{failed}, C{panic},
+        C{retired}...).
     """
 
     store: ICertificateStore
@@ -115,6 +120,7 @@ class RenewalService(Service):
     concurrency: int = 4
     leader: Callable[[], Deferred[bool]] | None = None
     expiring: Callable[[str, int, float, str], None] | None = None
+    lifecycle: HostnameLifecycle | None = None
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     soonest_expiry: float | None = attrs.field(default=None, init=False)
     stored_count: int = attrs.field(default=0, init=False)
@@ -185,6 +191,8 @@ class RenewalService(Service):
             return
         names = await self.store.names()
         self.stored_count = len(names)
+        if self.lifecycle is not None:
+            self.lifecycle.adopt(names)
         renewals: list[Deferred[float | None]] = []
         expiries: list[float] = []
         for start in range(0, len(names), self.batch):
@@ -199,6 +207,11 @@ class RenewalService(Service):
                     self._log.failure("renewal check of {host} failed", host=name)
                     continue
                 if bundle is None:
+                    continue
+                if due and self.lifecycle is not None and self.lifecycle.is_retired(name):
+                    # Retired: no more orders; what is stored serves until it lapses.
+                    self.events["retired"] += 1
+                    expiries.append(bundle.not_after)
                     continue
                 if due:
                     # Renewals run alongside the walk, a few at a time.
@@ -220,14 +233,23 @@ class RenewalService(Service):
             bundle = await self.store.get(name)
         except KeyError:
             return None, False
+        due, _ = await self.schedule(name, bundle)
+        now = self.clock.seconds()
+        return bundle, now >= due or now >= bundle.not_after
+
+    async def schedule(self, name: str, bundle: CertificateBundle) -> tuple[float, Window]:
+        """
+        When a certificate is due for renewal (see L{renewal_due}), and the
+        CA's ARI window used for it, if any (a lookup that fails is logged
+        and ignored).
+        """
         window = None
         if self.window is not None:
             try:
                 window = await self.window(bundle)
             except Exception as e:
                 self._log.warn("no renewal window for {host}: {error}", host=name, error=str(e))
-        now = self.clock.seconds()
-        return bundle, now >= renewal_due(bundle, self.renew_before, window) or now >= bundle.not_after
+        return renewal_due(bundle, self.renew_before, window), window
 
     async def renew(self, name: str, bundle: CertificateBundle) -> float | None:
         """
@@ -249,6 +271,8 @@ class RenewalService(Service):
         if decision is Decision.DENY:
             await self.store.delete(name)
             self.forget(name)
+            if self.lifecycle is not None:
+                self.lifecycle.archived(name)
             self.events["archived"] += 1
             self._log.info(
                 "not renewing {host}: the allow check now denies it; its certificate is archived",
@@ -265,6 +289,8 @@ class RenewalService(Service):
             left = bundle.not_after - self.clock.seconds()
             if left < self.panic_within:
                 self.events["panic"] += 1
+                if self.lifecycle is not None:
+                    self.lifecycle.expiring(name, bundle.not_after)
                 self._log.critical(
                     "PANIC: renewing {host} failed and its certificate expires in {days:.1f} days: {error}",
                     event="renew-failed",

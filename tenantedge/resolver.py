@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from .certificates import CertificateBundle
 from .contexts import ServingContexts, TenantTLS
 from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal
+from .lifecycle import Retired
 from .pipeline import ISSUE, CertificateCheck, IssuancePipeline
 from .singleflight import SingleFlight
 from .summaries import CounterSummary
@@ -221,6 +222,9 @@ class CertificateResolver:
             raise
         except LimitExceeded:
             self.events["refused:rate-limit"] += 1
+            raise
+        except Retired:
+            self.events["refused:retired"] += 1
             raise
         except Exception:
             self.events["failed"] += 1

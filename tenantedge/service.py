@@ -60,7 +60,8 @@ from .interfaces import ICertificateStore, IChallengeStore, IDomainPolicy, IIssu
 from .issuer import AcmeIssuer, BackoffIssuer, FallbackIssuer
 from .limits import IssuanceLimits, LimitedIssuer
 from .localca import LocalCA, local_ca_check
-from .metrics import EdgeCollector, RenewalGauges, Timings, WebhookCollector
+from .lifecycle import HostnameLifecycle
+from .metrics import EdgeCollector, HostnameCollector, RenewalGauges, Timings, WebhookCollector
 from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
 from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
@@ -183,6 +184,8 @@ class OnDemandTLS(MultiService):
     @ivar contexts: the TLS contexts every tenant shares (ticket keys).
     @ivar acme_issuers: the ACME issuers, one per configured CA.
     @ivar backoff: the per-name failure backoff.
+    @ivar lifecycle: each hostname's lifecycle (the hostname API's
+        records; subscribe to its events).
     @ivar preparations: the start-up steps, run in order by L{startService}.
     @ivar children: further services started and stopped with this one
         (cache refresh, the refusal summary).
@@ -207,6 +210,7 @@ class OnDemandTLS(MultiService):
     contexts: ServingContexts | None = None
     acme_issuers: Sequence[AcmeIssuer] = ()
     backoff: FailureBackoff | None = None
+    lifecycle: HostnameLifecycle | None = None
     preparations: Sequence[Preparation] = ()
     children: Sequence[Any] = ()
     on_stop: Sequence[Callable[[], Any]] = ()
@@ -237,6 +241,8 @@ class OnDemandTLS(MultiService):
                 cache_length=self.resolver.cache_length,
             )
         )
+        if self.lifecycle is not None:
+            self.timings.registry.register(HostnameCollector(self.lifecycle.counts))
 
     @classmethod
     def from_config(
@@ -446,6 +452,10 @@ def _build(
         chain: IIssuer = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
     else:
         chain = issuer
+    lifecycle = HostnameLifecycle(
+        state("lifecycle.json"), reactor, retire_after=config.retire_after,
+        shared=shared("lifecycle") if shared else None, next_retry=backoff.blocked_until,
+    )
     webhooks: WebhookOutbox | None = None
     if config.webhook:
         webhooks = WebhookOutbox(
@@ -457,6 +467,7 @@ def _build(
         )
         preparations.append(("the webhook outbox", webhooks.prepare))
     preparations.append(("the failure backoff", backoff.load))
+    preparations.append(("the hostname lifecycle", lifecycle.load))
     preparations.append(("the issuance limits", limits.load))
 
     checker: AllowChecker | None = None
@@ -472,11 +483,13 @@ def _build(
                 deny_ttl=config.deny_ttl,
                 max_in_flight=config.max_allow_checks,
             )
-        policy = EdgePolicy(config.static_policy, checker)
+        policy = EdgePolicy(config.static_policy, checker,
+                            on_decision=lambda host, decision: lifecycle.decided(host, decision.value))
 
     check = CertificateCheck(reactor, local_ca_check(local_ca) if issuer is None else (lambda bundle: True))
     pipeline = IssuancePipeline(
-        store, BackoffIssuer(chain, backoff), reactor, check, lock=storage.lock, observe=timings.observe_issuance
+        store, BackoffIssuer(chain, backoff), reactor, check, lock=storage.lock, observe=timings.observe_issuance,
+        lifecycle=lifecycle,
     )
     rotation: list[Any] = []
     if contexts is None:
@@ -499,6 +512,7 @@ def _build(
         window=acme_issuers[0].renewal_window if acme_issuers else None,
         leader=storage.leader,
         expiring=ExpiryNotices(webhooks.emit) if webhooks is not None else None,
+        lifecycle=lifecycle,
     )
     refresher = periodic(config.store_poll, resolver.refresh_changed_logged, reactor, "store-refresher")
     if storage.attach is not None:
@@ -521,6 +535,7 @@ def _build(
         local_ca=local_ca,
         acme_issuers=tuple(acme_issuers),
         backoff=backoff,
+        lifecycle=lifecycle,
         preparations=tuple(preparations),
         contexts=contexts,
         children=(*storage.services, refresher, summarising, *rotation),

@@ -27,7 +27,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.client import URI
 
-from .admin import AdminActions, AdminResource
+from .admin import AdminActions, AdminGuard, AdminResource, bound_names
+from .api import HostnameAPI
 from .backend import BackendPool, Backends, HealthCheck
 from .config import OnDemandConfig, backend_label
 from .demo import DemoBackendService
@@ -214,9 +215,18 @@ def build_edge(
     if config.admin is not None:
         actions = AdminActions(on_demand.store, on_demand.resolver.context_for, on_demand.renewal.renew,
                                on_demand.resolver.forget)
-        admin_site = EdgeSite(AdminResource(on_demand.timings.registry, actions.table()), reactor=reactor,
-                              max_body_size=SMALL_BODIES)
-        listeners.append(("admin", _listener(config.admin, admin_site, "metrics and the certs CLI", "admin")))
+        api = None
+        if on_demand.lifecycle is not None:
+            api = HostnameAPI(on_demand.store, on_demand.lifecycle, reactor, on_demand.resolver.context_for,
+                              on_demand.renewal.schedule, on_demand.renewal.renew, on_demand.resolver.forget)
+        # A worker's admin endpoint is a private UNIX socket that only the
+        # supervisor reaches (and checks Host for); no browser can.
+        names = None if config.admin.startswith("unix:") else (*config.admin_name, *bound_names(config.admin))
+        admin_site = EdgeSite(
+            AdminResource(on_demand.timings.registry, actions.table(), api, AdminGuard(config.admin_token, names)),
+            reactor=reactor, max_body_size=SMALL_BODIES,
+        )
+        listeners.append(("admin", _listener(config.admin, admin_site, "metrics and the hostname API", "admin")))
     edge = EdgeService(on_demand, listeners, demo, on_stop=(_closing(backends, h1),),
                        runner_options=runner_options,
                        children=[periodic(summary.interval, summary.summarise, reactor, "limits-summary")])

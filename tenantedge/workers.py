@@ -36,6 +36,7 @@ endpoint is a UNIX socket in a private run directory.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -58,6 +59,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from .admin import AdminGuard, bound_names
 from .config import OnDemandConfig
 from .contexts import ServingContexts, make_base_context
 from .headers import ADMIN_HEADER
@@ -568,6 +570,10 @@ class SupervisorAdmin(Resource):
         super().__init__()
         self.supervisor = supervisor
         self._agent: Agent | None = None
+        config = supervisor.config
+        # The supervisor checks Host (its workers' UNIX sockets do not); the
+        # token is checked by the worker that answers (same token file).
+        self.guard = AdminGuard(config.admin_token, (*config.admin_name, *bound_names(config.admin)))
 
     def _client(self) -> Agent:
         if self._agent is None:
@@ -578,16 +584,57 @@ class SupervisorAdmin(Resource):
             )
         return self._agent
 
-    def _ask(self, slot: int, method: bytes, path: bytes) -> Deferred[tuple[int, bytes]]:
+    def _ask(self, slot: int, method: bytes, path: bytes,
+             authorization: bytes | None = None) -> Deferred[tuple[int, bytes]]:
         from twisted.web.http_headers import Headers
 
         headers = Headers({ADMIN_HEADER: [b"1"]})
+        if authorization is not None:
+            headers.setRawHeaders(b"authorization", [authorization])
         d = self._client().request(method, b"http://worker-%d%s" % (slot, path), headers)
 
         def body(response: Any) -> Deferred[tuple[int, bytes]]:
             return readBody(response).addCallback(lambda data: (response.code, data))
 
         return d.addCallback(body)
+
+    def render(self, request: Request) -> bytes | int:
+        refusal = self.guard.host_refusal(request)
+        if refusal is not None:
+            request.setResponseCode(refusal[0])
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(refusal[1]).encode() + b"\n"
+        if request.path.startswith(b"/v1/") or request.path == b"/v1":
+            return self._forward(request)
+        result: bytes | int = super().render(request)
+        return result
+
+    def _forward(self, request: Request) -> bytes | int:
+        """The hostname API, answered by one worker (they share its state through the store)."""
+        slots = self.supervisor.live_workers()
+        if not slots:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"error": "unavailable", "detail": "no worker is running"}\n'
+        d = self._ask(slots[0], request.method, request.uri, request.getHeader(b"authorization"))
+        return self._relay(request, d)
+
+    def _relay(self, request: Request, d: Deferred[tuple[int, bytes]]) -> int:
+        def done(result: tuple[int, bytes]) -> None:
+            code, body = result
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            request.setResponseCode(502)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(b'{"error": "worker", "detail": "a worker did not answer"}\n')
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
 
     def render_GET(self, request: Request) -> bytes | int:
         if request.path == b"/metrics":
@@ -626,7 +673,8 @@ class SupervisorAdmin(Resource):
             return b'{"error": "no worker is running"}\n'
         path = request.path
         targets = slots if path.endswith(b"/forget") else slots[:1]
-        d = gatherResults([self._ask(slot, b"POST", path) for slot in targets], consumeErrors=True)
+        authorization = request.getHeader(b"authorization")
+        d = gatherResults([self._ask(slot, b"POST", path, authorization) for slot in targets], consumeErrors=True)
 
         def done(results: list[tuple[int, bytes]]) -> None:
             code, body = results[0]

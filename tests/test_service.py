@@ -43,7 +43,7 @@ class ServiceTests(SynchronousTestCase):
         edge = OnDemandTLS.from_config(self.config(), self.reactor, storage=self.directory_storage())
         self.assertEqual(
             [what for what, _ in edge.preparations],
-            ["the store", "the local CA", "the failure backoff", "the issuance limits"],
+            ["the store", "the local CA", "the failure backoff", "the hostname lifecycle", "the issuance limits"],
         )
         edge.startService()
         self.addCleanup(edge.stopService)
@@ -104,7 +104,8 @@ class ServiceTests(SynchronousTestCase):
         """
         store, issuer = MemoryStore(), ControlledIssuer()
         edge = OnDemandTLS.from_config(self.config(), self.reactor, store=store, issuer=issuer)
-        self.assertEqual([what for what, _ in edge.preparations], ["the failure backoff", "the issuance limits"])
+        self.assertEqual([what for what, _ in edge.preparations],
+                         ["the failure backoff", "the hostname lifecycle", "the issuance limits"])
         self.assertIs(edge.store, store)
         first = edge.resolver.context_for("a.test")
         second = edge.resolver.context_for("a.test")

@@ -238,6 +238,55 @@ class WorkerTests(TestCase):
         results = [await self.resumed("rotate.test", port, after) for _ in range(10)]
         self.assertEqual(results, [True] * 10)
 
+    async def test_hostname_api_through_the_supervisor(self) -> None:
+        """
+        With --workers 2 and Pebble, the hostname API through the
+        supervisor: PUT pre-issues a name (active, one order), an unforced
+        renew spends no order, a forced one renews (active again, a new
+        serial); a missing token and a rebinding Host are refused; the CLI
+        uses the API with the token. (The pending and renewing states in
+        between are pinned by tests.test_lifecycle with a Clock.)
+        """
+        token = os.path.abspath(self.mktemp())
+        with open(token, "w") as f:
+            f.write("worker-token-0123456789\n")
+        os.chmod(token, 0o600)
+        admin = await self.start_workers("--admin-token-file", token)
+        auth = ["-H", "Authorization: Bearer worker-token-0123456789"]
+
+        async def api(method: str, path: str, *extra: str) -> tuple[int, dict]:
+            out, err, code = await run(self.curl, ["--silent", "--max-time", "120", "-X", method, "-w", "\n%{http_code}",
+                                                   *extra, f"http://127.0.0.1:{admin}{path}"])
+            body, _, status = out.decode().rpartition("\n")
+            return int(status), json.loads(body) if body.strip() else {}
+
+        self.assertEqual((await api("GET", "/v1/hostnames"))[0], 401)
+        self.assertEqual((await api("GET", "/v1/hostnames", *auth, "-H", "Host: evil.example"))[0], 421)
+        self.assertEqual((await api("GET", "/metrics", "-H", "Host: evil.example"))[0], 421)
+        orders = self.pebble.orders
+        code, body = await api("PUT", "/v1/hostnames/api.test", *auth)
+        self.assertEqual((code, body["state"], body["issued"]), (200, "active", True), body)
+        self.assertEqual(self.pebble.orders - orders, 1)
+        first = body["certificate"]["serial"]
+        code, body = await api("POST", "/v1/hostnames/api.test/renew", *auth)
+        self.assertEqual((code, body["renewed"], body.get("reason")), (200, False, "not-due"), body)
+        self.assertEqual(self.pebble.orders - orders, 1)
+        code, body = await api("POST", "/v1/hostnames/api.test/renew?force=true", *auth)
+        self.assertEqual((code, body["renewed"], body["state"]), (200, True, "active"), body)
+        self.assertNotEqual(body["certificate"]["serial"], first)
+        code, body = await api("GET", "/v1/hostnames?state=active", *auth)
+        self.assertEqual([i["name"] for i in body["items"]], ["api.test"])
+        log = self.server.output.decode()
+        self.assertIn("renewed api.test", log)
+        text = await self.metrics(admin)
+        self.assertIn('tenantedge_hostnames{worker="0",state="active"} 1.0', text)
+        # The CLI uses the API with the token.
+        out, err, code = await run(PYTHON, ["-m", "tenantedge", "certs", "renew", "api.test", "--store", self.store,
+                                            "--admin", f"tcp:{admin}:interface=127.0.0.1",
+                                            "--admin-token-file", token])
+        self.assertEqual(code, 0, err)
+        await self.server.stop()
+
     def worker_pids(self) -> list[int]:
         marker = self.store.encode()
         pids = []
