@@ -20,7 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 if TYPE_CHECKING:
     from .backend import BackendPool
 
-__all__ = ["Timings", "EdgeCollector", "RenewalGauges", "LimitCollector", "BackendCollector", "UpgradeCollector"]
+__all__ = ["Timings", "EdgeCollector", "RenewalGauges", "LimitCollector", "BackendCollector", "UpgradeCollector",
+           "OcspCollector"]
 
 
 class Timings:
@@ -236,3 +237,33 @@ class UpgradeCollector:
         )
         tunnels.add_metric([], self.open())
         yield tunnels
+
+
+@attrs.define(eq=False)
+class OcspCollector:
+    """
+    OCSP stapling: responder fetches by result (each result shown from
+    zero) and how many certificates have a response stapled now.
+
+    @ivar fetches: L{tenantedge.ocsp.OcspStapler.results}.
+    @ivar stapled: how many certificates staple a response right now.
+    """
+
+    fetches: Mapping[str, int]
+    stapled: Callable[[], int]
+
+    def collect(self) -> Iterator[Any]:
+        from .ocsp import RESULTS
+
+        fetches = CounterMetricFamily(
+            "tenantedge_ocsp_fetches", "OCSP responder fetches by result (good, revoked, unknown, failed, invalid).",
+            labels=["result"],
+        )
+        for result in sorted(set(RESULTS) | set(self.fetches)):
+            fetches.add_metric([result], self.fetches.get(result, 0))
+        yield fetches
+        stapled = GaugeMetricFamily(
+            "tenantedge_ocsp_stapled_certificates", "Cached certificates with a valid OCSP response stapled."
+        )
+        stapled.add_metric([], self.stapled())
+        yield stapled

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle, common_name, sign_certificate
 from .hostnames import InvalidHostname, normalize
-from .interfaces import ICertificateStore, IDomainPolicy, IIssuer, IssuanceFailed
+from .interfaces import ICertificateStore, IDomainPolicy, IIssuer, IOcspStore, IssuanceFailed
 from .pipeline import CertificateCheck, IssuancePipeline
 from .resolver import CertificateResolver
 from .store import atomic_write
@@ -66,12 +66,12 @@ def make_bundle(
     return CertificateBundle.build(key, [cert])
 
 
-@implementer(ICertificateStore)
+@implementer(ICertificateStore, IOcspStore)
 @attrs.define(slots=False)  # tests may replace a method to inject a fault
 class MemoryStore:
     """
-    An in-memory L{ICertificateStore}; C{archive} keeps deleted bundles, as
-    the directory store's C{archive/} folder does.
+    An in-memory L{ICertificateStore} (and L{IOcspStore}); C{archive} keeps
+    deleted bundles, as the directory store's C{archive/} folder does.
     """
 
     bundles: dict[str, CertificateBundle] = attrs.field(factory=dict)
@@ -79,6 +79,7 @@ class MemoryStore:
     calls: Counter[str] = attrs.field(factory=Counter)
     #: When set, L{store} fails with this error (a full disk, say).
     fail_writes: Exception | None = None
+    ocsp: dict[str, bytes] = attrs.field(factory=dict)
 
     def _check(self, server_name: str) -> None:
         try:
@@ -110,6 +111,18 @@ class MemoryStore:
         except KeyError as e:
             return fail(e)
         self.archive.append((server_name, bundle))
+        self.ocsp.pop(server_name, None)
+        return succeed(None)
+
+    def get_ocsp(self, server_name: str) -> Deferred[bytes]:
+        try:
+            return succeed(self.ocsp[server_name])
+        except KeyError as e:
+            return fail(e)
+
+    def store_ocsp(self, server_name: str, der: bytes) -> Deferred[None]:
+        self._check(server_name)
+        self.ocsp[server_name] = der
         return succeed(None)
 
     def names(self) -> Deferred[list[str]]:
