@@ -28,8 +28,10 @@ connection before any request is read.
 
 OCSP stapling: every serving context has the same OCSP server callback
 (L{_staple}). The contexts are shared, so the callback finds the tenant
-through the connection: L{TenantTLS.connection} puts the L{TenantTLS} in
-the connection's app data, and its L{OcspStaple} cell holds the DER
+through the connection's app data: Twisted's TLS protocol
+(L{tenantedge.tls}'s, which knows its L{TenantTLS}), or the L{TenantTLS}
+itself outside Twisted (L{TenantTLS.connection}); its L{OcspStaple} cell
+holds the DER
 response to staple (filled and emptied by L{tenantedge.ocsp.OcspStapler},
 in the background). The callback only reads that cell.
 """
@@ -116,7 +118,12 @@ def _staple(connection: SSL.Connection, data: object) -> bytes:
     """
     global _staple_failed
     try:
-        tls = connection.get_app_data()
+        # Twisted's TLS layer replaces the app data with its protocol
+        # (twisted.protocols._tls_legacy), which carries the TenantTLS it
+        # was made for (tenantedge.tls._EdgeTLSProtocol); outside Twisted
+        # it is the TenantTLS itself (TenantTLS.connection).
+        app = connection.get_app_data()
+        tls = getattr(app, "tenantedge_tls", app)
         if isinstance(tls, TenantTLS):
             return tls.ocsp.der
         return b""
@@ -164,8 +171,9 @@ class TenantTLS:
 
     def connection(self) -> SSL.Connection:
         """
-        A server connection presenting this tenant's certificate; the
-        connection's app data is this object (for the OCSP callback).
+        A server connection presenting this tenant's certificate; its app
+        data is this object (for the OCSP callback) until Twisted's TLS
+        layer replaces it with its protocol, which knows this object too.
         """
         connection = SSL.Connection(self.contexts.base, None)
         connection.set_app_data(self)

@@ -252,7 +252,7 @@ def validate_response(
     return OcspResult(der, status, this_update, next_update)
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class _Tracked:
     """One served certificate with a responder URL, and its OCSP state."""
 
@@ -268,6 +268,9 @@ class _Tracked:
     lapse: IDelayedCall | None = None
     busy: bool = False
     dropped: bool = False
+
+    def __repr__(self) -> str:
+        return f"<OCSP state of {self.name} serial {self.bundle.leaf.serial_number:x}>"
 
     def cancel(self) -> None:
         for call in (self.refresh, self.lapse):
@@ -354,9 +357,7 @@ class OcspStapler(Service):
     def stopService(self) -> None:
         super().stopService()
         for entry in self._tracked.values():
-            if entry.refresh is not None and entry.refresh.active():
-                entry.refresh.cancel()
-            entry.refresh = None
+            entry.cancel()
 
     # -- introspection (metrics, admin, tests) -------------------------------
 
