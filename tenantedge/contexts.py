@@ -25,6 +25,15 @@ workers. Because one base context serves every tenant, a client could
 offer tenant A's session in a handshake for tenant B; OpenSSL would accept
 it, so L{resumed_for_another_name} lets the TLS layer refuse such a
 connection before any request is read.
+
+OCSP stapling: every serving context has the same OCSP server callback
+(L{_staple}). The contexts are shared, so the callback finds the tenant
+through the connection's app data: Twisted's TLS protocol
+(L{tenantedge.tls}'s, which knows its L{TenantTLS}), or the L{TenantTLS}
+itself outside Twisted (L{TenantTLS.connection}); its L{OcspStaple} cell
+holds the DER
+response to staple (filled and emptied by L{tenantedge.ocsp.OcspStapler},
+in the background). The callback only reads that cell.
 """
 
 from __future__ import annotations
@@ -37,12 +46,14 @@ import attrs
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL, crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
 
 from .certificates import HTTP_PROTOCOLS, CertificateBundle
 
 __all__ = [
     "ServingContexts",
     "TenantTLS",
+    "OcspStaple",
     "FixedTLS",
     "make_base_context",
     "session_reused",
@@ -80,11 +91,47 @@ def _serving_context(protocols: Sequence[bytes]) -> SSL.Context:
     # in each new session, which resumed_for_another_name reads back. (The
     # certificate itself was chosen before the handshake began.)
     context.set_tlsext_servername_callback(_accept_name)
+    # On the base context and on every chain context: OpenSSL reads the
+    # status callback from the connection's current context, which
+    # set_context switched to the chain context (both are pinned by
+    # tests/test_contexts.py).
+    context.set_ocsp_server_callback(_staple)
     return context
 
 
 def _accept_name(connection: SSL.Connection) -> None:
     return None
+
+
+_log = Logger()
+_staple_failed = False
+
+
+def _staple(connection: SSL.Connection, data: object) -> bytes:
+    """
+    The OCSP server callback, called by OpenSSL during a handshake whose
+    client asked for the certificate status: the DER response of the
+    connection's tenant, or C{b""} for none. A dictionary-free attribute
+    read; it never raises (pyOpenSSL turns an exception into a fatal
+    alert, which would fail the handshake): a failure is logged once per
+    process and nothing is stapled.
+    """
+    global _staple_failed
+    try:
+        # Twisted's TLS layer replaces the app data with its protocol
+        # (twisted.protocols._tls_legacy), which carries the TenantTLS it
+        # was made for (tenantedge.tls._EdgeTLSProtocol); outside Twisted
+        # it is the TenantTLS itself (TenantTLS.connection).
+        app = connection.get_app_data()
+        tls = getattr(app, "tenantedge_tls", app)
+        if isinstance(tls, TenantTLS):
+            return tls.ocsp.der
+        return b""
+    except Exception:
+        if not _staple_failed:
+            _staple_failed = True
+            _log.failure("OCSP stapling callback failed; stapling nothing (logged once)")
+        return b""
 
 
 def make_base_context(protocols: Sequence[bytes] = HTTP_PROTOCOLS) -> SSL.Context:
@@ -95,21 +142,41 @@ def make_base_context(protocols: Sequence[bytes] = HTTP_PROTOCOLS) -> SSL.Contex
     return _serving_context(protocols)
 
 
+@attrs.define(slots=True, eq=False)
+class OcspStaple:
+    """
+    The OCSP response one tenant's handshakes staple (mutable: refreshed in
+    the background by L{tenantedge.ocsp.OcspStapler}).
+
+    @ivar der: the DER-encoded response, or C{b""} for none.
+    """
+
+    der: bytes = b""
+
+
 @attrs.frozen(slots=True)
 class TenantTLS:
     """
     What one tenant's connections need: its leaf certificate and key, the
     shared context for its chain, and the base context.
+
+    @ivar ocsp: the OCSP response its handshakes staple, if any.
     """
 
     cert: crypto.X509
     key: crypto.PKey
     context: SSL.Context
     contexts: ServingContexts
+    ocsp: OcspStaple = attrs.field(factory=OcspStaple, eq=False)
 
     def connection(self) -> SSL.Connection:
-        """A server connection presenting this tenant's certificate."""
+        """
+        A server connection presenting this tenant's certificate; its app
+        data is this object (for the OCSP callback) until Twisted's TLS
+        layer replaces it with its protocol, which knows this object too.
+        """
         connection = SSL.Connection(self.contexts.base, None)
+        connection.set_app_data(self)
         connection.set_context(self.context)
         connection.use_certificate(self.cert)
         connection.use_privatekey(self.key)

@@ -20,6 +20,7 @@ from zope.interface import Attribute, Interface
 
 __all__ = [
     "ICertificateStore",
+    "IOcspStore",
     "IIssuer",
     "IDomainPolicy",
     "IChallengeStore",
@@ -159,6 +160,28 @@ class ICertificateStore(Interface):
 
         @return: a Deferred firing with a list of normalised host names;
             no entry is read or parsed to produce it.
+        """
+
+
+class IOcspStore(Interface):
+    """
+    A certificate store that can also keep each name's latest OCSP
+    response beside its certificate. Optional: without it, responses are
+    kept in memory only and fetched again after a restart.
+    """
+
+    def get_ocsp(server_name):
+        """
+        @return: a Deferred firing with the stored DER response, or
+            failing with C{KeyError} if none is stored. It may be for an
+            older certificate of the name: callers validate it.
+        """
+
+    def store_ocsp(server_name, der):
+        """
+        Keep the DER response for a name (replacing any before it).
+
+        @return: a Deferred firing with C{None}.
         """
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "BackendCollector",
     "UpgradeCollector",
     "WebhookCollector",
+    "OcspCollector",
 ]
 
 
@@ -297,3 +298,33 @@ class WebhookCollector:
         queue = GaugeMetricFamily("tenantedge_webhook_queue", "Webhook events waiting for delivery, all URLs together.")
         queue.add_metric([], self.queued())
         yield queue
+
+
+@attrs.define(eq=False)
+class OcspCollector:
+    """
+    OCSP stapling: responder fetches by result (each result shown from
+    zero) and how many certificates have a response stapled now.
+
+    @ivar fetches: L{tenantedge.ocsp.OcspStapler.results}.
+    @ivar stapled: how many certificates staple a response right now.
+    """
+
+    fetches: Mapping[str, int]
+    stapled: Callable[[], int]
+
+    def collect(self) -> Iterator[Any]:
+        from .ocsp import RESULTS
+
+        fetches = CounterMetricFamily(
+            "tenantedge_ocsp_fetches", "OCSP responder fetches by result (good, revoked, unknown, failed, invalid).",
+            labels=["result"],
+        )
+        for result in sorted(set(RESULTS) | set(self.fetches)):
+            fetches.add_metric([result], self.fetches.get(result, 0))
+        yield fetches
+        stapled = GaugeMetricFamily(
+            "tenantedge_ocsp_stapled_certificates", "Cached certificates with a valid OCSP response stapled."
+        )
+        stapled.add_metric([], self.stapled())
+        yield stapled

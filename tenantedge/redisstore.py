@@ -56,7 +56,7 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle, InvalidBundle
 from .hostnames import InvalidHostname, normalize
-from .interfaces import IChallengeStore, ICertificateStore, INameLock, ISharedState
+from .interfaces import IChallengeStore, ICertificateStore, INameLock, IOcspStore, ISharedState
 from .resp import BlockingRedis, RedisAddress, RedisClient, RedisError, RedisUnavailable
 from .shared import challenge_key_valid
 from .store import StoreError
@@ -132,7 +132,7 @@ _DELETE = """
 local pem = redis.call('HGET', KEYS[1], 'pem')
 if not pem then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2] .. '\\n' .. pem)
-redis.call('HDEL', KEYS[1], 'pem')
+redis.call('HDEL', KEYS[1], 'pem', 'ocsp')
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('PUBLISH', KEYS[4], 'cert ' .. ARGV[1] .. ' ' .. v)
@@ -140,7 +140,14 @@ return 1
 """
 
 
-@implementer(ICertificateStore)
+_STORE_OCSP = """
+if redis.call('HEXISTS', KEYS[1], 'pem') == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'ocsp', ARGV[1])
+return 1
+"""
+
+
+@implementer(ICertificateStore, IOcspStore)
 @attrs.define(eq=False)
 class RedisStore:
     """
@@ -233,6 +240,33 @@ class RedisStore:
             return False
         self._seen.pop(server_name, None)
         return True
+
+    def get_ocsp(self, server_name: str) -> Deferred[bytes]:
+        """
+        The C{ocsp} field of the name's hash: shared by the fleet, so one
+        node's fetch serves every node until it is due. Not versioned: a
+        new response is not a change of certificate.
+        """
+        try:
+            _check_name(server_name)
+        except ValueError:
+            return fail(KeyError(server_name))
+        d = self.client.execute("HGET", self.keys.cert(server_name), "ocsp")
+
+        def found(value: bytes | None) -> bytes:
+            if value is None:
+                raise KeyError(server_name)
+            return value
+
+        d.addCallback(found)
+        return d
+
+    def store_ocsp(self, server_name: str, der: bytes) -> Deferred[None]:
+        """Set the C{ocsp} field, only while a certificate is stored."""
+        _check_name(server_name)
+        d = self.client.eval(_STORE_OCSP, [self.keys.cert(server_name)], [der])
+        d.addCallback(lambda _: None)
+        return d
 
     def names(self) -> Deferred[list[str]]:
         d = self.client.execute("SMEMBERS", self.keys.names)

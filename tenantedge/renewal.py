@@ -266,6 +266,14 @@ class RenewalService(Service):
             self._log.failure("renewing {host} failed", host=name)
             return bundle.not_after
 
+    def renew_logged(self, name: str, bundle: CertificateBundle) -> Deferred[float | None]:
+        """
+        L{renew} as a Deferred, at most C{concurrency} at once with the
+        walk's own renewals: for a renewal asked for from outside the
+        walk (a revoked certificate, L{tenantedge.ocsp}). Never fails.
+        """
+        return self._renewing.run(lambda: Deferred.fromCoroutine(self.renew(name, bundle)))
+
     async def _renew(self, name: str, bundle: CertificateBundle) -> float | None:
         decision = await self.policy.recheck(name)
         if decision is Decision.DENY:

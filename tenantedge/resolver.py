@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -30,7 +30,21 @@ from .singleflight import SingleFlight
 from .summaries import CounterSummary
 from .timeouts import with_deadline
 
-__all__ = ["CertificateResolver", "RefusalSummary", "periodic"]
+__all__ = ["CertificateResolver", "CacheObserver", "RefusalSummary", "periodic"]
+
+
+class CacheObserver(Protocol):
+    """
+    Told what the handshake cache holds (the OCSP stapler,
+    L{tenantedge.ocsp.OcspStapler}). Both calls are synchronous and must
+    be cheap: they run on the resolver's path.
+    """
+
+    def remembered(self, server_name: str, bundle: CertificateBundle, tls: TenantTLS) -> None:
+        """A context for the bundle is cached now (first use, reload, renewal)."""
+
+    def forgotten(self, server_name: str) -> None:
+        """The name's cached context was dropped (forgotten, evicted, expired)."""
 
 
 @attrs.frozen
@@ -59,6 +73,7 @@ class CertificateResolver:
         has its own, shorter, limit.
     @ivar make_context: prepares a bundle for serving (its leaf and key on
         the shared contexts, L{tenantedge.contexts.ServingContexts.tenant}).
+    @ivar observer: told what is cached and dropped, if set.
     @ivar events: counters by outcome (C{"cache-hit"}, C{"store-hit"},
         C{"issued"}, C{"refused:<reason>"}, C{"failed"}...), for metrics.
     """
@@ -71,6 +86,7 @@ class CertificateResolver:
     cache_size: int = 10000
     work_timeout: float = 600.0
     make_context: Callable[[CertificateBundle], TenantTLS] = attrs.field(factory=lambda: ServingContexts().tenant)
+    observer: CacheObserver | None = None
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _cache: OrderedDict[str, _Entry] = attrs.field(factory=OrderedDict, init=False)
     _flights: SingleFlight[TenantTLS] = attrs.field(factory=SingleFlight, init=False)
@@ -89,6 +105,7 @@ class CertificateResolver:
         now = self.clock.seconds()
         if not entry.not_before <= now < entry.not_after:
             del self._cache[server_name]
+            self._dropped(server_name)
             return None
         self._cache.move_to_end(server_name)
         return entry.context
@@ -119,7 +136,12 @@ class CertificateResolver:
         Drop a name's cached context, so the next handshake reads the store
         again (after a renewal or removal done elsewhere).
         """
-        self._cache.pop(server_name, None)
+        if self._cache.pop(server_name, None) is not None:
+            self._dropped(server_name)
+
+    def _dropped(self, server_name: str) -> None:
+        if self.observer is not None:
+            self.observer.forgotten(server_name)
 
     def cache_length(self) -> int:
         return len(self._cache)
@@ -240,8 +262,11 @@ class CertificateResolver:
         context = self.make_context(bundle)
         self._cache[server_name] = _Entry(context, bundle.not_before, bundle.not_after)
         self._cache.move_to_end(server_name)
+        if self.observer is not None:
+            self.observer.remembered(server_name, bundle, context)
         while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+            evicted, _ = self._cache.popitem(last=False)
+            self._dropped(evicted)
         return context
 
 

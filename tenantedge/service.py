@@ -61,7 +61,8 @@ from .issuer import AcmeIssuer, BackoffIssuer, FallbackIssuer
 from .limits import IssuanceLimits, LimitedIssuer
 from .localca import LocalCA, local_ca_check
 from .lifecycle import HostnameLifecycle
-from .metrics import EdgeCollector, HostnameCollector, RenewalGauges, Timings, WebhookCollector
+from .metrics import EdgeCollector, HostnameCollector, OcspCollector, RenewalGauges, Timings, WebhookCollector
+from .ocsp import OcspStapler
 from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
 from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
@@ -177,6 +178,7 @@ class OnDemandTLS(MultiService):
     @ivar pipeline: the one way certificates are obtained.
     @ivar resolver: name to TLS context, with the in-memory cache.
     @ivar renewal: the renewal service (a child service).
+    @ivar ocsp: the OCSP stapler (a child service), if any.
     @ivar tls_alpn: answers TLS-ALPN-01 challenges on the HTTPS port.
     @ivar timings: the metrics registry and histograms.
     @ivar handshakes: TLS handshake outcomes of every L{wrap}ped factory.
@@ -215,6 +217,7 @@ class OnDemandTLS(MultiService):
     children: Sequence[Any] = ()
     on_stop: Sequence[Callable[[], Any]] = ()
     webhooks: WebhookOutbox | None = None
+    ocsp: OcspStapler | None = None
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -225,6 +228,10 @@ class OnDemandTLS(MultiService):
             self.webhooks.setName("webhooks")
             self.webhooks.setServiceParent(self)
             self.timings.registry.register(WebhookCollector(self.webhooks.results, self.webhooks.queued))
+        if self.ocsp is not None:
+            self.ocsp.setName("ocsp")
+            self.ocsp.setServiceParent(self)
+            self.timings.registry.register(OcspCollector(self.ocsp.results, self.ocsp.stapled_count))
         for child in self.children:
             child.setServiceParent(self)
         self.timings.registry.register(
@@ -497,8 +504,19 @@ def _build(
         # Keys of our own: rotate them on schedule (a supervisor that passed
         # its contexts rotates them itself).
         rotation.append(periodic(config.ticket_key_lifetime, contexts.rotate, reactor, "ticket-keys"))
+    # OCSP responders are plain HTTP as a rule (the response is signed);
+    # an https:// one is verified like any other server.
+    stapler = OcspStapler(
+        store,
+        HTTPClient(Agent(reactor, contextFactory=https_policy(), pool=api_pool)),
+        reactor,
+        # Bound late: the renewal service is built below, from the
+        # resolver that tells this stapler what it caches.
+        lambda name, bundle: renewal.renew_logged(name, bundle),
+    )
     resolver = CertificateResolver(
-        store, policy, pipeline, reactor, check, cache_size=config.cache_size, make_context=contexts.tenant
+        store, policy, pipeline, reactor, check, cache_size=config.cache_size, make_context=contexts.tenant,
+        observer=stapler,
     )
     renewal = RenewalService(
         store,
@@ -541,4 +559,5 @@ def _build(
         children=(*storage.services, refresher, summarising, *rotation),
         on_stop=(api_pool.closeCachedConnections,),
         webhooks=webhooks,
+        ocsp=stapler,
     )

@@ -13,6 +13,12 @@ What it promises beyond txacme's store:
   - L{delete} moves an entry to C{archive/}: a key is never destroyed;
   - a name is validated by L{tenantedge.hostnames.normalize} before it
     becomes a path, so C{..}, C{/} and NUL can never reach the file system.
+
+Beside a certificate, C{<name>.ocsp} keeps its latest OCSP response (DER,
+L{tenantedge.ocsp}), written atomically like the certificate and 0600 like
+everything in the store (a response is public, but the directory's file
+names are the tenant list, and nothing outside the edge needs to read it).
+It is removed with its certificate and never read as one.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle, InvalidBundle
 from .hostnames import InvalidHostname, normalize
-from .interfaces import ICertificateStore
+from .interfaces import ICertificateStore, IOcspStore
 
 __all__ = [
     "DirectoryStore",
@@ -50,6 +56,7 @@ T = TypeVar("T")
 RunBlocking = Callable[..., "Deferred[Any]"]
 
 _SUFFIX = ".pem"
+_OCSP_SUFFIX = ".ocsp"
 #: A key, a leaf and a long chain are a few KiB; anything near this is not
 #: a certificate bundle, and reading it whole would only waste memory.
 _MAX_FILE = 1024 * 1024
@@ -208,7 +215,12 @@ def ensure_private_directory(path: str) -> None:
         raise StoreError(f"{path} exists but is not a directory")
 
 
-@implementer(ICertificateStore)
+def _read_small(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(_MAX_FILE)
+
+
+@implementer(ICertificateStore, IOcspStore)
 @attrs.define
 class DirectoryStore:
     """
@@ -375,7 +387,35 @@ class DirectoryStore:
         with name_lock(self.path, server_name):
             if not os.path.exists(path):
                 raise KeyError(server_name)
+            try:
+                os.unlink(path[: -len(_SUFFIX)] + _OCSP_SUFFIX)
+            except FileNotFoundError:
+                pass
             return self._move_aside(path, "archive", server_name)
+
+    def get_ocsp(self, server_name: str) -> Deferred[bytes]:
+        """The stored OCSP response (C{<name>.ocsp}); C{KeyError} if none."""
+        try:
+            path = self._file_for(server_name)[: -len(_SUFFIX)] + _OCSP_SUFFIX
+        except ValueError:
+            return fail(KeyError(server_name))
+        d = self.run_blocking(_read_small, path)
+
+        def missing(failure: Failure) -> Failure:
+            if failure.check(FileNotFoundError):
+                return Failure(KeyError(server_name))
+            return failure
+
+        d.addErrback(missing)
+        return d
+
+    def store_ocsp(self, server_name: str, der: bytes) -> Deferred[None]:
+        """Write C{<name>.ocsp} atomically (0600)."""
+        try:
+            path = self._file_for(server_name)[: -len(_SUFFIX)] + _OCSP_SUFFIX
+        except ValueError as e:
+            return fail(e)
+        return self.run_blocking(atomic_write, path, der)
 
     def _archived(self, moved: str, server_name: str) -> None:
         self._corrupt.discard(server_name)

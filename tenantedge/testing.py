@@ -21,11 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from .certificates import CertificateBundle, common_name, sign_certificate
 from .hostnames import InvalidHostname, normalize
-from .interfaces import ICertificateStore, IDomainPolicy, IIssuer, IssuanceFailed
+from .interfaces import ICertificateStore, IDomainPolicy, IIssuer, IOcspStore, IssuanceFailed
 from .pipeline import CertificateCheck, IssuancePipeline
 from .resolver import CertificateResolver
 from .store import atomic_write
@@ -40,6 +41,8 @@ __all__ = [
     "LoopbackResolver",
     "listen_loopback_dns",
     "UNRESOLVABLE",
+    "OcspTestCA",
+    "FakeOcspResponder",
 ]
 
 
@@ -66,12 +69,12 @@ def make_bundle(
     return CertificateBundle.build(key, [cert])
 
 
-@implementer(ICertificateStore)
+@implementer(ICertificateStore, IOcspStore)
 @attrs.define(slots=False)  # tests may replace a method to inject a fault
 class MemoryStore:
     """
-    An in-memory L{ICertificateStore}; C{archive} keeps deleted bundles, as
-    the directory store's C{archive/} folder does.
+    An in-memory L{ICertificateStore} (and L{IOcspStore}); C{archive} keeps
+    deleted bundles, as the directory store's C{archive/} folder does.
     """
 
     bundles: dict[str, CertificateBundle] = attrs.field(factory=dict)
@@ -79,6 +82,7 @@ class MemoryStore:
     calls: Counter[str] = attrs.field(factory=Counter)
     #: When set, L{store} fails with this error (a full disk, say).
     fail_writes: Exception | None = None
+    ocsp: dict[str, bytes] = attrs.field(factory=dict)
 
     def _check(self, server_name: str) -> None:
         try:
@@ -110,6 +114,18 @@ class MemoryStore:
         except KeyError as e:
             return fail(e)
         self.archive.append((server_name, bundle))
+        self.ocsp.pop(server_name, None)
+        return succeed(None)
+
+    def get_ocsp(self, server_name: str) -> Deferred[bytes]:
+        try:
+            return succeed(self.ocsp[server_name])
+        except KeyError as e:
+            return fail(e)
+
+    def store_ocsp(self, server_name: str, der: bytes) -> Deferred[None]:
+        self._check(server_name)
+        self.ocsp[server_name] = der
         return succeed(None)
 
     def names(self) -> Deferred[list[str]]:
@@ -260,3 +276,126 @@ def listen_loopback_dns(reactor: Any) -> tuple[Any, Any]:
     except Exception:
         tcp = None
     return udp, tcp
+
+
+# -- OCSP: a private CA whose leaves name a responder, and a fake responder --
+
+
+@attrs.define
+class OcspTestCA:
+    """
+    A private CA for OCSP tests: an issuer, a delegated responder
+    certificate (OCSP-signing EKU) and leaves whose AIA names C{url}.
+    Build with L{OcspTestCA.create}.
+    """
+
+    url: str
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    responder_key: ec.EllipticCurvePrivateKey
+    responder: x509.Certificate
+
+    @classmethod
+    def create(cls, url: str, now: float | None = None, common: str = "tenantedge OCSP test CA") -> OcspTestCA:
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        utc = datetime.timezone.utc
+        start = datetime.datetime.fromtimestamp(now, utc) if now is not None else datetime.datetime.now(utc)
+        start -= datetime.timedelta(hours=1)
+        end = start + datetime.timedelta(days=30)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = common_name(common)
+        cert = sign_certificate(name, key.public_key(), start, end, key, extensions=[
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+        ])
+        responder_key = ec.generate_private_key(ec.SECP256R1())
+        responder = sign_certificate(
+            common_name(common + " responder"), responder_key.public_key(), start, end, key, issuer=name,
+            extensions=[(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False)],
+        )
+        return cls(url, key, cert, responder_key, responder)
+
+    def issue(self, server_name: str, not_before: float, not_after: float, ocsp: bool = True) -> CertificateBundle:
+        """A leaf for C{server_name} (its AIA names the responder unless C{ocsp} is false), chain included."""
+        from cryptography.x509.oid import AuthorityInformationAccessOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        utc = datetime.timezone.utc
+        extensions: list[tuple[x509.ExtensionType, bool]] = []
+        if ocsp:
+            extensions.append((x509.AuthorityInformationAccess([x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(self.url))]), False))
+        leaf = sign_certificate(
+            common_name(server_name), key.public_key(), datetime.datetime.fromtimestamp(not_before, utc),
+            datetime.datetime.fromtimestamp(not_after, utc), self.key, issuer=self.cert.subject,
+            dns_names=[server_name], extensions=extensions,
+        )
+        return CertificateBundle.build(key, [leaf, self.cert])
+
+    def response(
+        self, leaf: x509.Certificate, status: str, this_update: float, next_update: float | None,
+        delegated: bool = True,
+    ) -> bytes:
+        """A DER OCSP response about C{leaf} ("good", "revoked", "unknown")."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509 import ocsp
+
+        utc = datetime.timezone.utc
+        cert_status = {"good": ocsp.OCSPCertStatus.GOOD, "revoked": ocsp.OCSPCertStatus.REVOKED,
+                       "unknown": ocsp.OCSPCertStatus.UNKNOWN}[status]
+        revoked_at = datetime.datetime.fromtimestamp(this_update, utc) if status == "revoked" else None
+        builder = ocsp.OCSPResponseBuilder().add_response(
+            leaf, self.cert, hashes.SHA1(), cert_status, datetime.datetime.fromtimestamp(this_update, utc),
+            datetime.datetime.fromtimestamp(next_update, utc) if next_update is not None else None,
+            revoked_at, None,
+        )
+        if delegated:
+            builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, self.responder).certificates(
+                [self.responder])
+            key = self.responder_key
+        else:
+            builder = builder.responder_id(ocsp.OCSPResponderEncoding.NAME, self.cert)
+            key = self.key
+        response = builder.sign(key, hashes.SHA256())
+        return response.public_bytes(serialization.Encoding.DER)
+
+
+class FakeOcspResponder(Resource):
+    """
+    A twisted.web resource answering OCSP POSTs for an L{OcspTestCA}:
+    C{statuses[serial]} (default C{"good"}), valid for C{lifetime} seconds
+    from the clock's now; C{code} other than 200 answers that HTTP status.
+    Serve it with C{treq.testing.StubTreq(responder)}.
+
+    @ivar requests: serial numbers asked about, in order.
+    """
+
+    isLeaf = True
+
+    def __init__(self, ca: OcspTestCA, clock: IReactorTime, lifetime: float = 86400.0) -> None:
+        super().__init__()
+        self.ca = ca
+        self.clock = clock
+        self.lifetime = lifetime
+        self.statuses: dict[int, str] = {}
+        self.code = 200
+        self.requests: list[int] = []
+        self.leaves: dict[int, x509.Certificate] = {}
+
+    def add(self, leaf: x509.Certificate, status: str = "good") -> None:
+        self.leaves[leaf.serial_number] = leaf
+        self.statuses[leaf.serial_number] = status
+
+    def render(self, request: Any) -> bytes:
+        from cryptography.x509 import ocsp
+
+        asked = ocsp.load_der_ocsp_request(request.content.read())
+        self.requests.append(asked.serial_number)
+        if self.code != 200:
+            request.setResponseCode(self.code)
+            return b"no"
+        request.setHeader(b"Content-Type", b"application/ocsp-response")
+        now = self.clock.seconds()
+        return self.ca.response(self.leaves[asked.serial_number], self.statuses[asked.serial_number],
+                                now, now + self.lifetime)

@@ -50,7 +50,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(os.path.join(self.directory, "localca", "root.pem")))
         self.assertTrue(edge.renewal.running)
         self.assertEqual(
-            sorted(s.name for s in edge), ["refusal-summary", "renewal", "store-refresher", "ticket-keys"]
+            sorted(s.name for s in edge), ["ocsp", "refusal-summary", "renewal", "store-refresher", "ticket-keys"]
         )
 
     def test_acme_accounts_prepared(self) -> None:
