@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from .certificates import CertificateBundle
 from .contexts import ServingContexts, TenantTLS
-from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal
+from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal, PrecheckFailed
 from .pipeline import ISSUE, CertificateCheck, IssuancePipeline
 from .singleflight import SingleFlight
 from .summaries import CounterSummary
@@ -221,6 +221,9 @@ class CertificateResolver:
             raise
         except LimitExceeded:
             self.events["refused:rate-limit"] += 1
+            raise
+        except PrecheckFailed as e:
+            self.events[f"refused:{e.reason}"] += 1
             raise
         except Exception:
             self.events["failed"] += 1

@@ -64,6 +64,7 @@ from .metrics import EdgeCollector, RenewalGauges, Timings
 from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
 from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
+from .precheck import CAAPrecheck, DNSPrecheck, LazyResolver, PrecheckedIssuer, ReachPrecheck
 from .renewal import RenewalService
 from .contexts import ServingContexts
 from .resolver import CertificateResolver, RefusalSummary, periodic
@@ -182,6 +183,8 @@ class OnDemandTLS(MultiService):
     @ivar contexts: the TLS contexts every tenant shares (ticket keys).
     @ivar acme_issuers: the ACME issuers, one per configured CA.
     @ivar backoff: the per-name failure backoff.
+    @ivar precheck_results: the pre-checks' results (C{"<check>:<result>"}),
+        if any pre-check is configured.
     @ivar preparations: the start-up steps, run in order by L{startService}.
     @ivar children: further services started and stopped with this one
         (cache refresh, the refusal summary).
@@ -204,6 +207,7 @@ class OnDemandTLS(MultiService):
     contexts: ServingContexts | None = None
     acme_issuers: Sequence[AcmeIssuer] = ()
     backoff: FailureBackoff | None = None
+    precheck_results: Counter[str] | None = None
     preparations: Sequence[Preparation] = ()
     children: Sequence[Any] = ()
     on_stop: Sequence[Callable[[], Any]] = ()
@@ -227,6 +231,7 @@ class OnDemandTLS(MultiService):
                     soonest_expiry=lambda: self.renewal.soonest_expiry,
                 ),
                 cache_length=self.resolver.cache_length,
+                prechecks=self.precheck_results,
             )
         )
 
@@ -369,6 +374,24 @@ class OnDemandTLS(MultiService):
             await stop()
 
 
+def _precheck_resolver(config: OnDemandConfig, reactor: Any) -> Any:
+    """
+    The pre-checks' DNS resolver: C{precheck-resolver}'s servers, or the
+    system's. A plain C{twisted.names.client.Resolver}, without
+    C{createResolver}'s hosts file and cache: the checks must see what a
+    CA sees, afresh.
+    """
+    from twisted.names import client
+
+    servers = config.precheck_servers
+    if servers:
+        return client.Resolver(servers=servers, reactor=reactor)
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+
+
+_log = Logger()
+
+
 def _build(
     cls: type[OnDemandTLS],
     config: OnDemandConfig,
@@ -409,6 +432,14 @@ def _build(
         max_new_orders=config.max_new_orders,
         max_per_domain=config.max_certs_per_domain,
     )
+    precheck_results: Counter[str] = Counter()
+    dns_resolver = LazyResolver(partial(_precheck_resolver, config, reactor))
+
+    def prechecked(wrapped: IIssuer, checks: Sequence[Any]) -> IIssuer:
+        if not checks:
+            return wrapped
+        return PrecheckedIssuer(wrapped, checks, precheck_results, renewals=config.precheck_renewals)
+
     if issuer is None:
         issuers: list[IIssuer] = []
         for ca in config.ca:
@@ -419,6 +450,9 @@ def _build(
                 preparations.append(("the local CA", local_ca.prepare))
                 issuers.append(local_ca)
                 continue
+            # Let's Encrypt's windows for its directories (or as configured);
+            # any other CA gets only the concurrency bound.
+            windows = config.limits_profile(ca) == "letsencrypt"
             acme = AcmeIssuer(
                 AcmeClient(ca, None, acme_http_client(reactor, api_pool, config.ca_root), reactor,
                            user_agent=f"tenantedge/{__version__}"),
@@ -430,14 +464,32 @@ def _build(
                 eab=config.eab,
                 key_type=config.key_type,
                 run_blocking=_run_blocking(reactor),
-                on_replaces_refused=limits,
+                on_replaces_refused=limits if windows else None,
             )
             preparations.append((f"the ACME account for {ca}", acme.prepare))
             acme_issuers.append(acme)
-            issuers.append(LimitedIssuer(acme, limits, exemption=acme))
+            caa: list[Any] = []
+            if "dns" in config.precheck:
+                identity = config.caa_identity_for(ca)
+                if identity is None:
+                    _log.info("no CAA identity known for {ca}: its CAA is not pre-checked (give caa-identity)", ca=ca)
+                else:
+                    caa.append(CAAPrecheck(dns_resolver, identity, reactor, ca=ca, timeout=config.precheck_timeout))
+            issuers.append(prechecked(LimitedIssuer(acme, limits, exemption=acme, windows=windows), caa))
         chain: IIssuer = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
     else:
         chain = issuer
+    checks: list[Any] = []
+    if "dns" in config.precheck:
+        checks.append(
+            DNSPrecheck(dns_resolver, frozenset(config.public_address), reactor, timeout=config.precheck_timeout)
+        )
+    if "reach" in config.precheck:
+        plain = HTTPClient(Agent(reactor, pool=api_pool))
+        checks.append(
+            ReachPrecheck(plain, storage.challenges, dns_resolver, reactor, timeout=config.precheck_timeout)
+        )
+    chain = prechecked(chain, checks)
     preparations.append(("the failure backoff", backoff.load))
     preparations.append(("the issuance limits", limits.load))
 
@@ -502,6 +554,7 @@ def _build(
         local_ca=local_ca,
         acme_issuers=tuple(acme_issuers),
         backoff=backoff,
+        precheck_results=precheck_results if config.precheck else None,
         preparations=tuple(preparations),
         contexts=contexts,
         children=(*storage.services, refresher, summarising, *rotation),
