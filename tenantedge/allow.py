@@ -14,9 +14,24 @@ treated as deny (fail closed) with a log line. The endpoint's certificate
 is always verified (C{--allow-ca} adds a private CA; nothing turns
 verification off).
 
+Every check carries its purpose as a query parameter, C{purpose=}:
+
+  - C{issue}: a name without a usable stored certificate, about to be
+    issued one (L{AllowChecker.decide}, from a first handshake or the
+    admin API's issue): answer authoritatively, it costs a CA order;
+  - C{renew}: the renewal walk re-asking before it renews
+    (L{AllowChecker.ask}, never cached);
+  - C{serve}: only whether to keep serving a certificate the edge already
+    has (C{decide(name, SERVE)}), which a SaaS may answer from a cache.
+    tenantedge itself never sends it today: serving a stored certificate
+    needs no allow check (renewal's re-ask archives names the SaaS drops);
+    it is there for embedders and the hostname lifecycle.
+
 Unlike Caddy and lua-resty-auto-ssl, answers are cached: allows for
-C{--allow-ttl}, denies and unknowns for C{--deny-ttl}, in a bounded LRU;
-concurrent checks for one name share a single request.
+C{--allow-ttl}, denies and unknowns for C{--deny-ttl}, in a bounded LRU,
+per purpose: a C{serve} answer never authorises an C{issue} (an C{issue}
+or C{renew} answer, being authoritative, also answers a C{serve}).
+Concurrent checks for one name and purpose share a single request.
 """
 
 from __future__ import annotations
@@ -36,7 +51,13 @@ from .singleflight import SingleFlight
 from .slots import NoSlot, Slots
 from .timeouts import TimeoutError, describe_error, with_deadline
 
-__all__ = ["AllowChecker", "Decision", "build_check_url", "DEFINITE_DENY"]
+__all__ = ["AllowChecker", "Decision", "build_check_url", "DEFINITE_DENY", "SERVE", "ISSUE", "RENEW", "PURPOSES"]
+
+#: The purposes an allow check carries (C{purpose=} in its URL).
+SERVE = "serve"
+ISSUE = "issue"
+RENEW = "renew"
+PURPOSES = (SERVE, ISSUE, RENEW)
 
 #: The "status" of a check refused because too many were waiting.
 _OVERFLOW = -1
@@ -45,16 +66,24 @@ _OVERFLOW = -1
 DEFINITE_DENY = frozenset({403, 404, 410})
 
 
-def build_check_url(template: str, server_name: str, caddy_style: bool) -> str:
+def build_check_url(template: str, server_name: str, caddy_style: bool, purpose: str = ISSUE) -> str:
     """
-    The URL that asks about one name.
+    The URL that asks about one name for one purpose.
 
     @param template: C{--allow-url} (with C{{domain}}) or C{--ask} (without).
+    @param purpose: C{serve}, C{issue} or C{renew}, appended as the query
+        parameter C{purpose=} (after C{domain=} in the C{--ask} form).
     """
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown allow-check purpose {purpose!r}")
     encoded = quote(server_name, safe="")
+    url, hash_, fragment = template.partition("#")
     if caddy_style:
-        return template + ("&" if "?" in template else "?") + "domain=" + encoded
-    return template.replace("{domain}", encoded)
+        url += ("&" if "?" in url else "?") + "domain=" + encoded
+    else:
+        url = url.replace("{domain}", encoded)
+    url += ("&" if "?" in url else "?") + "purpose=" + purpose
+    return url + hash_ + fragment.replace("{domain}", encoded)
 
 
 @attrs.define
@@ -89,24 +118,34 @@ class AllowChecker:
     _slots: Slots = attrs.field(
         init=False, default=attrs.Factory(lambda self: Slots(self.max_in_flight, self.max_waiting), takes_self=True)
     )
-    _cache: OrderedDict[str, tuple[Decision, float]] = attrs.field(factory=OrderedDict, init=False)
+    _cache: OrderedDict[tuple[str, str], tuple[Decision, float]] = attrs.field(factory=OrderedDict, init=False)
     _flights: SingleFlight[Decision] = attrs.field(factory=SingleFlight, init=False)
     _log = Logger()
 
-    def decide(self, server_name: str) -> Deferred[Decision]:
+    def decide(self, server_name: str, purpose: str = ISSUE) -> Deferred[Decision]:
         """
         The (possibly cached) decision for a normalised name. Never fails:
         every error is L{Decision.UNKNOWN}.
+
+        @param purpose: L{ISSUE} (the default: a certificate is about to
+            be ordered) or L{SERVE} (only whether to keep serving one);
+            a cached C{serve} answer is never used for C{issue}.
         """
-        cached = self._cache.get(server_name)
-        if cached is not None:
-            decision, expires = cached
-            if expires > self.clock.seconds():
-                self._cache.move_to_end(server_name)
-                self.results["cached"] += 1
-                return succeed(decision)
-            del self._cache[server_name]
-        return self._flights.run(server_name, lambda: Deferred.fromCoroutine(self._ask_and_cache(server_name)))
+        if purpose not in (SERVE, ISSUE):
+            raise ValueError(f"decide() is for serve or issue, not {purpose!r} (renewal uses ask())")
+        # An authoritative (issue) answer also answers a serve; never the reverse.
+        for key in ((server_name, purpose), (server_name, ISSUE)):
+            cached = self._cache.get(key)
+            if cached is not None:
+                decision, expires = cached
+                if expires > self.clock.seconds():
+                    self._cache.move_to_end(key)
+                    self.results["cached"] += 1
+                    return succeed(decision)
+                del self._cache[key]
+        return self._flights.run(
+            (purpose, server_name), lambda: Deferred.fromCoroutine(self._ask_and_cache(server_name, purpose))
+        )
 
     def ask(self, server_name: str) -> Deferred[Decision]:
         """
@@ -117,34 +156,37 @@ class AllowChecker:
         L{Decision.DENY}; any other refusal (a 429 from a busy API, a
         redirect, a 204 under C{--allow-url}) is L{Decision.UNKNOWN}, and
         the certificate is renewed anyway.
+
+        Sent with C{purpose=renew}; the answer, authoritative, is cached
+        as an C{issue} answer.
         """
         return Deferred.fromCoroutine(self._recheck(server_name))
 
     async def _recheck(self, server_name: str) -> Decision:
-        decision, code = await self._ask(server_name)
+        decision, code = await self._ask(server_name, RENEW)
         if code != _OVERFLOW:
-            self._remember(server_name, decision)
+            self._remember((server_name, ISSUE), decision)
         if decision is Decision.DENY and code not in DEFINITE_DENY:
             return Decision.UNKNOWN
         return decision
 
-    async def _ask_and_cache(self, server_name: str) -> Decision:
-        decision, code = await self._ask(server_name)
+    async def _ask_and_cache(self, server_name: str, purpose: str) -> Decision:
+        decision, code = await self._ask(server_name, purpose)
         if code != _OVERFLOW:
             # Refused for want of a slot is not an answer about the name:
             # it is not cached.
-            self._remember(server_name, decision)
+            self._remember((server_name, purpose), decision)
         return decision
 
-    def _remember(self, server_name: str, decision: Decision) -> None:
+    def _remember(self, key: tuple[str, str], decision: Decision) -> None:
         ttl = self.allow_ttl if decision is Decision.ALLOW else self.deny_ttl
-        self._cache[server_name] = (decision, self.clock.seconds() + ttl)
-        self._cache.move_to_end(server_name)
+        self._cache[key] = (decision, self.clock.seconds() + ttl)
+        self._cache.move_to_end(key)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         self.results[decision.value] += 1
 
-    async def _ask(self, server_name: str) -> tuple[Decision, int | None]:
+    async def _ask(self, server_name: str, purpose: str) -> tuple[Decision, int | None]:
         """
         One request to the endpoint, at most C{max_in_flight} at once: a
         flood of random names must not become a flood on the SaaS's API.
@@ -153,14 +195,14 @@ class AllowChecker:
         """
         try:
             async with self._slots.held():
-                return await self._request(server_name)
+                return await self._request(server_name, purpose)
         except NoSlot:
             self.results["overflow"] += 1
             self._log.debug("too many allow checks waiting; refusing {host}", host=server_name)
             return Decision.UNKNOWN, _OVERFLOW
 
-    async def _request(self, server_name: str) -> tuple[Decision, int | None]:
-        url = build_check_url(self.template, server_name, self.caddy_style)
+    async def _request(self, server_name: str, purpose: str) -> tuple[Decision, int | None]:
+        url = build_check_url(self.template, server_name, self.caddy_style, purpose)
 
         async def exchange() -> int:
             # No redirects: a 3xx is an answer (deny), and following one

@@ -294,6 +294,65 @@ def _loopback(host: str) -> bool:
         return False
 
 
+PRECHECKS = ("dns", "reach")
+LIMIT_PROFILES = ("letsencrypt", "none")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+def _ca_pair(what: str, check: Callable[[str], str]) -> Callable[[str], str]:
+    """A C{CA=VALUE} setting: the CA as C{--ca} spells it (aliases too), normalised to its URL."""
+
+    def coerce(value: str) -> str:
+        ca, sep, rest = value.strip().rpartition("=")
+        if not sep or not ca:
+            raise ValueError(f"{value!r}: give CA={what}, e.g. letsencrypt={what.split('|')[0]}")
+        if ca.strip() == "internal":
+            raise ValueError(f"{value!r}: the local CA (internal) has no ACME account, so no such setting")
+        return f"{_ca(ca)}={check(rest.strip())}"
+
+    return coerce
+
+
+def _limit_profile(value: str) -> str:
+    if value not in LIMIT_PROFILES:
+        raise ValueError(f"{value!r} is not one of {', '.join(LIMIT_PROFILES)}")
+    return value
+
+
+def _caa_domain(value: str) -> str:
+    value = value.rstrip(".").lower()
+    if not _DOMAIN.match(value):
+        raise ValueError(f"{value!r} is not a CAA issuer domain such as letsencrypt.org")
+    return value
+
+
+def _ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+
+def _dns_server(value: str) -> str:
+    """C{HOST}, C{HOST:PORT} or C{[V6]:PORT}: an address, as C{host:port} (or C{[v6]:port})."""
+    text = value.strip()
+    port = "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{value!r}: give ADDRESS, ADDRESS:PORT or [IPV6]:PORT")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host = text
+    address = _ip_address(host)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: bad port {port!r}")
+    return f"[{address}]:{int(port)}" if ":" in address else f"{address}:{int(port)}"
+
+
 def _pem_file(path: str) -> str:
     try:
         with open(path, "rb") as f:
@@ -619,6 +678,42 @@ class OnDemandConfig:
                                    metavar="N")
     max_certs_per_domain: int = _setting(50, "Certificates per registered domain per account per week.",
                                          _positive_int, endpoint=True, metavar="N")
+    ca_limits: tuple[str, ...] = _setting(
+        (), "CA=letsencrypt|none: whether Let's Encrypt's windows (max-new-orders, max-certs-per-domain, 5 "
+        "failed validations per name per hour) apply to this CA; by default only Let's Encrypt's directories "
+        "get them, any other CA only max-concurrent-issuance (repeatable).",
+        _ca_pair("letsencrypt|none", _limit_profile), kind="list", endpoint=True, metavar="CA=PROFILE",
+    )
+
+    # -- pre-checks ------------------------------------------------------------------------
+    precheck: tuple[str, ...] = _setting(
+        (), "Check before an ACME order that validation can pass: dns (the name's A/AAAA point at a "
+        "public-address, and CAA lets the CA issue) or reach (a nonce fetched from http://NAME/.well-known/"
+        "acme-challenge/ comes back from this edge); repeatable. A failure places no order.",
+        _choice(*PRECHECKS), kind="list", endpoint=True, metavar="CHECK",
+    )
+    public_address: tuple[str, ...] = _setting(
+        (), "An address clients reach this edge (or fleet, or its load balancer) at; required by precheck=dns "
+        "(repeatable).", _ip_address, kind="list", endpoint=True, metavar="ADDRESS",
+    )
+    precheck_resolver: tuple[str, ...] = _setting(
+        (), "DNS server the pre-checks ask (ADDRESS[:PORT], repeatable); default: the system's (/etc/resolv.conf). "
+        "Use a public resolver when the edge's own DNS is split-horizon.", _dns_server, kind="list",
+        endpoint=True, metavar="ADDRESS",
+    )
+    precheck_timeout: float = _setting(
+        5.0, "Deadline for each pre-check's DNS queries, and for the reach check's fetches (duration).",
+        parse_duration, endpoint=True, show=format_duration, metavar="DURATION",
+    )
+    precheck_renewals: bool = _setting(
+        False, "Also run the pre-checks before renewals (by default only before a first issuance).",
+        kind="flag", endpoint=True,
+    )
+    caa_identity: tuple[str, ...] = _setting(
+        (), "CA=DOMAIN: the CAA issuer domain of an ACME CA, for the CAA pre-check (Let's Encrypt's, "
+        "letsencrypt.org, is known); a CA without one is not CAA-checked (repeatable).",
+        _ca_pair("DOMAIN", _caa_domain), kind="list", endpoint=True, metavar="CA=DOMAIN",
+    )
 
     # -- webhooks ------------------------------------------------------------------------
     webhook: tuple[str, ...] = _setting(
@@ -700,6 +795,23 @@ class OnDemandConfig:
         if self.allow_url and self.ask:
             raise ConfigError(None, "give allow-url or ask, not both")
         self._check_webhooks()
+        for key, pairs in (("ca-limits", self.ca_limits), ("caa-identity", self.caa_identity)):
+            named = [pair.rpartition("=")[0] for pair in pairs]
+            for ca in named:
+                if ca not in self.ca:
+                    raise ConfigError(key, f"{ca} is not one of the configured CAs ({', '.join(self.ca)})")
+            if len(set(named)) != len(named):
+                raise ConfigError(key, "the same CA is given twice")
+        if "dns" in self.precheck and not self.public_address:
+            raise ConfigError(
+                "public-address", "precheck=dns compares the name's addresses with this edge's: give "
+                "public-address (repeatable) with every address clients reach it at",
+            )
+        if "reach" in self.precheck and (self.challenge != "http-01" or self.http is None):
+            raise ConfigError(
+                "precheck", "reach fetches the name on port 80, which only challenge=http-01 with an http "
+                "listener uses",
+            )
         if self.http is None and self.challenge == "http-01" and any(ca != "internal" for ca in self.ca):
             raise ConfigError(
                 "http",
@@ -751,6 +863,39 @@ class OnDemandConfig:
     def require_public_suffix(self) -> bool:
         """Whether names must be under a public suffix: whenever a public CA may be asked."""
         return not self.allow_private_suffix and any(ca != "internal" for ca in self.ca)
+
+    def limits_profile(self, ca: str) -> str:
+        """
+        C{letsencrypt} (Let's Encrypt's windows) or C{none} (only the
+        concurrency bound) for an ACME directory URL: C{ca-limits}, else
+        C{letsencrypt} for Let's Encrypt's directories only.
+        """
+        from .limits import is_letsencrypt
+
+        for pair in self.ca_limits:
+            url, _, profile = pair.rpartition("=")
+            if url == ca:
+                return profile
+        return "letsencrypt" if is_letsencrypt(ca) else "none"
+
+    def caa_identity_for(self, ca: str) -> str | None:
+        """The CAA issuer domain of an ACME directory URL, or None (its CAA is not pre-checked)."""
+        from .precheck import CAA_IDENTITIES
+
+        for pair in self.caa_identity:
+            url, _, identity = pair.rpartition("=")
+            if url == ca:
+                return identity
+        return CAA_IDENTITIES.get(ca.rstrip("/"))
+
+    @property
+    def precheck_servers(self) -> list[tuple[str, int]]:
+        """C{precheck-resolver} as twisted.names wants it: (address, port) pairs."""
+        servers = []
+        for value in self.precheck_resolver:
+            host, _, port = value.rpartition(":")
+            servers.append((host.strip("[]"), int(port)))
+        return servers
 
     @property
     def eab(self) -> tuple[str, str] | None:

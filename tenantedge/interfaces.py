@@ -34,6 +34,8 @@ __all__ = [
     "IssuanceFailed",
     "BackedOff",
     "LimitExceeded",
+    "IPrecheck",
+    "PrecheckFailed",
 ]
 
 
@@ -102,6 +104,36 @@ class LimitExceeded(IssuanceFailed):
         super().__init__(host, f"issuance limit {limit}: {detail}")
         self.limit = limit
         self.retry_after = retry_after
+
+
+class PrecheckFailed(IssuanceFailed):
+    """
+    A pre-check found that the CA's validation of a name would fail, so no
+    order was placed (L{IPrecheck}).
+
+    A failure of the name, not of a CA: the failure backoff records it (no
+    order is spent, no failed validation counted), and with several CAs a
+    CAA refusal of one moves on to the next.
+
+    @ivar host: the normalised name.
+    @ivar reason: one of C{"dns-not-pointing-here"}, C{"unreachable"},
+        C{"caa-forbids"}: short, stable, for metrics and the hostname's
+        C{failing} state.
+    @ivar detail: one line for people: what was found (the addresses the
+        name resolves to, the CAA record, what answered on port 80).
+    """
+
+    retry_after: float | None = None
+
+    def __init__(self, host: str, reason: str, detail: str) -> None:
+        super().__init__(host, f"pre-check {reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    @property
+    def problem_type(self) -> str:
+        """The hostname's C{failing} reason (the lifecycle records it as the problem type)."""
+        return self.reason
 
 
 class ICertificateStore(Interface):
@@ -242,6 +274,26 @@ class IDomainPolicy(Interface):
             when the answer could not be had (renewal goes ahead, so an
             outage of the SaaS's API never takes tenants offline). Never
             fails.
+        """
+
+
+class IPrecheck(Interface):
+    """
+    A cheap test, run before an ACME order is placed, that the CA's
+    validation of a name would succeed (L{tenantedge.precheck}).
+    """
+
+    name = Attribute("A short label for metrics and logs: C{'dns'}, C{'caa'} or C{'reach'}.")
+
+    def check(server_name):
+        """
+        @param server_name: a normalised host name the policy allowed.
+        @return: a Deferred firing with C{None} if the name would pass;
+            failing with L{PrecheckFailed} if it would not; failing with
+            any other exception if the check itself could not be made (a
+            resolver that does not answer): the caller then counts an
+            C{error} and lets the order go ahead (the CA's own validation
+            decides).
         """
 
 

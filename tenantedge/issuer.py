@@ -32,6 +32,7 @@ from .interfaces import (
     IReplacesRefused,
     IssuanceFailed,
     LimitExceeded,
+    PrecheckFailed,
 )
 from .localca import ROOT_NAME_PREFIX
 from .singleflight import SingleFlight
@@ -234,6 +235,13 @@ class FallbackIssuer:
                         next=self.issuers[index + 1].name,
                     )
         last = errors[-1]
+        if len(errors) > 1 and all(isinstance(e, PrecheckFailed) for e in errors):
+            # No CA was asked (each one's CAA forbids it, say): still a
+            # pre-check failure, with what each said.
+            first = errors[0]
+            assert isinstance(first, PrecheckFailed)
+            detail = "; ".join(f"{i.name}: {e.detail}" for i, e in zip(self.issuers, errors))
+            raise PrecheckFailed(server_name, first.reason, detail)
         if len(errors) > 1:
             detail = "; ".join(f"{i.name}: {e.detail}" for i, e in zip(self.issuers, errors))
             raise FallbackFailed(server_name, detail, errors)

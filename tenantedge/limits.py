@@ -16,6 +16,11 @@ limit at once (a fast TLS alert and a log line), never queueing it:
 
 Windows are sliding and kept in C{<store>/limits.json}, so a restart does
 not reset them.
+
+The windows are Let's Encrypt's, so by default they apply only to Let's
+Encrypt's directories (production and staging, L{LETSENCRYPT_DIRECTORIES});
+any other CA gets only the concurrency bound unless configured
+(C{--ca-limits CA=letsencrypt}; L{LimitedIssuer.windows}).
 """
 
 from __future__ import annotations
@@ -38,7 +43,18 @@ from .interfaces import ISharedState
 from .shared import KEEP, StateFile
 from .slots import Slots
 
-__all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded"]
+__all__ = ["IssuanceLimits", "LimitedIssuer", "LimitExceeded", "LETSENCRYPT_DIRECTORIES", "is_letsencrypt"]
+
+#: Let's Encrypt's ACME directories, whose published limits the windows are.
+LETSENCRYPT_DIRECTORIES = frozenset({
+    "https://acme-v02.api.letsencrypt.org/directory",
+    "https://acme-staging-v02.api.letsencrypt.org/directory",
+})
+
+
+def is_letsencrypt(directory_url: str) -> bool:
+    """Is this one of Let's Encrypt's directories (production or staging)?"""
+    return directory_url.rstrip("/") in LETSENCRYPT_DIRECTORIES
 
 HOUR = 3600.0
 ORDER_WINDOW = 3 * HOUR
@@ -241,6 +257,10 @@ class LimitedIssuer:
     """
     Applies L{IssuanceLimits} to one ACME issuer (one account).
 
+    @ivar windows: whether the order, per-domain and failed-validation
+        windows apply, or only the concurrency bound; C{None} (the
+        default): only for Let's Encrypt's directories (L{is_letsencrypt}
+        of the wrapped issuer's name).
     @ivar exemption: tells ARI renewals (exempt from the CA's order and
         per-domain limits, so from ours) from plain orders; usually the
         wrapped L{tenantedge.issuer.AcmeIssuer} itself.
@@ -249,7 +269,13 @@ class LimitedIssuer:
     wrapped: IIssuer
     limits: IssuanceLimits
     exemption: IRenewalExemption | None = None
+    windows: bool | None = None
     _log = Logger()
+
+    @property
+    def windowed(self) -> bool:
+        """Do the windows apply to this CA (see C{windows})?"""
+        return self.windows if self.windows is not None else is_letsencrypt(self.name)
 
     @property
     def name(self) -> str:
@@ -260,6 +286,10 @@ class LimitedIssuer:
 
     async def _issue(self, server_name: str, replaces: CertificateBundle | None) -> CertificateBundle:
         ca = self.name
+        if not self.windowed:
+            async with self.limits.slot(server_name):
+                bundle: CertificateBundle = await self.wrapped.issue(server_name, replaces=replaces)
+                return bundle
         # An ARI renewal is exempt from the CA's order and per-domain
         # limits, so it is from ours; concurrency and failed validations
         # still count. If the CA refuses the "replaces", the plain order it
@@ -273,7 +303,7 @@ class LimitedIssuer:
                     self.limits.record_order(ca)
                     self.limits.reserve(ca, server_name)
                 try:
-                    bundle: CertificateBundle = await self.wrapped.issue(server_name, replaces=replaces)
+                    bundle = await self.wrapped.issue(server_name, replaces=replaces)
                 except ValidationFailed:
                     self.limits.record_failed_validation(ca, server_name)
                     raise

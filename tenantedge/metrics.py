@@ -91,6 +91,8 @@ class EdgeCollector:
     @ivar renewals: renewal events.
     @ivar renewal_gauges: stored count and soonest expiry.
     @ivar cache_length: ready contexts in memory.
+    @ivar prechecks: pre-check results by C{"<check>:<result>"}
+        (L{tenantedge.precheck.PrecheckedIssuer.results}), if any is on.
     """
 
     handshakes: Mapping[str, int]
@@ -100,6 +102,7 @@ class EdgeCollector:
     renewals: Mapping[str, int]
     renewal_gauges: RenewalGauges
     cache_length: Callable[[], int]
+    prechecks: Mapping[str, int] | None = None
 
     def collect(self) -> Iterator[Any]:
         handshakes = CounterMetricFamily("tenantedge_handshakes", "TLS handshakes by outcome.", labels=["outcome"])
@@ -132,6 +135,14 @@ class EdgeCollector:
         for result, count in sorted((self.allow or {}).items()):
             allow.add_metric([result], count)
         yield allow
+        prechecks = CounterMetricFamily(
+            "tenantedge_precheck", "Pre-checks before an ACME order by check (dns, caa, reach) and result (ok, "
+            "dns-not-pointing-here, caa-forbids, unreachable, error).", labels=["check", "result"],
+        )
+        for key, count in sorted((self.prechecks or {}).items()):
+            check, _, result = key.partition(":")
+            prechecks.add_metric([check, result], count)
+        yield prechecks
         cached = GaugeMetricFamily("tenantedge_certificates_cached", "Ready TLS contexts in memory.")
         cached.add_metric([], self.cache_length())
         yield cached

@@ -6,7 +6,9 @@ admin API::
     one run per name (single-flight) -> the name's lock (INameLock)
       -> re-read the store: someone holding the lock before us (another
          worker, a fleet peer, the CLI) may have stored what we want
-      -> the issuer chain (backoff, fallback, limits, the CA)
+      -> the issuer chain: backoff, the name's pre-checks (DNS, reach),
+         then per CA in fallback order its CAA pre-check, limits, the CA
+         (see L{tenantedge.precheck}; a failed pre-check places no order)
       -> store -> the caller caches it
 
 The lock is an L{INameLock}: L{MemoryNameLock} within one process, or
@@ -28,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .certificates import CertificateBundle
-from .interfaces import BackedOff, ICertificateStore, IIssuer, INameLock, LimitExceeded
+from .interfaces import BackedOff, ICertificateStore, IIssuer, INameLock, LimitExceeded, PrecheckFailed
 from .lifecycle import HostnameLifecycle, Retired
 from .singleflight import SingleFlight
 from .timeouts import with_deadline
@@ -106,8 +108,8 @@ class IssuancePipeline:
     @ivar lifecycle: told each renewal start, issuance and CA failure
         (L{tenantedge.lifecycle}); a retired name gets no order.
     @ivar events: counts by C{"<purpose>:<result>"}: C{issued},
-        C{failed}, C{rate-limit}, C{backoff}, C{retired}, C{store-failed},
-        and C{found} (another holder of the lock had stored it already).
+        C{failed}, C{rate-limit}, C{backoff}, C{retired}, C{precheck-failed},
+        C{store-failed}, and C{found} (another holder of the lock had stored it already).
     """
 
     store: ICertificateStore
@@ -143,8 +145,10 @@ class IssuancePipeline:
         @param replaces: the certificate a renewal replaces (ARI).
         @return: a Deferred firing with the stored bundle, or failing
             with what the issuer chain failed with (L{BackedOff},
-            L{LimitExceeded}, L{tenantedge.interfaces.IssuanceFailed}),
-            or with L{Retired} for a retired name (revive it first).
+            L{LimitExceeded}, L{PrecheckFailed} when a pre-check found
+            the name would fail validation and no order was placed,
+            L{tenantedge.interfaces.IssuanceFailed}), or with L{Retired} for a
+            retired name (revive it first).
         """
         return self._flights.run(
             server_name,
@@ -200,6 +204,14 @@ class IssuancePipeline:
             self._settle(server_name)
             self._log.warn("no order for {host}: {error}", event="refused", reason="rate-limit",
                            host=server_name, purpose=purpose, error=e.detail)
+            raise
+        except PrecheckFailed as e:
+            # No order was placed; the pre-check logged it (event
+            # "precheck-failed") and the backoff recorded it. The name is
+            # failing, with the pre-check's reason as its problem.
+            self.events[f"{purpose}:precheck-failed"] += 1
+            if self.lifecycle is not None:
+                self.lifecycle.failed(server_name, e)
             raise
         except Exception as e:
             elapsed = self.clock.seconds() - started

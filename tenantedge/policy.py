@@ -12,7 +12,8 @@ in this order, and stops at the first answer:
      C{foo.localhost}); IP literals, wildcards, bad syntax and lengths were
      already refused by L{tenantedge.hostnames.normalize};
   2. C{--allow-suffix}: names under these need no further check;
-  3. the allow endpoint (L{tenantedge.allow.AllowChecker}), cached;
+  3. the allow endpoint (L{tenantedge.allow.AllowChecker}), cached, asked
+     with C{purpose=issue} (L{EdgePolicy.recheck}: C{purpose=renew});
   4. nothing else allows: refused. Without an allow rule, nothing is issued.
 """
 

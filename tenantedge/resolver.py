@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from .certificates import CertificateBundle
 from .contexts import ServingContexts, TenantTLS
-from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal
+from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal, PrecheckFailed
 from .lifecycle import Retired
 from .pipeline import ISSUE, CertificateCheck, IssuancePipeline
 from .singleflight import SingleFlight
@@ -247,6 +247,8 @@ class CertificateResolver:
             raise
         except Retired:
             self.events["refused:retired"] += 1
+        except PrecheckFailed as e:
+            self.events[f"refused:{e.reason}"] += 1
             raise
         except Exception:
             self.events["failed"] += 1

@@ -66,6 +66,7 @@ from .ocsp import OcspStapler
 from .pipeline import CertificateCheck, IssuancePipeline, MemoryNameLock
 from .policy import EdgePolicy, registered_domain
 from .pools import quiet_pool
+from .precheck import CAAPrecheck, DNSPrecheck, LazyResolver, PrecheckedIssuer, ReachPrecheck
 from .renewal import RenewalService
 from .contexts import ServingContexts
 from .resolver import CertificateResolver, RefusalSummary, periodic
@@ -73,7 +74,7 @@ from .shared import DirectoryChallengeStore, DirectoryNameLock
 from .store import DirectoryStore, StoreError, run_inline
 from .tls import OnDemandTLSFactory
 from .trust import acme_http_client, https_policy
-from .webhooks import ExpiryNotices, WebhookOutbox
+from .webhooks import ExpiryNotices, WebhookOutbox, lifecycle_webhook
 
 __all__ = ["OnDemandTLS", "Storage", "open_storage", "StartupError"]
 
@@ -188,6 +189,8 @@ class OnDemandTLS(MultiService):
     @ivar backoff: the per-name failure backoff.
     @ivar lifecycle: each hostname's lifecycle (the hostname API's
         records; subscribe to its events).
+    @ivar precheck_results: the pre-checks' results (C{"<check>:<result>"}),
+        if any pre-check is configured.
     @ivar preparations: the start-up steps, run in order by L{startService}.
     @ivar children: further services started and stopped with this one
         (cache refresh, the refusal summary).
@@ -213,6 +216,7 @@ class OnDemandTLS(MultiService):
     acme_issuers: Sequence[AcmeIssuer] = ()
     backoff: FailureBackoff | None = None
     lifecycle: HostnameLifecycle | None = None
+    precheck_results: Counter[str] | None = None
     preparations: Sequence[Preparation] = ()
     children: Sequence[Any] = ()
     on_stop: Sequence[Callable[[], Any]] = ()
@@ -246,6 +250,7 @@ class OnDemandTLS(MultiService):
                     soonest_expiry=lambda: self.renewal.soonest_expiry,
                 ),
                 cache_length=self.resolver.cache_length,
+                prechecks=self.precheck_results,
             )
         )
         if self.lifecycle is not None:
@@ -390,6 +395,24 @@ class OnDemandTLS(MultiService):
             await stop()
 
 
+def _precheck_resolver(config: OnDemandConfig, reactor: Any) -> Any:
+    """
+    The pre-checks' DNS resolver: C{precheck-resolver}'s servers, or the
+    system's. A plain C{twisted.names.client.Resolver}, without
+    C{createResolver}'s hosts file and cache: the checks must see what a
+    CA sees, afresh.
+    """
+    from twisted.names import client
+
+    servers = config.precheck_servers
+    if servers:
+        return client.Resolver(servers=servers, reactor=reactor)
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+
+
+_log = Logger()
+
+
 def _build(
     cls: type[OnDemandTLS],
     config: OnDemandConfig,
@@ -430,6 +453,14 @@ def _build(
         max_new_orders=config.max_new_orders,
         max_per_domain=config.max_certs_per_domain,
     )
+    precheck_results: Counter[str] = Counter()
+    dns_resolver = LazyResolver(partial(_precheck_resolver, config, reactor))
+
+    def prechecked(wrapped: IIssuer, checks: Sequence[Any]) -> IIssuer:
+        if not checks:
+            return wrapped
+        return PrecheckedIssuer(wrapped, checks, precheck_results, renewals=config.precheck_renewals)
+
     if issuer is None:
         issuers: list[IIssuer] = []
         for ca in config.ca:
@@ -440,6 +471,9 @@ def _build(
                 preparations.append(("the local CA", local_ca.prepare))
                 issuers.append(local_ca)
                 continue
+            # Let's Encrypt's windows for its directories (or as configured);
+            # any other CA gets only the concurrency bound.
+            windows = config.limits_profile(ca) == "letsencrypt"
             acme = AcmeIssuer(
                 AcmeClient(ca, None, acme_http_client(reactor, api_pool, config.ca_root), reactor,
                            user_agent=f"tenantedge/{__version__}"),
@@ -451,11 +485,18 @@ def _build(
                 eab=config.eab,
                 key_type=config.key_type,
                 run_blocking=_run_blocking(reactor),
-                on_replaces_refused=limits,
+                on_replaces_refused=limits if windows else None,
             )
             preparations.append((f"the ACME account for {ca}", acme.prepare))
             acme_issuers.append(acme)
-            issuers.append(LimitedIssuer(acme, limits, exemption=acme))
+            caa: list[Any] = []
+            if "dns" in config.precheck:
+                identity = config.caa_identity_for(ca)
+                if identity is None:
+                    _log.info("no CAA identity known for {ca}: its CAA is not pre-checked (give caa-identity)", ca=ca)
+                else:
+                    caa.append(CAAPrecheck(dns_resolver, identity, reactor, ca=ca, timeout=config.precheck_timeout))
+            issuers.append(prechecked(LimitedIssuer(acme, limits, exemption=acme, windows=windows), caa))
         chain: IIssuer = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
     else:
         chain = issuer
@@ -473,6 +514,18 @@ def _build(
             reactor,
         )
         preparations.append(("the webhook outbox", webhooks.prepare))
+        lifecycle.subscribe(lifecycle_webhook(webhooks.emit))
+    checks: list[Any] = []
+    if "dns" in config.precheck:
+        checks.append(
+            DNSPrecheck(dns_resolver, frozenset(config.public_address), reactor, timeout=config.precheck_timeout)
+        )
+    if "reach" in config.precheck:
+        plain = HTTPClient(Agent(reactor, pool=api_pool))
+        checks.append(
+            ReachPrecheck(plain, storage.challenges, dns_resolver, reactor, timeout=config.precheck_timeout)
+        )
+    chain = prechecked(chain, checks)
     preparations.append(("the failure backoff", backoff.load))
     preparations.append(("the hostname lifecycle", lifecycle.load))
     preparations.append(("the issuance limits", limits.load))
@@ -554,6 +607,7 @@ def _build(
         acme_issuers=tuple(acme_issuers),
         backoff=backoff,
         lifecycle=lifecycle,
+        precheck_results=precheck_results if config.precheck else None,
         preparations=tuple(preparations),
         contexts=contexts,
         children=(*storage.services, refresher, summarising, *rotation),

@@ -43,6 +43,9 @@ __all__ = [
     "UNRESOLVABLE",
     "OcspTestCA",
     "FakeOcspResponder",
+    "memory_authority",
+    "caa_record",
+    "listen_dns",
 ]
 
 
@@ -399,3 +402,50 @@ class FakeOcspResponder(Resource):
         now = self.clock.seconds()
         return self.ca.response(self.leaves[asked.serial_number], self.statuses[asked.serial_number],
                                 now, now + self.lifetime)
+
+
+def caa_record(tag: str, value: str, flags: int = 0, ttl: int = 60) -> Any:
+    """
+    A CAA record (RFC 8659) for L{memory_authority}: twisted.names has no
+    class for the type, so its wire RDATA in an C{UnknownRecord} whose
+    C{TYPE} is 257, which an authority can serve.
+    """
+    from twisted.names import dns
+
+    class CAARecord(dns.UnknownRecord):
+        TYPE = 257  # type: ignore[assignment]
+
+    data = bytes([flags, len(tag)]) + tag.encode("ascii") + value.encode("utf-8")
+    return CAARecord(data, ttl=ttl)
+
+
+def memory_authority(zone: str, records: dict[str, list[Any]]) -> Any:
+    """
+    A C{twisted.names} authority for C{zone} held in memory: C{records}
+    maps names (C{"shop.example.test"}) to record payloads
+    (C{dns.Record_A("127.0.0.1")}, C{dns.Record_CNAME(b"edge.saas.test")},
+    L{caa_record}). Names under the zone without records are NXDOMAIN.
+    """
+    from twisted.names import authority, dns
+
+    class MemoryAuthority(authority.FileAuthority):
+        def loadFile(self, filename: Any) -> None:
+            soa = dns.Record_SOA(mname=b"ns." + zone.encode(), rname=b"root." + zone.encode(), serial=1,
+                                 refresh=60, retry=60, expire=60, minimum=0, ttl=0)
+            self.soa = (zone.encode(), soa)  # type: ignore[assignment]
+            self.records = {name.lower().encode(): list(rs) for name, rs in records.items()}  # type: ignore[assignment]
+
+    return MemoryAuthority(None)
+
+
+def listen_dns(reactor: Any, resolver: Any) -> Any:
+    """
+    Serve a resolver (an authority from L{memory_authority}) on an
+    ephemeral UDP port of 127.0.0.1 with C{twisted.names.server}; returns
+    the listening port (C{getHost().port}, C{stopListening()}).
+    """
+    from twisted.names import dns, server
+
+    factory = server.DNSServerFactory(authorities=[resolver])
+    factory.noisy = False
+    return reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")

@@ -46,7 +46,7 @@ from .clienthello import (
     parse_client_hello,
 )
 from .hostnames import InvalidHostname, normalize
-from .interfaces import BackedOff, PolicyRefusal
+from .interfaces import BackedOff, PolicyRefusal, PrecheckFailed
 from .resolver import CertificateResolver
 
 __all__ = [
@@ -467,6 +467,8 @@ class SniffingProtocol(Protocol):
             self._refuse("refused", ALERT_UNRECOGNIZED_NAME)
         elif failure.check(BackedOff):
             self._refuse("backoff", ALERT_INTERNAL_ERROR)
+        elif failure.check(PrecheckFailed):
+            self._refuse("precheck-failed", ALERT_INTERNAL_ERROR)
         elif failure.check(defer.TimeoutError):
             self._log.warn(
                 "gave up waiting for a certificate for {host} after {timeout}s",

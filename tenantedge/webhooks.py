@@ -663,3 +663,28 @@ class ExpiryNotices:
             "id": f"hostname.expiring-soon:{name}:{serial:x}",
             "data": {"hostname": name, "serial": f"{serial:x}", "not_after": int(not_after), "error": error},
         })
+
+
+def lifecycle_webhook(emit: Callable[[Mapping[str, Any]], None]) -> Callable[[Mapping[str, Any]], None]:
+    """
+    The bridge from the hostname lifecycle's events
+    (L{tenantedge.lifecycle.HostnameLifecycle.subscribe}) to webhook events:
+    C{{"event": "failed", "host": ..., ...}} becomes C{hostname.failed} with
+    C{data.hostname}, C{data.problem} (the CA's problem type, or a
+    pre-check's reason) and the rest of the record. C{expiring-soon} is not
+    bridged: L{ExpiryNotices} sends it once per certificate, with an id a
+    receiver can deduplicate across workers and restarts.
+    """
+
+    def bridge(event: Mapping[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "expiring-soon" or not isinstance(kind, str):
+            return
+        data = {key: value for key, value in event.items() if key not in ("event", "host", "problem_type")}
+        data["hostname"] = event.get("host")
+        if kind in ("failed", "retired"):
+            data["problem"] = event.get("problem_type")
+        emit({"type": f"hostname.{kind}", "data": data})
+
+    return bridge
+

@@ -153,13 +153,54 @@ class AllowURLTests(CheckerTestCase):
         self.flushLoggedErrors()
 
     def test_url_encoding(self) -> None:
+        """The name is URL-encoded; purpose= follows as a query parameter in both forms."""
         self.assertEqual(
             build_check_url("https://x.test/c/{domain}?k=1", "xn--bcher-kva.example", False),
-            "https://x.test/c/xn--bcher-kva.example?k=1",
+            "https://x.test/c/xn--bcher-kva.example?k=1&purpose=issue",
         )
-        self.assertEqual(build_check_url("https://x.test/c?d={domain}", "a.b", False), "https://x.test/c?d=a.b")
-        self.assertEqual(build_check_url("https://x.test/ask", "a.b", True), "https://x.test/ask?domain=a.b")
-        self.assertEqual(build_check_url("https://x.test/ask?k=1", "a.b", True), "https://x.test/ask?k=1&domain=a.b")
+        self.assertEqual(build_check_url("https://x.test/c?d={domain}", "a.b", False),
+                         "https://x.test/c?d=a.b&purpose=issue")
+        self.assertEqual(build_check_url("https://x.test/c/{domain}", "a.b", False, "serve"),
+                         "https://x.test/c/a.b?purpose=serve")
+        self.assertEqual(build_check_url("https://x.test/ask", "a.b", True), "https://x.test/ask?domain=a.b&purpose=issue")
+        self.assertEqual(build_check_url("https://x.test/ask?k=1", "a.b", True, "renew"),
+                         "https://x.test/ask?k=1&domain=a.b&purpose=renew")
+        self.assertRaises(ValueError, build_check_url, "https://x.test/ask", "a.b", True, "other")
+
+    def test_purpose_sent(self) -> None:
+        """decide() sends purpose=issue by default, purpose=serve when asked; ask() sends purpose=renew."""
+        self.endpoint.status["a.tenant.test"] = 200
+        self.decide("a.tenant.test")
+        d = self.checker.decide("b.tenant.test", "serve")
+        self.http.flush()
+        self.successResultOf(d)
+        d = self.checker.ask("c.tenant.test")
+        self.http.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.endpoint.asked, [
+            b"/check-domain/a.tenant.test?purpose=issue",
+            b"/check-domain/b.tenant.test?purpose=serve",
+            b"/check-domain/c.tenant.test?purpose=renew",
+        ])
+
+    def test_serve_answer_never_authorises_issue(self) -> None:
+        """
+        A cached serve allow does not answer an issue (asked afresh, and
+        here denied); an issue answer, authoritative, answers a serve.
+        """
+        self.endpoint.status["a.tenant.test"] = 200
+        d = self.checker.decide("a.tenant.test", "serve")
+        self.http.flush()
+        self.assertEqual(self.successResultOf(d), Decision.ALLOW)
+        self.endpoint.status["a.tenant.test"] = 404
+        self.assertEqual(self.decide("a.tenant.test"), Decision.DENY)
+        self.assertEqual(len(self.endpoint.asked), 2)
+        self.endpoint.status["b.tenant.test"] = 200
+        self.decide("b.tenant.test")
+        d = self.checker.decide("b.tenant.test", "serve")
+        self.assertEqual(self.successResultOf(d), Decision.ALLOW)
+        self.assertEqual(len(self.endpoint.asked), 3)
+        self.assertRaises(ValueError, self.checker.decide, "b.tenant.test", "renew")
 
 
 class ConcurrencyCapTests(CheckerTestCase):
@@ -195,7 +236,7 @@ class AskTests(CheckerTestCase):
             name = f"s{status}.tenant.test"
             self.endpoint.status[name] = status
             self.assertEqual(self.decide(name), expected)
-        self.assertIn(b"/ask?domain=s200.tenant.test", self.endpoint.asked)
+        self.assertIn(b"/ask?domain=s200.tenant.test&purpose=issue", self.endpoint.asked)
         self.flushLoggedErrors()
 
 

@@ -30,7 +30,7 @@ class LimitsTests(SynchronousTestCase):
             max_concurrent=2, max_waiting=2, max_new_orders=5, max_per_domain=3, max_failed_validations=2,
         )
         self.issuer = ControlledIssuer()
-        self.limited = LimitedIssuer(self.issuer, self.limits)
+        self.limited = LimitedIssuer(self.issuer, self.limits, windows=True)  # the windows on, as for Let's Encrypt
 
     def issue_ok(self, name: str) -> None:
         d = self.limited.issue(name)
@@ -181,7 +181,7 @@ class ExemptRenewalTests(SynchronousTestCase):
                 return succeed(replaces is not None)
 
         issuer = AriIssuer()
-        limited = LimitedIssuer(issuer, limits, exemption=issuer)
+        limited = LimitedIssuer(issuer, limits, exemption=issuer, windows=True)
         old = make_bundle("a.acme.com")
         d = limited.issue("a.acme.com")
         issuer.complete("a.acme.com", old)
@@ -218,7 +218,7 @@ class ExemptRenewalTests(SynchronousTestCase):
                 return super().issue(server_name, replaces)
 
         issuer = RefusingAriIssuer()
-        limited = LimitedIssuer(issuer, limits, exemption=issuer)
+        limited = LimitedIssuer(issuer, limits, exemption=issuer, windows=True)
         old = make_bundle("a.acme.com")
         for _ in range(2):
             d = limited.issue("a.acme.com", replaces=old)
@@ -229,3 +229,46 @@ class ExemptRenewalTests(SynchronousTestCase):
         # The window is now full: the next refused replacement is not ordered.
         f = self.failureResultOf(limited.issue("a.acme.com", replaces=old), LimitExceeded)
         self.assertEqual(f.value.limit, "new-orders")
+
+
+class PerCATests(SynchronousTestCase):
+    """Let's Encrypt's windows apply to Let's Encrypt's directories only, unless configured."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.limits = IssuanceLimits(None, self.clock, registered_domain, max_concurrent=1, max_waiting=0,
+                                     max_new_orders=1)
+
+    def orders(self, name: str, windows: bool | None = None) -> list[str]:
+        issuer = ControlledIssuer(name)
+        limited = LimitedIssuer(issuer, self.limits, windows=windows)
+        for sub in ("a", "b"):
+            d = limited.issue(f"{sub}.acme.com")
+            if issuer._pending:
+                issuer.complete(f"{sub}.acme.com", make_bundle(f"{sub}.acme.com"))
+                self.successResultOf(d)
+            else:
+                self.failureResultOf(d, LimitExceeded)
+        return issuer.requests
+
+    def test_letsencrypt_directories_windowed(self) -> None:
+        from tenantedge.limits import LETSENCRYPT_DIRECTORIES, is_letsencrypt
+
+        for url in LETSENCRYPT_DIRECTORIES:
+            self.assertTrue(is_letsencrypt(url))
+            self.assertEqual(self.orders(url), ["a.acme.com"])  # max_new_orders=1
+
+    def test_other_cas_only_concurrency(self) -> None:
+        """Pebble, ZeroSSL, a private CA: no windows, but still one order at a time."""
+        self.assertEqual(self.orders("https://localhost:14000/dir"), ["a.acme.com", "b.acme.com"])
+        issuer = ControlledIssuer("https://acme.zerossl.com/v2/DV90")
+        limited = LimitedIssuer(issuer, self.limits)
+        limited.issue("c.acme.com")
+        f = self.failureResultOf(limited.issue("d.acme.com"), LimitExceeded)
+        self.assertEqual(f.value.limit, "concurrent")
+
+    def test_configured_either_way(self) -> None:
+        self.assertEqual(self.orders("https://acme.zerossl.com/v2/DV90", windows=True), ["a.acme.com"])
+        self.assertEqual(self.orders("https://acme-v02.api.letsencrypt.org/directory", windows=False),
+                         ["a.acme.com", "b.acme.com"])

@@ -269,3 +269,47 @@ class HelpTests(SynchronousTestCase):
         self.assertIn(path, str(e))
         self.assertIn("'renew-before'", str(e))
         self.assertNotIn("\n", str(e))
+
+
+class PrecheckAndLimitSettingsTests(SynchronousTestCase):
+    def config(self, **values):
+        from tenantedge.config import OnDemandConfig
+
+        return OnDemandConfig(store="/tmp/x", **values)
+
+    def test_dns_precheck_needs_public_address(self) -> None:
+        from tenantedge.config import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            self.config(precheck=["dns"])
+        self.assertEqual(caught.exception.key, "public-address")
+        config = self.config(precheck=["dns", "reach"], public_address=["203.0.113.1", "2001:DB8::1"],
+                             precheck_resolver=["127.0.0.1:5353", "[::1]", "192.0.2.53"])
+        self.assertEqual(config.public_address, ("203.0.113.1", "2001:db8::1"))
+        self.assertEqual(config.precheck_servers, [("127.0.0.1", 5353), ("::1", 53), ("192.0.2.53", 53)])
+        for bad in ({"precheck": ["ping"]}, {"public_address": ["nope"]}, {"precheck_resolver": ["1.2.3.4:x"]}):
+            self.assertRaises(ConfigError, self.config, **bad)
+
+    def test_reach_needs_http_01(self) -> None:
+        from tenantedge.config import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            self.config(precheck=["reach"], challenge="tls-alpn-01")
+        self.assertEqual(caught.exception.key, "precheck")
+
+    def test_limits_per_ca_defaults(self) -> None:
+        """Let's Encrypt's windows for its directories only, unless ca-limits says otherwise."""
+        from tenantedge.config import CA_ALIASES, ConfigError
+
+        pebble = "https://localhost:14000/dir"
+        config = self.config(ca=["letsencrypt", "letsencrypt-staging", pebble])
+        self.assertEqual([config.limits_profile(ca) for ca in config.ca], ["letsencrypt", "letsencrypt", "none"])
+        config = self.config(ca=["letsencrypt", pebble], ca_limits=[f"{pebble}=letsencrypt", "letsencrypt=none"])
+        self.assertEqual([config.limits_profile(ca) for ca in config.ca], ["none", "letsencrypt"])
+        self.assertEqual(config.caa_identity_for(CA_ALIASES["letsencrypt"]), "letsencrypt.org")
+        self.assertIsNone(config.caa_identity_for(pebble))
+        config = self.config(ca=[pebble], caa_identity=[f"{pebble}=Pebble.Example."])
+        self.assertEqual(config.caa_identity_for(pebble), "pebble.example")
+        for bad in ({"ca_limits": ["letsencrypt=none"]}, {"ca_limits": [f"{pebble}=some"]},
+                    {"caa_identity": [f"{pebble}=not a domain"]}):
+            self.assertRaises(ConfigError, self.config, ca=[pebble], **bad)

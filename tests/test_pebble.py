@@ -211,3 +211,46 @@ class ShortLivedRenewalTests(PebbleTestCase):
         renewed = await self.edge.on_demand.store.get("short.test")
         self.assertNotEqual(renewed.leaf.serial_number, first.leaf.serial_number)
         self.assertGreaterEqual(self.pebble.orders, 2)
+
+
+class DNSPrecheckTests(PebbleTestCase):
+    """
+    --precheck dns against Pebble: the edge asks a twisted.names server on
+    a loopback port (answering 127.0.0.1 for every name, as Pebble's own
+    does) before ordering.
+    """
+
+    async def precheck_edge(self, public_address: str) -> EdgeService:
+        from tenantedge.testing import listen_loopback_dns
+
+        udp, tcp = listen_loopback_dns(reactor)
+        self.addCleanup(udp.stopListening)
+        if tcp is not None:
+            self.addCleanup(tcp.stopListening)
+        await self.edge.stopService()
+        return await self.start_edge(
+            "--precheck", "dns", "--public-address", public_address,
+            "--precheck-resolver", f"127.0.0.1:{udp.getHost().port}",
+        )
+
+    async def test_dns_precheck_failure_spends_zero_orders(self) -> None:
+        """
+        A name that does not resolve to a --public-address is refused at
+        its handshake with an alert, and Pebble counts zero orders.
+        """
+        edge = await self.precheck_edge("203.0.113.1")
+        out, err, code = await self.fetch("elsewhere.test")
+        self.assertEqual(code, 35, err)
+        self.assertEqual(self.pebble.orders, 0)
+        self.assertEqual(edge.on_demand.precheck_results["dns:dns-not-pointing-here"], 1)
+        self.assertEqual(edge.on_demand.pipeline.counts("issue"), {"precheck-failed": 1})
+        self.assertEqual(edge.on_demand.handshakes["precheck-failed"], 1)
+        self.assertIsNotNone(edge.on_demand.backoff.blocked_until("elsewhere.test"))
+
+    async def test_dns_precheck_passes_then_issues(self) -> None:
+        """With the address the name resolves to as --public-address, the name is issued."""
+        edge = await self.precheck_edge("127.0.0.1")
+        out, err, code = await self.fetch("here.test")
+        self.assertEqual(code, 0, err + self.pebble.log[-3000:].encode())
+        self.assertEqual(self.pebble.orders, 1)
+        self.assertEqual(edge.on_demand.precheck_results["dns:ok"], 1)

@@ -138,3 +138,54 @@ class PipelineTests(SynchronousTestCase):
         self.clock.advance(self.pipeline.work_timeout + 1)
         self.failureResultOf(d)
         self.assertFalse(self.pipeline.in_flight("a.test"))
+
+
+class PrecheckInPipelineTests(SynchronousTestCase):
+    def test_failed_precheck_places_no_order(self) -> None:
+        """
+        A pre-check failure inside the issuer chain fails the obtain with
+        PrecheckFailed, places no order, is counted as precheck-failed (not
+        failed) and starts the name's backoff; the next attempt is refused
+        from the backoff without running the checks again.
+        """
+        from collections import Counter
+
+        from twisted.internet.defer import fail
+
+        from tenantedge.backoff import FailureBackoff
+        from tenantedge.interfaces import BackedOff, PrecheckFailed
+        from tenantedge.issuer import BackoffIssuer
+        from tenantedge.precheck import PrecheckedIssuer
+
+        class NotHere:
+            name = "dns"
+            asked = 0
+
+            def check(self, server_name: str) -> Deferred[None]:
+                self.asked += 1
+                return fail(PrecheckFailed(server_name, "dns-not-pointing-here", "resolves to 192.0.2.9"))
+
+        clock = Clock()
+        clock.advance(NOW)
+        issuer = ControlledIssuer()
+        check = NotHere()
+        backoff = FailureBackoff(None, clock)
+        results: Counter[str] = Counter()
+        from tenantedge.lifecycle import HostnameLifecycle
+
+        lifecycle = HostnameLifecycle(None, clock)
+        pipeline = IssuancePipeline(
+            MemoryStore(), BackoffIssuer(PrecheckedIssuer(issuer, [check], results), backoff), clock,
+            CertificateCheck(clock), lifecycle=lifecycle,
+        )
+        f = self.failureResultOf(pipeline.obtain("a.test"), PrecheckFailed)
+        self.assertEqual(f.value.reason, "dns-not-pointing-here")
+        # The name is failing, with the pre-check's reason as its problem.
+        record = lifecycle.get("a.test")
+        assert record is not None
+        self.assertEqual((record.state, record.problem_type), ("failing", "dns-not-pointing-here"))
+        self.assertEqual(issuer.requests, [])
+        self.assertEqual(pipeline.counts(ISSUE), {"precheck-failed": 1})
+        self.assertIsNotNone(backoff.blocked_until("a.test"))
+        self.failureResultOf(pipeline.obtain("a.test"), BackedOff)
+        self.assertEqual((check.asked, issuer.requests), (1, []))

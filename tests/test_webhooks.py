@@ -549,3 +549,35 @@ class SettingsTests(SynchronousTestCase):
         self.assertIn('tenantedge_webhook_deliveries_total{result="gave-up"} 0.0', text)
         self.assertIn("tenantedge_webhook_queue 0.0", text)
         self.assertIsNone(OnDemandTLS.from_config(self.config(), clock).webhooks)
+
+
+class LifecycleBridgeTests(SynchronousTestCase):
+    """The hostname lifecycle's events become webhook events."""
+
+    def test_events_become_webhooks(self) -> None:
+        from tenantedge.webhooks import lifecycle_webhook
+
+        sent: list[Any] = []
+        bridge = lifecycle_webhook(sent.append)
+        bridge({"event": "failed", "host": "a.test", "at": 1.0, "state": "failing", "attempts": 2,
+                "problem_type": "dns-not-pointing-here", "detail": "a.test resolves to 203.0.113.9", "next_retry": 9.0})
+        bridge({"event": "issued", "host": "a.test", "at": 2.0, "state": "active", "not_after": 3.0})
+        bridge({"event": "expiring-soon", "host": "a.test", "at": 4.0, "state": "active", "not_after": 5.0})
+        self.assertEqual(sent, [
+            {"type": "hostname.failed", "data": {
+                "hostname": "a.test", "at": 1.0, "state": "failing", "attempts": 2, "problem": "dns-not-pointing-here",
+                "detail": "a.test resolves to 203.0.113.9", "next_retry": 9.0}},
+            {"type": "hostname.issued", "data": {"hostname": "a.test", "at": 2.0, "state": "active", "not_after": 3.0}},
+        ])  # expiring-soon comes from ExpiryNotices, once per certificate
+
+    def test_a_transition_is_emitted(self) -> None:
+        """A lifecycle transition, through the bridge, is one webhook event."""
+        from tenantedge.lifecycle import HostnameLifecycle
+
+        emitted: list[Any] = []
+        lifecycle = HostnameLifecycle(None, Clock())
+        from tenantedge.webhooks import lifecycle_webhook
+
+        lifecycle.subscribe(lifecycle_webhook(emitted.append))
+        lifecycle.archived("gone.test")
+        self.assertEqual([e["type"] for e in emitted], ["hostname.archived"])
