@@ -28,6 +28,7 @@ from tenantedge.redisstore import (
     RedisState,
     RedisStore,
 )
+from tenantedge.interfaces import IOcspStore
 from tenantedge.shared import StateFile
 from tenantedge.testing import make_bundle
 
@@ -98,6 +99,24 @@ class RedisStoreTests(_OnRedis, SharedStoreContractMixin, SynchronousTestCase):
     def test_corrupt_is_missing(self) -> None:
         self.redis().connect().execute("HSET", "t:cert:a.example", "pem", b"junk", "version", 1)
         self.failureResultOf(self.store.get("a.example"), KeyError)
+
+    def test_ocsp_beside_the_certificate(self) -> None:
+        """
+        An OCSP response is kept on the certificate's entry, without
+        counting as a change of the certificate; none for a name without
+        one (C{KeyError}); gone with the certificate.
+        """
+        self.assertTrue(verifyObject(IOcspStore, self.store))
+        self.successResultOf(self.store.store("a.example", make_bundle("a.example")))
+        self.failureResultOf(self.store.get_ocsp("a.example"), KeyError)
+        self.successResultOf(self.store.store_ocsp("a.example", b"\x30\x03der"))
+        self.assertEqual(self.successResultOf(self.store.get_ocsp("a.example")), b"\x30\x03der")
+        self.assertEqual(self.successResultOf(self.make_peer().changed(["a.example"])), [])
+        self.successResultOf(self.store.store_ocsp("nothing.example", b"\x30\x00"))
+        self.failureResultOf(self.store.get_ocsp("nothing.example"), KeyError)
+        self.assertEqual(self.successResultOf(self.store.names()), ["a.example"])
+        self.successResultOf(self.store.delete("a.example"))
+        self.failureResultOf(self.store.get_ocsp("a.example"), KeyError)
 
 
 class RedisChallengeStoreTests(_OnRedis, SynchronousTestCase):
