@@ -15,7 +15,7 @@ twistd's rotation (and an external logrotate) correct.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet import fdesc
 from twisted.internet.interfaces import IReadDescriptor
@@ -30,17 +30,22 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["WorkerLogReader", "send_logs_to"]
+__all__ = ["WorkerLogReader", "pipe_stream", "send_logs_to"]
 
 
-def send_logs_to(fd: int, publisher: LogPublisher = globalLogPublisher) -> ILogObserver:
+def pipe_stream(fd: int) -> IO[str]:
+    """The worker's end of its log pipe, line-buffered text (it owns C{fd} from now on)."""
+    return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
+
+
+def send_logs_to(stream: IO[str], publisher: LogPublisher = globalLogPublisher) -> ILogObserver:
     """
-    In a forked worker: publish every log event as a JSON line on C{fd}
-    instead of to the observers inherited from the supervisor.
+    In a forked worker: publish every log event as a JSON line on
+    C{stream} (L{pipe_stream}) instead of to the observers inherited from
+    the supervisor.
 
-    @return: the observer now writing to C{fd}.
+    @return: the observer now writing to C{stream}.
     """
-    stream = os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
     # LogPublisher offers no public way to list its observers; the
     # attribute is pinned by tests/test_workerlogs.py.
     for observer in list(publisher._observers):

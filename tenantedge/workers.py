@@ -67,7 +67,7 @@ from .listening import ListenFailed, ListeningService
 from .pools import quiet_pool
 from .proxy import EdgeSite
 from .proxyheader import split_proxy_prefix
-from .workerlogs import WorkerLogReader, send_logs_to
+from .workerlogs import WorkerLogReader, pipe_stream, send_logs_to
 
 __all__ = ["Supervisor", "bind_listening_socket", "run_worker"]
 
@@ -283,7 +283,7 @@ class Supervisor(MultiService):
             code = 0
             try:
                 os.close(log_read)
-                send_logs_to(log_write)  # the supervisor alone writes the log
+                send_logs_to(pipe_stream(log_write))  # the supervisor alone writes the log
                 # A group of its own: a terminal's Ctrl-C or a job-control
                 # signal reaches the supervisor, which stops the workers.
                 os.setpgid(0, 0)
@@ -675,21 +675,7 @@ class SupervisorAdmin(Resource):
         targets = slots if path.endswith(b"/forget") else slots[:1]
         authorization = request.getHeader(b"authorization")
         d = gatherResults([self._ask(slot, b"POST", path, authorization) for slot in targets], consumeErrors=True)
-
-        def done(results: list[tuple[int, bytes]]) -> None:
-            code, body = results[0]
-            request.setResponseCode(code)
-            request.setHeader(b"content-type", b"application/json")
-            request.write(body)
-            request.finish()
-
-        def failed(failure: Any) -> None:
-            request.setResponseCode(502)
-            request.write(b'{"error": "a worker did not answer"}\n')
-            request.finish()
-
-        d.addCallbacks(done, failed)
-        return NOT_DONE_YET
+        return self._relay(request, d.addCallback(lambda results: results[0]))  # the first worker's answer
 
 
 def merge_metrics(

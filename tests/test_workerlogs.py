@@ -14,7 +14,7 @@ from twisted.logger import LogLevel, LogPublisher, Logger, eventAsJSON, formatEv
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tenantedge.workerlogs import WorkerLogReader, send_logs_to
+from tenantedge.workerlogs import WorkerLogReader, pipe_stream, send_logs_to
 
 
 class WorkerLogTests(SynchronousTestCase):
@@ -26,14 +26,20 @@ class WorkerLogTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.reader = WorkerLogReader(self.reactor, self.read_fd, 1, self.published.append)
         self.reader.start()
+        # Each descriptor is closed exactly once, by its owner: closing a
+        # number twice (or letting a stream's garbage collection close it
+        # late) can close a socket a later test got the same number for.
+        self.write_open = True
+        self.stream: Any = None
         self.addCleanup(self._close)
 
     def _close(self) -> None:
-        for fd in (self.read_fd, self.write_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if self.stream is not None:
+            self.stream.close()  # it owns the write end
+        elif self.write_open:
+            os.close(self.write_fd)
+        if self.reader in self.reactor.getReaders():
+            self.reader.connectionLost(Failure(CONNECTION_DONE))  # it owns the read end
 
     def test_events_cross_the_pipe(self) -> None:
         """
@@ -42,7 +48,8 @@ class WorkerLogTests(SynchronousTestCase):
         marked with the worker.
         """
         self.assertIn(self.reader, self.reactor.getReaders())
-        send_logs_to(self.write_fd, self.worker)
+        self.stream = pipe_stream(self.write_fd)
+        send_logs_to(self.stream, self.worker)
         log = Logger(observer=self.worker, namespace="tenantedge.test")
         log.info("listening: {what}", what="https")
         try:
@@ -70,6 +77,7 @@ class WorkerLogTests(SynchronousTestCase):
         """The worker's end closing ends the reader, which leaves the reactor."""
         os.write(self.write_fd, b'{"log_format": "last words"}')
         os.close(self.write_fd)
+        self.write_open = False
         self.assertIsNone(self.reader.doRead())
         result = self.reader.doRead()
         self.assertEqual(result, CONNECTION_DONE)
