@@ -777,8 +777,11 @@ class OnDemandConfig:
             if self.eab_hmac_key is not None:
                 raise ConfigError("eab-hmac-key-file", "give the EAB key or its file, not both")
             try:
+                _private_file(self.eab_hmac_key_file)  # a secret: only its owner may read it
                 with open(self.eab_hmac_key_file, encoding="ascii") as f:
                     object.__setattr__(self, "eab_hmac_key", f.read().strip())
+            except ValueError as e:
+                raise ConfigError("eab-hmac-key-file", str(e)) from None
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError("eab-hmac-key-file", f"{self.eab_hmac_key_file}: {e}") from None
         if self.admin_token_file is not None:

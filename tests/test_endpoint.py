@@ -364,6 +364,7 @@ class ParserTests(TestCase):
         key_file = os.path.abspath(self.mktemp())
         with open(key_file, "w") as f:
             f.write("c2VjcmV0\n")
+        os.chmod(key_file, 0o600)
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(

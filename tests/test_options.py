@@ -238,6 +238,10 @@ class ConfigValueTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("c2VjcmV0LWhtYWMta2V5\n")
+        os.chmod(path, 0o644)
+        e = self.assertRaises(ConfigError, OnDemandConfig, eab_kid="kid-1", eab_hmac_key_file=path)
+        self.assertIn("chmod 600", str(e))  # a secret others can read is refused
+        os.chmod(path, 0o600)
         config = OnDemandConfig(eab_kid="kid-1", eab_hmac_key_file=path)
         self.assertEqual(config.eab, ("kid-1", "c2VjcmV0LWhtYWMta2V5"))
         self.assertNotIn("c2VjcmV0", repr(config))
