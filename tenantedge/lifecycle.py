@@ -138,7 +138,14 @@ class HostnameRecord:
         if not isinstance(data, dict) or data.get("state") not in STATES:
             raise ValueError(f"bad lifecycle record for {host}")
         fields = {f.name for f in attrs.fields(cls)} - {"host"}
-        return cls(host=host, **{k: v for k, v in data.items() if k in fields})
+        values = {k: v for k, v in data.items() if k in fields}
+        for key in ("since", "failing_since", "next_retry", "decided_at"):
+            value = values.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"bad {key} in the lifecycle record for {host}")
+        if not isinstance(values.get("attempts", 0), int):
+            raise ValueError(f"bad attempts in the lifecycle record for {host}")
+        return cls(host=host, **values)
 
 
 @attrs.define
@@ -224,11 +231,20 @@ class HostnameLifecycle:
             self._records = {}
 
     def _parse(self, data: Any) -> None:
-        try:
-            self._records = {str(h): HostnameRecord.from_json(str(h), e) for h, e in (data or {}).items()}
-        except (ValueError, TypeError, AttributeError) as e:
-            self._log.error("ignoring unreadable lifecycle state {file}: {error}", file=self._file.path, error=str(e))
+        if not isinstance(data, dict):
+            self._log.error("ignoring unreadable lifecycle state {file}", file=self._file.path)
             self._records = {}
+            return
+        records: dict[str, HostnameRecord] = {}
+        for host, entry in data.items():
+            # Each record on its own: one a newer node wrote (or a hand
+            # edit) must not wipe every other name's on the next write.
+            try:
+                records[str(host)] = HostnameRecord.from_json(str(host), entry)
+            except (ValueError, TypeError, AttributeError) as e:
+                self._log.error("skipping an unreadable lifecycle record for {host} in {file}: {error}",
+                                host=str(host)[:200], file=self._file.path, error=str(e))
+        self._records = records
 
     def _fresh(self) -> None:
         if self._file.changed():
@@ -302,7 +318,9 @@ class HostnameLifecycle:
 
         def change() -> None:
             current = self._records.get(host)
-            if current is not None and current.state == RETIRED and current.decision != decision:
+            if current is not None and current.state == RETIRED and decision == "allow" and current.decision != "allow":
+                # Only a new "allow" revives: an allow endpoint that fails
+                # (unknown) or denies must not set orders going again.
                 self._revived(host)
             elif current is not None and current.state == ARCHIVED and decision == "allow":
                 self._set(host, state=PENDING)

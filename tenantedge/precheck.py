@@ -356,6 +356,11 @@ class ReachPrecheck:
     clock: IReactorTime
     timeout: float = 5.0
     port: int = 80
+    #: Also fetch from addresses that are not globally routable (loopback,
+    #: private networks: C{--allow-private-suffix} setups). Off, a tenant
+    #: pointing its name at 10.0.0.5 or 169.254.169.254 gets the edge to
+    #: fetch nothing there: no probing of the internal network.
+    private: bool = False
     name = "reach"
 
     def check(self, server_name: str) -> Deferred[None]:
@@ -365,6 +370,13 @@ class ReachPrecheck:
         addresses, chain = await resolve_addresses(self.resolver, server_name, self.timeout, self.clock)
         if not addresses:
             raise PrecheckFailed(server_name, UNREACHABLE, f"{chain} has no A or AAAA record")
+        if not self.private:
+            internal = [a for a in addresses if not ipaddress.ip_address(a).is_global]
+            if internal:
+                raise PrecheckFailed(
+                    server_name, UNREACHABLE, f"{chain} resolves to an address that is not public "
+                    f"({', '.join(internal[:MAX_REACH_ADDRESSES])})",
+                )
         token = REACH_TOKEN_PREFIX + secrets.token_hex(16)
         nonce = secrets.token_hex(16)
         await self.challenges.add(token, nonce)
@@ -400,8 +412,10 @@ class ReachPrecheck:
             return f"failed: {describe_error(e)}"
         if response.code != 200:
             return f"answered {response.code}"
+        # The nonce, or a word: what another server answered is never
+        # repeated (the detail reaches the API and webhooks).
         text = bytes(body).strip().decode("ascii", "replace")
-        return text if len(text) == 32 else "answered something else"
+        return text if len(text) == 32 and all(c in "0123456789abcdef" for c in text) else "answered something else"
 
 
 @implementer(IIssuer)

@@ -523,7 +523,8 @@ def _build(
     if "reach" in config.precheck:
         plain = HTTPClient(Agent(reactor, pool=api_pool))
         checks.append(
-            ReachPrecheck(plain, storage.challenges, dns_resolver, reactor, timeout=config.precheck_timeout)
+            ReachPrecheck(plain, storage.challenges, dns_resolver, reactor, timeout=config.precheck_timeout,
+                          private=config.allow_private_suffix)
         )
     chain = prechecked(chain, checks)
     preparations.append(("the failure backoff", backoff.load))

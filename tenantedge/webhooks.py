@@ -65,6 +65,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import treq
@@ -161,11 +162,13 @@ def verify_signature(
     current = time.time() if now is None else now
     if abs(current - timestamp) > tolerance:
         return False
-    expected = hmac.new(key, b"%d." % timestamp + body, hashlib.sha256).hexdigest()
+    expected = hmac.new(key, b"%d." % timestamp + body, hashlib.sha256).hexdigest().encode("ascii")
     matched = False
     for candidate in candidates:
-        # Every candidate is compared (no early exit on a match).
-        matched |= hmac.compare_digest(expected, candidate)
+        # Every candidate is compared (no early exit on a match), as bytes:
+        # compare_digest refuses str with non-ASCII characters (a forged
+        # header must not make the receiver's check raise).
+        matched |= hmac.compare_digest(expected, candidate.encode("utf-8", "replace"))
     return matched
 
 
@@ -214,6 +217,14 @@ class _Destination:
     retry: IDelayedCall | None = None
     sending: Deferred[None] | None = None
     gone: bool = False
+
+    @property
+    def shown(self) -> str:
+        """The URL for logs: scheme, host and path only (a query or user:pass@ may carry a token)."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
     scanned: int | None = None
     scanned_at: float = 0.0
 
@@ -302,8 +313,9 @@ class WebhookOutbox(Service):
         written: list[tuple[_Destination, str]] = []
         errors: list[str] = []
         for destination in self._destinations:
-            if destination.gone:
-                continue
+            # Written even for a receiver that answered 410 Gone: it is not
+            # called again until restart, but what it would have got waits
+            # on disk (bounded by the queue limit), as the docstring says.
             name = self._next_name()
             try:
                 self.write(os.path.join(destination.directory, name), body)
@@ -494,7 +506,7 @@ class WebhookOutbox(Service):
             self.results["dropped"] += 1
             self._log.warn(
                 "webhook queue for {url} is full ({max} events): the oldest event ({file}) is dropped",
-                url=destination.url, max=self.max_queued, file=name,
+                url=destination.shown, max=self.max_queued, file=name,
             )
 
     def _send_next(self, destination: _Destination) -> None:
@@ -513,7 +525,7 @@ class WebhookOutbox(Service):
             if destination.sending is d:
                 destination.sending = None
             if isinstance(result, Failure) and not result.check(CancelledError):
-                self._log.failure("webhook delivery to {url} failed", result, url=destination.url)
+                self._log.failure("webhook delivery to {url} failed", result, url=destination.shown)
             if self._lock_fd is not None and destination.retry is None:
                 # The next event on the next reactor turn, not from inside
                 # this callback: a queue of thousands answered at once (a
@@ -550,7 +562,7 @@ class WebhookOutbox(Service):
             self.results["gave-up"] += 1
             self._log.error(
                 "gave up delivering webhook event {id} to {url}: undelivered for {hours:.0f} hours",
-                id=event_id, url=destination.url, hours=(now - created) / 3600,
+                id=event_id, url=destination.shown, hours=(now - created) / 3600,
             )
             return
         async with self._slots.held():
@@ -573,14 +585,14 @@ class WebhookOutbox(Service):
             destination.failures = 0
             self._remove(destination, name)
             self.results["delivered"] += 1
-            self._log.debug("webhook event {id} delivered to {url}", id=event_id, url=destination.url)
+            self._log.debug("webhook event {id} delivered to {url}", id=event_id, url=destination.shown)
         elif code == 410:
             self.results["failed-attempt"] += 1
             destination.gone = True
             self._log.error(
                 "webhook receiver {url} answered 410 Gone: not calling it again until restart; its {count} "
                 "queued events are kept in {path}",
-                url=destination.url, count=len(destination.pending), path=destination.directory,
+                url=destination.shown, count=len(destination.pending), path=destination.directory,
             )
         else:
             self._failed(destination, f"answered {code}", event_id)
@@ -607,7 +619,7 @@ class WebhookOutbox(Service):
         delay = self.retry_delay(destination.failures)
         self._log.warn(
             "webhook delivery to {url} failed ({error}); attempt {attempt} for event {id}, next in {delay:.0f}s",
-            url=destination.url, error=why, attempt=destination.failures, id=event_id, delay=delay,
+            url=destination.shown, error=why, attempt=destination.failures, id=event_id, delay=delay,
         )
         self._schedule(destination, delay)
 

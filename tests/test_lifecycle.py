@@ -104,7 +104,11 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(len(self.issuer.requests), asked + 1)
 
     def test_changed_allow_answer_revives(self) -> None:
-        """A retired name whose allow answer changes may be ordered for again; the same answer keeps it retired."""
+        """
+        A retired name is revived by a new "allow" (it was denied or unknown
+        since); the same answer, a deny or an allow endpoint failing
+        (unknown) keep it retired.
+        """
         self.lifecycle = HostnameLifecycle(None, self.clock, retire_after=1.0)
         self.lifecycle.decided("a.test", "allow")
         self.clock.advance(1)
@@ -115,7 +119,13 @@ class LifecycleTests(SynchronousTestCase):
         self.clock.advance(120)
         self.lifecycle.decided("a.test", "allow")
         self.assertTrue(self.lifecycle.is_retired("a.test"))
+        self.lifecycle.decided("a.test", "unknown")
+        self.assertTrue(self.lifecycle.is_retired("a.test"))
+        self.clock.advance(120)
         self.lifecycle.decided("a.test", "deny")
+        self.assertTrue(self.lifecycle.is_retired("a.test"))
+        self.clock.advance(120)
+        self.lifecycle.decided("a.test", "allow")
         self.assertFalse(self.lifecycle.is_retired("a.test"))
 
     def test_never_retires_with_zero(self) -> None:
@@ -206,3 +216,19 @@ class LifecycleTests(SynchronousTestCase):
         self.lifecycle.expiring("a.test", NOW + DAY)
         self.lifecycle.expiring("a.test", NOW + DAY)
         self.assertEqual([e["event"] for e in self.events], ["expiring-soon"])
+
+
+class UnreadableRecordTests(SynchronousTestCase):
+    def test_one_bad_record_is_skipped(self) -> None:
+        """A record this version cannot read (a newer node's state, a hand edit) loses only itself."""
+        import json
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump({"good.test": {"state": "active", "since": 1.0, "attempts": 0},
+                       "newer.test": {"state": "hibernating", "since": 1.0},
+                       "typed.test": {"state": "active", "since": "yesterday"}}, f)
+        lifecycle = HostnameLifecycle(path, Clock())
+        lifecycle.load()
+        self.assertEqual([r.host for r in lifecycle.records()], ["good.test"])
+

@@ -210,7 +210,23 @@ class ReachPrecheckTests(SynchronousTestCase):
 
     def reach(self, resource: Resource) -> tuple[ReachPrecheck, StubTreq]:
         http = StubTreq(resource)
-        return ReachPrecheck(http, self.challenges, self.authority, self.clock, timeout=5), http
+        # 203.0.113.0/24 (the test zone's addresses) is a documentation
+        # network, not global: private=True, as --allow-private-suffix sets.
+        return ReachPrecheck(http, self.challenges, self.authority, self.clock, timeout=5, private=True), http
+
+    def test_internal_addresses_not_fetched(self) -> None:
+        """
+        Without private, a name resolving to a non-public address is
+        unreachable at once: the edge fetches nothing inside the network.
+        """
+        http = StubTreq(Foreign())
+        check = ReachPrecheck(http, self.challenges, self.authority, self.clock, timeout=5)
+        d = check.check("here.example.test")
+        http.flush()
+        f = self.failureResultOf(d, PrecheckFailed)
+        self.assertEqual(f.value.reason, UNREACHABLE)
+        self.assertIn("not public", f.value.detail)
+        self.assertEqual(self.challenges._tokens, {})  # nothing was even published
 
     def test_nonce_comes_back(self) -> None:
         """The edge's own challenge resource answers the nonce; the token is withdrawn afterwards."""

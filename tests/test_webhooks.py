@@ -409,7 +409,10 @@ class TwoURLTests(OutboxTestCase):
         self.assertEqual(self.outbox.results["delivered"], 6)
 
     def test_gone(self) -> None:
-        """410 Gone: that URL is not called again (until restart); the other goes on."""
+        """
+        410 Gone: that URL is not called again (until restart), but its
+        events keep being written (for after the restart); the other goes on.
+        """
         self.receiver.script[b"/a"] = [410]
         self.start()
         self.outbox.emit({"type": "hostname.issued", "id": "e0", "data": {}})
@@ -419,7 +422,7 @@ class TwoURLTests(OutboxTestCase):
         self.pump()
         self.assertEqual(self.receiver.ids(b"/a"), ["e0"])
         self.assertEqual(self.receiver.ids(b"/b"), ["e0", "e1"])
-        self.assertEqual(len(self.files(A)), 1)
+        self.assertEqual(len(self.files(A)), 2)
 
     def test_metrics(self) -> None:
         """The collector shows deliveries by result (every result from zero) and the queue depth."""
@@ -581,3 +584,19 @@ class LifecycleBridgeTests(SynchronousTestCase):
         lifecycle.subscribe(lifecycle_webhook(emitted.append))
         lifecycle.archived("gone.test")
         self.assertEqual([e["type"] for e in emitted], ["hostname.archived"])
+
+
+class ForgedHeaderTests(SynchronousTestCase):
+    def test_non_ascii_never_raises(self) -> None:
+        """A header with non-ASCII or replaced bytes is refused, never an exception in the receiver."""
+        from tenantedge.webhooks import verify_signature
+
+        for header in ("t=1,v1=\u00e9", b"t=1,v1=\xff".decode("utf-8", "replace"), b"t=1,v1=\xff"):
+            self.assertFalse(verify_signature(b"s" * 16, header, b"{}", now=1.0))
+
+    def test_logged_url_has_no_secrets(self) -> None:
+        from tenantedge.webhooks import _Destination
+
+        destination = _Destination("https://user:pw@hooks.example/in?token=abc", "/nowhere")
+        self.assertEqual(destination.shown, "https://hooks.example/in")
+
