@@ -161,6 +161,19 @@ class HostnameAPI:
         names = sorted(set(records) | set(await self.store.names()))
         if cursor is not None:
             names = [n for n in names if n > cursor]
+        if state is not None:
+            # Only names that can be in that state are described (each a
+            # store read, maybe an ARI lookup): a rare state among 100,000
+            # names must not cost 100,000 of them. A name without a record
+            # is active; a pending or archived one with a certificate is
+            # described as active too.
+            def may_be(name: str) -> bool:
+                record = records.get(name)
+                if record is None:
+                    return state == ACTIVE
+                return record.state == state or (state == ACTIVE and record.state in (PENDING, ARCHIVED))
+
+            names = [n for n in names if may_be(n)]
         items: list[dict[str, Any]] = []
         more = False
         for name in names:

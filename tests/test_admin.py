@@ -134,6 +134,27 @@ class AdminAPITests(SynchronousTestCase):
             seen += [i["name"] for i in body["items"]]
         self.assertEqual(seen, [f"n{n}.test" for n in range(5)])
 
+    def test_state_filter_describes_only_candidates(self) -> None:
+        """
+        ?state= reads the store only for names that can be in that state:
+        a rare state among many stored names costs a few reads, not all.
+        """
+        for n in range(20):
+            self.successResultOf(self.store.store(f"s{n}.test", make_bundle(f"s{n}.test")))
+        self.lifecycle.decided("f.test", "allow")
+        self.lifecycle.failed("f.test", RuntimeError("x"))
+        reads: list[str] = []
+        get = self.store.get
+
+        def counting(name: str) -> Any:
+            reads.append(name)
+            return get(name)
+
+        self.store.get = counting  # type: ignore[method-assign]
+        code, body = self.call("GET", "/v1/hostnames?state=failing")
+        self.assertEqual([i["name"] for i in body["items"]], ["f.test"])
+        self.assertEqual(reads, ["f.test"])
+
     def test_renew_not_due_unless_forced(self) -> None:
         """Renew does not order for a certificate that is not due, unless force=true."""
         self.call("PUT", "/v1/hostnames/a.test")
