@@ -137,11 +137,6 @@ class Relay:
         self.upgrades: Counter[str] = Counter()
         self.tunnels: set[Tunnel] = set()
 
-    @property
-    def pool(self) -> Backends:
-        """L{backends}, under the name the HTTP/2 exchange gives connections back with."""
-        return self.backends
-
     def tunnel_closed(self, tunnel: Tunnel) -> None:
         """Both ends of an upgraded connection are gone."""
         self.tunnels.discard(tunnel)
@@ -581,13 +576,23 @@ class Exchange:
         self.code = code
         return True
 
-    def fail(self, code: int, detail: str, quiet: bool = False) -> None:
-        """Answer with an error page (or cut the connection if the response began)."""
+    def _error_page(self, code: int, detail: str, quiet: bool) -> bytes | None:
+        """
+        The body of the error page to answer with (both protocols), or
+        None when there is none to send (finished, or the response began
+        and the client was cut off).
+        """
         if not self._failing(code, detail, quiet):
-            return
+            return None
         if code == 413:
             self.proxy.events["body-too-large"] += 1
-        body = error_body(code, REASONS[code].decode(), DETAILS.get(code, detail))
+        return error_body(code, REASONS[code].decode(), DETAILS.get(code, detail))
+
+    def fail(self, code: int, detail: str, quiet: bool = False) -> None:
+        """Answer with an error page (or cut the connection if the response began)."""
+        body = self._error_page(code, detail, quiet)
+        if body is None:
+            return
         closing = code in (400, 408, 413, 431, 501) or not self.request_done or not self.keep_alive
         if closing:
             self.keep_alive = False

@@ -67,8 +67,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .backend import NO_RESPONSE_BODY, BackendConnection
-from .headers import HOP_BY_HOP, connection_tokens, error_body
-from .exchange import DETAILS, PENDING_BODY, REASONS, Exchange, Relay, upstream_head
+from .exchange import PENDING_BODY, Exchange, Relay, upstream_head
+from .headers import HOP_BY_HOP, connection_tokens
 from .tunnel import Tunnel
 from .writethrough import set_no_delay
 
@@ -199,11 +199,9 @@ class _H2Exchange(Exchange):
         self._finished()
 
     def fail(self, code: int, detail: str, quiet: bool = False) -> None:
-        if not self._failing(code, detail, quiet):
+        body = self._error_page(code, detail, quiet)
+        if body is None:
             return
-        if code == 413:
-            self.proxy.events["body-too-large"] += 1
-        body = error_body(code, REASONS[code].decode(), DETAILS.get(code, detail))
         self.sent = len(body)
         stream = self.stream
         stream.send_headers([
