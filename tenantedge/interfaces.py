@@ -29,6 +29,7 @@ __all__ = [
     "IReplacesRefused",
     "INameLock",
     "ISharedState",
+    "ISharedRecords",
     "Decision",
     "PolicyRefusal",
     "IssuanceFailed",
@@ -430,4 +431,46 @@ class ISharedState(Interface):
         it must derive everything from its argument.
 
         @return: the new data. A failure to save is logged, never raised.
+        """
+
+
+class ISharedRecords(Interface):
+    """
+    Small JSON records by key (each hostname's lifecycle) that every
+    process or node on one store shares, changed one record at a time: a
+    change costs the same with ten names or a hundred thousand, where an
+    L{ISharedState} document is rewritten whole. Synchronous, like
+    L{ISharedState}: reads are answered from a copy kept fresh.
+    """
+
+    path = Attribute("Where it lives, for log lines (a file path, or a Redis key).")
+
+    def load():
+        """
+        Read every record (at start-up).
+
+        @raise OSError: if they cannot be read.
+        """
+
+    def get(key):
+        """
+        @return: the key's record (a dict the caller may keep but not
+            change), or C{None}.
+        """
+
+    def items():
+        """
+        @return: a new list of every (key, record) pair, fresh.
+        """
+
+    def update(key, change):
+        """
+        Read-modify-write one record without losing anyone else's update:
+        C{change} is called with the current record (or C{None}) and
+        returns the new one, or C{None} to remove it. It may be called more
+        than once (an implementation retrying on a concurrent change), so
+        it must derive everything from its argument.
+
+        @return: the new record. A failure to save is logged, never raised
+            (the change is kept in memory).
         """

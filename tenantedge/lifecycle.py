@@ -23,10 +23,11 @@ handshakes no longer order for it (a certificate still valid keeps
 serving until it expires). C{archived}: the certificate was moved to the
 store's archive (keys are never deleted).
 
-The records persist through the same seam as the failure backoff
-(L{tenantedge.interfaces.ISharedState}): C{<store>/lifecycle.json} for a
-directory store (shared by the workers of one box), a Redis hash for a
-fleet. Only names the policy allowed, or that have a certificate, get a
+The records persist one by one (L{tenantedge.interfaces.ISharedRecords}):
+C{<store>/lifecycle.json} and its journal for a directory store (shared by
+the workers of one box, L{tenantedge.journal}), a Redis hash for a fleet.
+A transition writes its one record, never the whole state, so the first
+handshakes of a thousand new names cost no more than those of one. Only names the policy allowed, or that have a certificate, get a
 record: a flood of random names the allow check denies costs nothing here.
 
 Observers (L{HostnameLifecycle.subscribe}) are told of transitions with
@@ -43,8 +44,8 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .interfaces import IssuanceFailed, ISharedState
-from .shared import KEEP, StateFile
+from .interfaces import IssuanceFailed, ISharedRecords
+from .journal import RecordJournal
 
 __all__ = [
     "HostnameLifecycle",
@@ -155,13 +156,15 @@ class HostnameLifecycle:
 
     Fed by the issuance pipeline (L{renewing}, L{issued}, L{failed}), the
     renewal walk (L{adopt}, L{expiring}, L{archived}), the policy
-    (L{decided}) and the API (L{revive}, L{archived}).
+    (L{decided}) and the API (L{revive}, L{archived}). Each transition is
+    a change of one record, made on the latest shared copy of it (another
+    worker's or node's change to the same name is never overwritten).
 
     @ivar path: the JSON file, or C{None} to keep state in memory only.
     @ivar clock: the time source.
     @ivar retire_after: seconds of consecutive failure before a name is
         retired; C{0} never retires.
-    @ivar shared: where the state lives instead of C{path} (a fleet's Redis).
+    @ivar shared: where the records live instead of C{path} (a fleet's Redis).
     @ivar next_retry: asked after a failure when the next order may be
         placed (the failure backoff's C{blocked_until}).
     """
@@ -169,15 +172,14 @@ class HostnameLifecycle:
     path: str | None
     clock: IReactorTime
     retire_after: float = 3 * 86400.0
-    shared: ISharedState | None = None
+    shared: ISharedRecords | None = None
     next_retry: Callable[[str], float | None] | None = None
-    _records: dict[str, HostnameRecord] = attrs.field(factory=dict, init=False)
     _observers: list[Callable[[Event], Any]] = attrs.field(factory=list, init=False)
-    _file: ISharedState = attrs.field(init=False)
+    _store: ISharedRecords = attrs.field(init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        self._file = self.shared if self.shared is not None else StateFile(self.path)
+        self._store = self.shared if self.shared is not None else RecordJournal(self.path)
 
     # -- observers ------------------------------------------------------------------------
 
@@ -223,76 +225,68 @@ class HostnameLifecycle:
     # -- persistence ------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read persisted state; a corrupt file is logged and ignored."""
+        """Read persisted state; an unreadable file is logged and ignored."""
         try:
-            self._parse(self._file.read())
+            self._store.load()
         except (OSError, ValueError) as e:
-            self._log.error("ignoring unreadable lifecycle state {file}: {error}", file=self._file.path, error=str(e))
-            self._records = {}
+            self._log.error("ignoring unreadable lifecycle state {file}: {error}", file=self._store.path, error=str(e))
 
-    def _parse(self, data: Any) -> None:
-        if not isinstance(data, dict):
-            self._log.error("ignoring unreadable lifecycle state {file}", file=self._file.path)
-            self._records = {}
-            return
-        records: dict[str, HostnameRecord] = {}
-        for host, entry in data.items():
-            # Each record on its own: one a newer node wrote (or a hand
-            # edit) must not wipe every other name's on the next write.
-            try:
-                records[str(host)] = HostnameRecord.from_json(str(host), entry)
-            except (ValueError, TypeError, AttributeError) as e:
-                self._log.error("skipping an unreadable lifecycle record for {host} in {file}: {error}",
-                                host=str(host)[:200], file=self._file.path, error=str(e))
-        self._records = records
+    def _parse(self, host: str, data: Any) -> HostnameRecord | None:
+        if data is None:
+            return None
+        # Each record on its own: one a newer node wrote (or a hand edit)
+        # is skipped, and every other name's still counts.
+        try:
+            return HostnameRecord.from_json(host, data)
+        except (ValueError, TypeError, AttributeError) as e:
+            self._log.error("skipping an unreadable lifecycle record for {host} in {file}: {error}",
+                            host=host[:200], file=self._store.path, error=str(e))
+            return None
 
-    def _fresh(self) -> None:
-        if self._file.changed():
-            self.load()
+    def _change(
+        self, host: str, change: Callable[[HostnameRecord | None], HostnameRecord | None]
+    ) -> HostnameRecord | None:
+        """
+        Change one record on top of its latest shared version; C{change}
+        derives everything from the record it is given (it may be called
+        again on a newer one) and returns the new record, or the one it
+        was given to leave it as it is.
+        """
+        box: list[HostnameRecord | None] = []
 
-    def _apply(self, mutate: Callable[[], object]) -> None:
-        """Change the records on top of the latest persisted ones, under the file's lock."""
+        def update(data: Any) -> Any:
+            old = self._parse(host, data)
+            new = change(old)
+            box[:] = [new]
+            return data if new is old else (new.to_json() if new is not None else None)
 
-        def change(data: Any) -> Any:
-            if data is not KEEP and (self.path is not None or self.shared is not None):
-                self._parse(data)
-            mutate()
-            now = self.clock.seconds()
-            self._records = {
-                h: r for h, r in self._records.items()
-                if not (r.state == ARCHIVED and r.since < now - _FORGET_ARCHIVED_AFTER)
-            }
-            return {h: r.to_json() for h, r in sorted(self._records.items())}
+        self._store.update(host, update)
+        return box[0]
 
-        self._file.update(change)
-
-    def _set(self, host: str, **changes: Any) -> HostnameRecord:
-        """Within L{_apply}: change (or create, as pending) one record."""
+    def _evolve(self, old: HostnameRecord | None, host: str, **changes: Any) -> HostnameRecord:
+        """A changed (or new, pending) record; C{since} moves when the state does."""
         now = self.clock.seconds()
-        old = self._records.get(host) or HostnameRecord(host, PENDING, now)
+        old = old or HostnameRecord(host, PENDING, now)
         if "state" in changes and changes["state"] != old.state:
             changes.setdefault("since", now)
-        new = attrs.evolve(old, **changes)
-        self._records[host] = new
-        return new
+        return attrs.evolve(old, **changes)
 
     # -- reading ------------------------------------------------------------------------------
 
     def get(self, host: str) -> HostnameRecord | None:
         """The name's record, or C{None} if it has none."""
-        self._fresh()
-        return self._records.get(host)
+        return self._parse(host, self._store.get(host))
 
     def records(self) -> list[HostnameRecord]:
         """Every record, sorted by name."""
-        self._fresh()
-        return [self._records[h] for h in sorted(self._records)]
+        parsed = (self._parse(host, data) for host, data in sorted(self._store.items()))
+        return [record for record in parsed if record is not None]
 
     def counts(self) -> Counter[str]:
-        """Records by state (every state present, for metrics)."""
-        self._fresh()
+        """Records by state (every state present, for metrics); reads only each record's state."""
         counts: Counter[str] = Counter({state: 0 for state in STATES})
-        counts.update(r.state for r in self._records.values())
+        counts.update(state for _, data in self._store.items()
+                      if isinstance(data, dict) and (state := data.get("state")) in STATES)
         return counts
 
     def is_retired(self, host: str) -> bool:
@@ -308,60 +302,60 @@ class HostnameLifecycle:
         name that has a record, or that was allowed, is recorded. A retired
         name whose answer changed is revived.
         """
-        self._fresh()
-        old = self._records.get(host)
+        old = self.get(host)
         if old is None and decision != "allow":
             return
         now = self.clock.seconds()
         if old is not None and old.decision == decision and old.decided_at is not None and now - old.decided_at < 60:
             return  # the same answer again within a minute: not worth a write
 
-        def change() -> None:
-            current = self._records.get(host)
+        def change(current: HostnameRecord | None) -> HostnameRecord | None:
+            if current is None and decision != "allow":
+                return None
             if current is not None and current.state == RETIRED and decision == "allow" and current.decision != "allow":
                 # Only a new "allow" revives: an allow endpoint that fails
                 # (unknown) or denies must not set orders going again.
-                self._revived(host)
+                current = self._revived(current, host)
             elif current is not None and current.state == ARCHIVED and decision == "allow":
-                self._set(host, state=PENDING)
-            self._set(host, decision=decision, decided_at=now)
+                current = self._evolve(current, host, state=PENDING)
+            return self._evolve(current, host, decision=decision, decided_at=now)
 
-        self._apply(change)
+        self._change(host, change)
 
-    def _revived(self, host: str) -> HostnameRecord:
-        return self._set(host, state=PENDING, attempts=0, failing_since=None, next_retry=None)
+    def _revived(self, current: HostnameRecord | None, host: str) -> HostnameRecord:
+        return self._evolve(current, host, state=PENDING, attempts=0, failing_since=None, next_retry=None)
 
     def revive(self, host: str) -> None:
         """An API call asks for the name: a retired name may be ordered for again."""
         if self.is_retired(host):
-            self._apply(lambda: self._revived(host))
+            self._change(host, lambda r: self._revived(r, host) if r is not None and r.state == RETIRED else r)
             self._log.info("{host} revived by the hostname API", host=host)
 
     def pending(self, host: str) -> None:
         """The name was allowed and has no certificate yet (C{PUT}, a first handshake)."""
-        self._fresh()
-        current = self._records.get(host)
+        current = self.get(host)
         if current is None or current.state == ARCHIVED:
-            self._apply(lambda: self._set(host, state=PENDING))
+            self._change(host, lambda r: self._evolve(r, host, state=PENDING) if r is None or r.state == ARCHIVED
+                         else r)
 
     def renewing(self, host: str) -> None:
         """A renewal of the name's certificate began."""
-        self._apply(lambda: self._set(host, state=RENEWING))
+        self._change(host, lambda r: self._evolve(r, host, state=RENEWING))
 
     def settle(self, host: str) -> None:
         """A renewal placed no order (backoff, a limit): back to active, or failing."""
-        record = self.get(host)
-        if record is not None and record.state == RENEWING:
-            self._apply(lambda: self._set(host, state=FAILING if record.attempts else ACTIVE))
+        if self.get(host) is not None:
+            self._change(host, lambda r: self._evolve(r, host, state=FAILING if r.attempts else ACTIVE)
+                         if r is not None and r.state == RENEWING else r)
 
     def issued(self, host: str, not_after: float, renewal: bool) -> None:
         """A certificate was obtained (and stored) for the name."""
-        box: list[HostnameRecord] = []
-        self._apply(lambda: box.append(self._set(
-            host, state=ACTIVE, attempts=0, failing_since=None, problem_type=None, problem_detail=None,
+        record = self._change(host, lambda r: self._evolve(
+            r, host, state=ACTIVE, attempts=0, failing_since=None, problem_type=None, problem_detail=None,
             next_retry=None,
-        )))
-        self._emit("renewed" if renewal else "issued", box[0], not_after=not_after)
+        ))
+        assert record is not None
+        self._emit("renewed" if renewal else "issued", record, not_after=not_after)
 
     def failed(self, host: str, error: BaseException) -> None:
         """
@@ -370,24 +364,22 @@ class HostnameLifecycle:
         """
         now = self.clock.seconds()
         retry = self.next_retry(host) if self.next_retry is not None else None
-        box: list[HostnameRecord] = []
 
-        def change() -> None:
-            old = self._records.get(host)
+        def change(old: HostnameRecord | None) -> HostnameRecord:
             since = old.failing_since if old is not None and old.failing_since is not None else now
             attempts = (old.attempts if old is not None else 0) + 1
             state = FAILING
             if self.retire_after > 0 and now - since >= self.retire_after:
                 state = RETIRED
-            box.append(self._set(
-                host, state=state, attempts=attempts, failing_since=since,
+            return self._evolve(
+                old, host, state=state, attempts=attempts, failing_since=since,
                 problem_type=getattr(error, "problem_type", None),
                 problem_detail=getattr(error, "detail", None) or str(error) or type(error).__name__,
                 next_retry=None if state == RETIRED else retry,
-            ))
+            )
 
-        self._apply(change)
-        record = box[0]
+        record = self._change(host, change)
+        assert record is not None
         self._emit("failed", record, **self._failure_fields(record))
         if record.state == RETIRED and record.since == now:
             self._log.warn(
@@ -400,25 +392,34 @@ class HostnameLifecycle:
 
     def archived(self, host: str) -> None:
         """The name's certificate moved to the archive (C{DELETE}, or a renewal the allow check denied)."""
-        box: list[HostnameRecord] = []
-        self._apply(lambda: box.append(self._set(host, state=ARCHIVED, attempts=0, failing_since=None,
-                                                 next_retry=None)))
-        self._emit("archived", box[0])
+        record = self._change(host, lambda r: self._evolve(r, host, state=ARCHIVED, attempts=0, failing_since=None,
+                                                           next_retry=None))
+        assert record is not None
+        self._emit("archived", record)
 
     def adopt(self, hosts: Iterable[str]) -> None:
         """
         Stored names without a record (certificates from before this
-        version, or stored by the CLI) become C{active}, in one write.
+        version, or stored by the CLI) become C{active}; archived records
+        older than 30 days are forgotten (the archive keeps the keys; the
+        API stops listing the name). The renewal walk calls this.
         """
-        self._fresh()
-        missing = [h for h in hosts if h not in self._records]
-        if missing:
-            def change() -> None:
-                for host in missing:
-                    if host not in self._records:
-                        self._set(host, state=ACTIVE)
+        known = dict(self._store.items())
 
-            self._apply(change)
+        def adopted(host: str) -> Callable[[HostnameRecord | None], HostnameRecord | None]:
+            return lambda r: self._evolve(r, host, state=ACTIVE) if r is None else r
+
+        for host in hosts:
+            if host not in known:
+                self._change(host, adopted(host))
+        cutoff = self.clock.seconds() - _FORGET_ARCHIVED_AFTER
+
+        def expired(record: HostnameRecord | None) -> bool:
+            return record is not None and record.state == ARCHIVED and record.since < cutoff
+
+        for host, data in known.items():
+            if isinstance(data, dict) and data.get("state") == ARCHIVED and expired(self._parse(host, data)):
+                self._change(host, lambda r: None if expired(r) else r)
 
     def expiring(self, host: str, not_after: float) -> None:
         """
@@ -428,6 +429,6 @@ class HostnameLifecycle:
         record = self.get(host)
         if record is not None and record.expiring_warned == not_after:
             return
-        box: list[HostnameRecord] = []
-        self._apply(lambda: box.append(self._set(host, expiring_warned=not_after)))
-        self._emit("expiring-soon", box[0], not_after=not_after)
+        record = self._change(host, lambda r: self._evolve(r, host, expiring_warned=not_after))
+        assert record is not None
+        self._emit("expiring-soon", record, not_after=not_after)

@@ -11,9 +11,11 @@ can share a server::
     P:challenge:<key>    pending HTTP-01 / TLS-ALPN-01 answers (expire)
     P:lock:<name>        the issuance lock (random token, expires)
     P:state:<label>      hash: data (JSON), version: backoff and limit windows
+    P:records:<label>    hash: one JSON record per name (the lifecycle)
     P:account:<ca>       hash: key (PEM), url, thumbprint: the ACME account
     P:events             pub/sub channel: "cert <name> <version>",
-                         "unlock <name>", "state <label>"
+                         "unlock <name>", "state <label>",
+                         "record <label> <name>"
 
   - L{RedisStore} (L{ICertificateStore}): a bundle and its per-name version
     written by one Lua script (atomic: a reader sees the old bundle or the
@@ -27,6 +29,8 @@ can share a server::
     or when the lock's own expiry is due, never by a tight poll.
   - L{RedisState} (L{ISharedState}): the backoff and limit windows, changed
     by optimistic read-modify-write (a compare-and-set script on a version).
+  - L{RedisRecords} (L{ISharedRecords}): the lifecycle, one hash field
+    per name, each changed by its own compare-and-set.
   - L{RedisAccountStore}: the ACME account key, created once fleet-wide.
   - L{RedisEvents}: the subscriber that turns messages into cache
     invalidations, lock wake-ups and state reloads, and catches up after a
@@ -56,7 +60,7 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle, InvalidBundle
 from .hostnames import InvalidHostname, normalize
-from .interfaces import IChallengeStore, ICertificateStore, INameLock, IOcspStore, ISharedState
+from .interfaces import IChallengeStore, ICertificateStore, INameLock, IOcspStore, ISharedRecords, ISharedState
 from .resp import BlockingRedis, RedisAddress, RedisClient, RedisError, RedisUnavailable
 from .shared import challenge_key_valid
 from .store import StoreError
@@ -103,6 +107,9 @@ class Keys:
 
     def state(self, label: str) -> str:
         return f"{self.prefix}:state:{label}"
+
+    def records(self, label: str) -> str:
+        return f"{self.prefix}:records:{label}"
 
     def account(self, ca: str) -> str:
         return f"{self.prefix}:account:{ca}"
@@ -579,6 +586,166 @@ class RedisState:
         return d
 
 
+_RECORD_CAS = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if cur ~= ARGV[2] then return {0, cur} end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+redis.call('PUBLISH', KEYS[2], 'record ' .. ARGV[4] .. ' ' .. ARGV[1])
+return {1, ''}
+"""
+
+
+@implementer(ISharedRecords)
+class RedisRecords:
+    """
+    Records by name (the lifecycle) shared by the fleet, in one hash with a
+    field per name. Reads are answered from memory, loaded at start-up and
+    kept fresh by the fleet's messages (C{record <label> <name>}: that one
+    field is read again). A change is applied to memory at once, then to
+    Redis by a compare-and-set on that field alone (a script: write only if
+    the field still holds what this node last saw, else apply the change
+    again to what it holds); another name's change never conflicts, so a
+    burst of new names on several nodes costs one round trip each.
+    """
+
+    _log = Logger()
+
+    def __init__(self, label: str, client: RedisClient, keys: Keys) -> None:
+        self.label = label
+        self.key = keys.records(label)
+        self.path = f"redis:{self.key}"
+        self.client = client
+        self.keys = keys
+        self._records: dict[str, dict[str, Any]] = {}
+        self._raw: dict[str, bytes] = {}  # each field as Redis last held it
+        self._writing: dict[str, int] = {}  # names with writes in flight
+        self._writes = DeferredLock()
+        self._failing = False
+
+    def load_blocking(self, redis: BlockingRedis) -> None:
+        """Start-up: read every record (a fleet's lifecycle from before records were kept per name is moved over)."""
+        if not redis.execute("EXISTS", self.key):
+            old = redis.execute("HGET", self.keys.state(self.label), "data")
+            try:
+                data = json.loads(old) if old else {}
+            except ValueError:
+                data = {}
+            for name, record in (data.items() if isinstance(data, dict) else ()):
+                redis.execute("HSETNX", self.key, name, json.dumps(record))
+        flat = redis.execute("HGETALL", self.key) or []
+        self._replace(dict(zip(flat[0::2], flat[1::2])))
+
+    def _replace(self, fields: dict[bytes, bytes]) -> None:
+        raw: dict[str, bytes] = {}
+        records: dict[str, dict[str, Any]] = {}
+        for name, value in fields.items():
+            key = name.decode("utf-8", "replace")
+            parsed = self._parse(key, value)
+            if parsed is not None:
+                raw[key], records[key] = value, parsed
+        for key in self._writing:  # ours, in flight: memory is ahead of Redis
+            if key in self._records:
+                records[key] = self._records[key]
+            else:
+                records.pop(key, None)
+            if key in self._raw:
+                raw[key] = self._raw[key]
+        self._raw, self._records = raw, records
+
+    def _parse(self, key: str, value: bytes | None) -> dict[str, Any] | None:
+        if not value:
+            return None
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            self._log.error("skipping an unreadable record for {name} in {key}", name=key[:200], key=self.key)
+            return None
+        return parsed
+
+    def load(self) -> None:
+        """Nothing: L{load_blocking} ran in the store's start-up check."""
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._records.get(key)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        return list(self._records.items())
+
+    def update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> Any:
+        current = self._records.get(key)
+        new = change(current)
+        if new is current:
+            return current
+        if new is None:
+            self._records.pop(key, None)
+        else:
+            self._records[key] = new
+        self._writing[key] = self._writing.get(key, 0) + 1
+        d = self._writes.run(lambda: Deferred.fromCoroutine(self._write(key, change)))
+        d.addErrback(self._write_failed)
+        d.addBoth(lambda _: self._written(key))
+        return new
+
+    async def _write(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> None:
+        for _ in range(20):
+            seen = self._raw.get(key, b"")
+            new = change(self._parse(key, seen))
+            value = json.dumps(new).encode() if new is not None else b""
+            done, held = await self.client.eval(_RECORD_CAS, [self.key, self.keys.events],
+                                                [key, seen, value, self.label])
+            if done:
+                self._settle(key, value)
+                self._failing = False
+                return
+            self._settle(key, held or b"")
+        raise RedisError(f"record {key} in {self.key} kept changing under us")
+
+    def _settle(self, key: str, value: bytes) -> None:
+        """What Redis holds for a name now (memory follows it unless a change of ours is still on its way)."""
+        if value:
+            self._raw[key] = value
+        else:
+            self._raw.pop(key, None)
+        if self._writing.get(key, 0) <= 1:
+            parsed = self._parse(key, value)
+            if parsed is None:
+                self._records.pop(key, None)
+            else:
+                self._records[key] = parsed
+
+    def _written(self, key: str) -> None:
+        left = self._writing.get(key, 1) - 1
+        if left:
+            self._writing[key] = left
+        else:
+            self._writing.pop(key, None)
+
+    def _write_failed(self, failure: Failure) -> None:
+        if not self._failing:
+            self._failing = True
+            self._log.error("could not save the shared {label} records to Redis: {error}; kept in memory",
+                            label=self.label, error=failure.getErrorMessage())
+
+    def refresh(self, key: str) -> Deferred[None]:
+        """Another node changed one record: read it again (in the background)."""
+        d = self.client.execute("HGET", self.key, key)
+
+        def loaded(value: bytes | None) -> None:
+            if not self._writing.get(key):
+                self._settle(key, value or b"")
+
+        d.addCallbacks(loaded, lambda f: None)
+        return d
+
+    def refresh_all(self) -> Deferred[None]:
+        """After a reconnection (messages may have been lost): read every record again."""
+        d = self.client.execute("HGETALL", self.key)
+        d.addCallbacks(lambda flat: self._replace(dict(zip(flat[0::2], flat[1::2]))), lambda f: None)
+        return d
+
+
 @attrs.define(eq=False)
 class RedisAccountStore:
     """
@@ -656,6 +823,7 @@ class RedisEvents:
     store: RedisStore
     lock: RedisNameLock
     states: dict[str, RedisState] = attrs.field(factory=dict)
+    records: dict[str, RedisRecords] = attrs.field(factory=dict)
     forget: list[Callable[[str], None]] = attrs.field(factory=list)
     resync: list[Callable[[], Any]] = attrs.field(factory=list)
     _log = Logger()
@@ -672,6 +840,10 @@ class RedisEvents:
                 self.lock.wake(rest)
             elif kind == "state" and rest in self.states:
                 self.states[rest].refresh()
+            elif kind == "record":
+                label, _, name = rest.partition(" ")
+                if label in self.records and name:
+                    self.records[label].refresh(name)
         except (UnicodeDecodeError, ValueError):
             self._log.warn("ignoring a malformed message on {channel}", channel=channel.decode("ascii", "replace"))
 
@@ -691,6 +863,8 @@ class RedisEvents:
         self.lock.wake_all()
         for state in self.states.values():
             state.refresh()
+        for records in self.records.values():
+            records.refresh_all()
         for call in self.resync:
             call()
 
@@ -789,6 +963,11 @@ def open_redis_storage(
             states[label] = RedisState(label, client, keys)
         return states[label]
 
+    def shared_records(label: str) -> RedisRecords:
+        if label not in events.records:
+            events.records[label] = RedisRecords(label, client, keys)
+        return events.records[label]
+
     def connect() -> BlockingRedis:
         return BlockingRedis(address)
 
@@ -798,6 +977,8 @@ def open_redis_storage(
                 redis.execute("PING")
                 for state in states.values():
                     state.load_blocking(redis)
+                for records in events.records.values():
+                    records.load_blocking(redis)
         except (RedisUnavailable, RedisError) as e:
             raise StoreError(str(e)) from None
 
@@ -816,6 +997,7 @@ def open_redis_storage(
         directory="",
         preparations=((f"the Redis store at {address.describe()}", check),),
         shared_state=shared_state,
+        shared_records=shared_records,
         accounts=accounts,
         services=(connections,),
         attach=attach,

@@ -56,7 +56,15 @@ from .challenges import (
     TLSALPN01Responder,
 )
 from .config import ConfigError, OnDemandConfig
-from .interfaces import ICertificateStore, IChallengeStore, IDomainPolicy, IIssuer, INameLock, ISharedState
+from .interfaces import (
+    ICertificateStore,
+    IChallengeStore,
+    IDomainPolicy,
+    IIssuer,
+    INameLock,
+    ISharedRecords,
+    ISharedState,
+)
 from .issuer import AcmeIssuer, BackoffIssuer, FallbackIssuer
 from .limits import IssuanceLimits, LimitedIssuer
 from .localca import LocalCA, local_ca_check
@@ -105,6 +113,8 @@ class Storage:
     preparations: tuple[Preparation, ...] = ()
     #: A shared store's backoff and limit state, by label (else files).
     shared_state: Callable[[str], ISharedState] | None = None
+    #: A shared store's records kept per name (the lifecycle), by label (else files).
+    shared_records: Callable[[str], ISharedRecords] | None = None
     #: A shared store's ACME account stores, by CA slug (else files).
     accounts: Callable[[str], Any] | None = None
     #: Services started and stopped with the edge (a shared store's connections).
@@ -502,7 +512,8 @@ def _build(
         chain = issuer
     lifecycle = HostnameLifecycle(
         state("lifecycle.json"), reactor, retire_after=config.retire_after,
-        shared=shared("lifecycle") if shared else None, next_retry=backoff.blocked_until,
+        shared=storage.shared_records("lifecycle") if storage.shared_records else None,
+        next_retry=backoff.blocked_until,
     )
     webhooks: WebhookOutbox | None = None
     if config.webhook:

@@ -9,6 +9,7 @@ for one node.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tenantedge.backoff import FailureBackoff
-from tenantedge.interfaces import IChallengeStore, INameLock, ISharedState
+from tenantedge.interfaces import IChallengeStore, INameLock, ISharedRecords, ISharedState
 from tenantedge.limits import IssuanceLimits
 from tenantedge.policy import registered_domain
 from tenantedge.redisstore import (
@@ -25,6 +26,7 @@ from tenantedge.redisstore import (
     RedisChallengeStore,
     RedisEvents,
     RedisNameLock,
+    RedisRecords,
     RedisState,
     RedisStore,
 )
@@ -239,6 +241,86 @@ class RedisStateTests(_OnRedis, SynchronousTestCase):
         third = IssuanceLimits("limits", clock, registered_domain, shared=states[0])
         third.load()
         self.assertEqual(len(third._orders["ca"]), 2)
+
+
+def _bump(record: dict[str, Any] | None) -> dict[str, Any]:
+    return {"n": (record or {}).get("n", 0) + 1}
+
+
+class RedisRecordsTests(_OnRedis, SynchronousTestCase):
+    def nodes(self, count: int = 2) -> list[RedisRecords]:
+        nodes = [RedisRecords("lifecycle", self.client(), Keys("t")) for _ in range(count)]
+        redis = self.redis().connect()
+        self.addCleanup(redis.close)
+        for node in nodes:
+            node.load_blocking(redis)
+        return nodes
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(ISharedRecords, RedisRecords("x", self.client(), Keys("t"))))
+
+    def test_one_field_per_name(self) -> None:
+        """Each name is its own hash field; another node loads them all."""
+        one, = self.nodes(1)
+        self.assertEqual(one.update("a.test", _bump), {"n": 1})
+        one.update("b.test", _bump)
+        redis = self.redis().connect()
+        self.addCleanup(redis.close)
+        self.assertEqual(json.loads(redis.execute("HGET", "t:records:lifecycle", "a.test")), {"n": 1})
+        other, = self.nodes(1)
+        self.assertEqual(sorted(other.items()), [("a.test", {"n": 1}), ("b.test", {"n": 1})])
+
+    def test_no_lost_update(self) -> None:
+        """
+        Two nodes change one name, each from its stale copy: the second
+        compare-and-set fails, is applied again to what Redis holds, and
+        both counts land.
+        """
+        one, other = self.nodes()
+        one.update("a.test", _bump)
+        self.assertEqual(other.update("a.test", _bump), {"n": 1})  # its copy had not seen one's
+        self.assertEqual(other.get("a.test"), {"n": 2})  # after the retry, memory follows Redis
+        again, = self.nodes(1)
+        self.assertEqual(again.get("a.test"), {"n": 2})
+
+    def test_message_refreshes_one_record(self) -> None:
+        """A C{record lifecycle <name>} message reads that field again, through the events."""
+        one, other = self.nodes()
+        events = RedisEvents(RedisStore(self.client(), Keys("t")), RedisNameLock(self.client(), Keys("t"), Clock()))
+        events.records["lifecycle"] = other
+        one.update("a.test", _bump)
+        self.assertIsNone(other.get("a.test"))
+        events.message(b"t:events", b"record lifecycle a.test")
+        self.assertEqual(other.get("a.test"), {"n": 1})
+        one.update("a.test", lambda r: None)
+        events.message(b"t:events", b"record lifecycle a.test")
+        self.assertIsNone(other.get("a.test"))
+        one.update("b.test", _bump)
+        events._catch_up()  # after a reconnection: every record again
+        self.assertEqual(other.items(), [("b.test", {"n": 1})])
+
+    def test_unchanged_not_written(self) -> None:
+        one, = self.nodes(1)
+        self.assertIsNone(one.update("a.test", lambda r: r))
+        redis = self.redis().connect()
+        self.addCleanup(redis.close)
+        self.assertEqual(redis.execute("EXISTS", "t:records:lifecycle"), 0)
+
+    def test_moved_from_the_state_blob(self) -> None:
+        """A fleet's lifecycle kept as one state document (earlier versions) is moved to the per-name hash."""
+        redis = self.redis().connect()
+        self.addCleanup(redis.close)
+        redis.execute("HSET", "t:state:lifecycle", "data", json.dumps({"a.test": {"state": "active", "since": 1}}),
+                      "version", 3)
+        one, = self.nodes(1)
+        self.assertEqual(one.get("a.test"), {"state": "active", "since": 1})
+
+    def test_bad_field_skipped(self) -> None:
+        redis = self.redis().connect()
+        self.addCleanup(redis.close)
+        redis.execute("HSET", "t:records:lifecycle", "a.test", "{not json", "b.test", json.dumps({"n": 1}))
+        one, = self.nodes(1)
+        self.assertEqual(one.items(), [("b.test", {"n": 1})])
 
 
 class RedisAccountStoreTests(_OnRedis, SynchronousTestCase):

@@ -1,0 +1,288 @@
+"""
+L{RecordJournal}: records by key (each hostname's lifecycle) that the
+processes on one store directory share, changed one record at a time.
+
+Two files: a snapshot C{<name>.json} (one JSON object, key to record: the
+format C{lifecycle.json} always had) and a journal C{<name>.journal}, one
+JSON line per change appended after it. A change is one C{write} of one
+line under an exclusive C{flock}, a few microseconds whatever the number
+of records; the snapshot is rewritten only when the journal has grown past
+both a floor and the snapshot's own size (compaction), so the cost of a
+rewrite is spread over at least as many changes as there are records.
+
+Every process reads the lines the others appended since its last look
+(a C{stat} says whether there are any) and re-reads both files when a
+compaction replaced them. Reading the whole pair happens under a shared
+lock, so it never sees a compaction half done. A line torn by a crash is
+skipped and terminated before the next append; appends are not fsync'd
+(a record is lost only with the machine, and the certificate it describes
+is in the store regardless), compactions are.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .interfaces import ISharedRecords
+from .store import atomic_write
+
+__all__ = ["RecordJournal", "COMPACT_FLOOR"]
+
+#: The journal is folded into the snapshot once it is larger than this and
+#: than the snapshot.
+COMPACT_FLOOR = 1 << 20
+
+_Identity = tuple[int, int, int]
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@implementer(ISharedRecords)
+class RecordJournal:
+    """
+    Records in a snapshot file and a journal; see the module docstring.
+
+    @ivar path: the snapshot (C{<store>/lifecycle.json}), or C{None} to
+        keep the records in memory only.
+    """
+
+    _log = Logger()
+
+    def __init__(self, path: str | None, compact_floor: int = COMPACT_FLOOR) -> None:
+        self.path = path
+        self.compact_floor = compact_floor
+        self._records: dict[str, dict[str, Any]] = {}
+        self._snapshot: _Identity | None = None
+        self._journal: int | None = None  # the journal's inode
+        self._offset = 0
+        self._failing = False
+
+    @property
+    def _journal_path(self) -> str:
+        assert self.path is not None
+        return os.path.splitext(self.path)[0] + ".journal"
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        if self.path is None:
+            return
+        with self._locked(fcntl.LOCK_SH):
+            self._reload()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        self._catch_up()
+        return self._records.get(key)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        self._catch_up()
+        return list(self._records.items())
+
+    def _stale(self) -> bool | None:
+        """C{True}: re-read both files; C{False}: read the new lines; C{None}: nothing new."""
+        try:
+            journal = os.stat(self._journal_path)
+        except FileNotFoundError:
+            journal = None
+        try:
+            snapshot: _Identity | None = _identity(os.stat(self.path))  # type: ignore[arg-type]
+        except FileNotFoundError:
+            snapshot = None
+        if snapshot != self._snapshot or (journal.st_ino if journal else None) != self._journal:
+            return True
+        if journal is not None and journal.st_size > self._offset:
+            return False
+        return None
+
+    def _catch_up(self) -> None:
+        if self.path is None:
+            return
+        try:
+            stale = self._stale()
+            if stale is None:
+                return
+            if stale:
+                with self._locked(fcntl.LOCK_SH):
+                    self._reload()
+            else:
+                self._read_new_lines()
+        except OSError as e:
+            # Passing trouble (EMFILE, EIO): answer from what this process has.
+            self._log_failure("read", e)
+
+    def _reload(self) -> None:
+        """
+        Both files from the start (under the lock, so never mid-compaction);
+        nothing changes here unless both could be read.
+        """
+        assert self.path is not None
+        records: dict[str, dict[str, Any]] = {}
+        snapshot = None
+        try:
+            with open(self.path, "rb") as f:
+                snapshot = _identity(os.fstat(f.fileno()))
+                data = json.load(f)
+        except FileNotFoundError:
+            data = {}
+        except ValueError as e:
+            self._log.error("ignoring unreadable records {file}: {error}", file=self.path, error=str(e))
+            data = {}
+        if not isinstance(data, dict):
+            self._log.error("ignoring unreadable records {file}", file=self.path)
+            data = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                records[str(key)] = value
+        journal, offset = self._read_journal(records, None, 0)
+        self._records, self._snapshot, self._journal, self._offset = records, snapshot, journal, offset
+
+    def _read_new_lines(self) -> None:
+        self._journal, self._offset = self._read_journal(self._records, self._journal, self._offset)
+
+    def _read_journal(
+        self, records: dict[str, dict[str, Any]], journal: int | None, offset: int
+    ) -> tuple[int | None, int]:
+        """
+        Apply to C{records} the complete lines after C{offset} (from the
+        start if the journal is a new file).
+
+        @return: the journal's inode and the new offset.
+        """
+        try:
+            f = open(self._journal_path, "rb")
+        except FileNotFoundError:
+            return None, 0
+        with f:
+            inode = os.fstat(f.fileno()).st_ino
+            if inode != journal:
+                offset = 0
+            f.seek(offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written (or torn) waits
+        for line in chunk[:end].splitlines():
+            self._apply_line(records, line)
+        return inode, offset + end
+
+    def _apply_line(self, records: dict[str, dict[str, Any]], line: bytes) -> None:
+        try:
+            entry = json.loads(line)
+            key, value = entry["k"], entry.get("v")
+            if not isinstance(key, str) or not (value is None or isinstance(value, dict)):
+                raise ValueError("not a record")
+        except (ValueError, KeyError, TypeError) as e:
+            if line.strip():
+                self._log.error("skipping an unreadable line in {file}: {error}", file=self._journal_path,
+                                error=str(e))
+            return
+        if value is None:
+            records.pop(key, None)
+        else:
+            records[key] = value
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> Any:
+        if self.path is None:
+            return self._set(key, change(self._records.get(key)))
+        applied: list[dict[str, Any] | None] = []
+        try:
+            with self._locked(fcntl.LOCK_EX):
+                stale = self._stale()
+                if stale:
+                    self._reload()
+                elif stale is False:
+                    self._read_new_lines()
+                current = self._records.get(key)
+                applied.append(change(current))
+                if applied[0] is not current:  # the same object: nothing to write
+                    self._set(key, applied[0])
+                    self._append(key, applied[0])
+        except OSError as e:
+            # No lock or no room (a full disk, no descriptors left): the
+            # change stands in this process's memory.
+            self._log_failure("save", e)
+            if not applied:
+                applied.append(self._set(key, change(self._records.get(key))))
+            return applied[0]
+        self._failing = False
+        return applied[0]
+
+    def _set(self, key: str, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            self._records.pop(key, None)
+        else:
+            self._records[key] = value
+        return value
+
+    def _append(self, key: str, value: dict[str, Any] | None) -> None:
+        """One line, under the exclusive lock, after a torn line (if any) is ended."""
+        line = json.dumps({"k": key, "v": value}, separators=(",", ":")).encode() + b"\n"
+        fd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != self._journal:
+                self._journal, self._offset = st.st_ino, 0
+            if st.st_size > self._offset:
+                line = b"\n" + line  # a writer died mid-line: end it (it is skipped)
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(f"short write to {self._journal_path}")
+            self._offset = st.st_size + written
+        finally:
+            os.close(fd)
+        try:
+            snapshot_size = self._snapshot[2] if self._snapshot else 0
+            if self._offset > max(self.compact_floor, snapshot_size):
+                self._compact()
+        except OSError as e:
+            self._log_failure("compact", e)
+
+    def _compact(self) -> None:
+        """Fold the journal into a new snapshot, then start an empty journal (still under the lock)."""
+        assert self.path is not None
+        atomic_write(self.path, json.dumps(dict(sorted(self._records.items())), separators=(",", ":")).encode())
+        atomic_write(self._journal_path, b"")
+        self._snapshot = _identity(os.stat(self.path))
+        self._journal = os.stat(self._journal_path).st_ino
+        self._offset = 0
+
+    def _locked(self, how: int) -> _Flock:
+        assert self.path is not None
+        return _Flock(self.path + ".lock", how)
+
+    def _log_failure(self, what: str, error: OSError) -> None:
+        if not self._failing:
+            self._failing = True
+            self._log.error("cannot {what} records {file}: {error}; kept in memory", what=what, file=self.path,
+                            error=str(error))
+
+
+class _Flock:
+    """C{with}: an exclusive or shared C{flock} on a lock file, released on exit."""
+
+    def __init__(self, path: str, how: int) -> None:
+        self.path = path
+        self.how = how
+        self.fd: int | None = None
+
+    def __enter__(self) -> _Flock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, self.how)
+        except OSError:
+            os.close(self.fd)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
