@@ -228,8 +228,6 @@ class IssuancePipeline:
                 )
             raise
         elapsed = self.clock.seconds() - started
-        if self.lifecycle is not None:
-            self.lifecycle.issued(server_name, bundle.not_after, renewal=purpose == RENEW)
         self.events[f"{purpose}:issued"] += 1
         self._observe(purpose, "issued", elapsed)
         self._log.info(
@@ -249,6 +247,10 @@ class IssuancePipeline:
                 "could not store the new certificate for {host}: {error}; serving it from memory only",
                 host=server_name, error=str(e),
             )
+        # Announced once stored: a webhook receiver that reads the name
+        # back through the API finds the certificate.
+        if self.lifecycle is not None:
+            self.lifecycle.issued(server_name, bundle.not_after, renewal=purpose == RENEW)
         return bundle
 
     def _settle(self, server_name: str) -> None:

@@ -188,6 +188,38 @@ class LifecycleTests(SynchronousTestCase):
         three.load()
         self.assertEqual(three.counts()[FAILING], 1)
 
+    def test_issued_once_stored(self) -> None:
+        """The issued event comes after the store has the certificate (a receiver reading it back finds it)."""
+        stored: list[bool] = []
+        self.lifecycle.subscribe(lambda event: stored.append("a.test" in self.store.bundles))
+        d = self.pipeline.obtain("a.test", ISSUE)
+        self.issuer.complete("a.test", make_bundle("a.test", NOW - 60, NOW + 90 * DAY))
+        self.successResultOf(d)
+        self.assertEqual(stored, [True])
+
+    def test_transitions_on_the_latest_record(self) -> None:
+        """
+        Each transition is decided on the record as it is now, not on what
+        this process last read: worker two's stale copy says renewing, but
+        worker one has meanwhile renewed (active), so two's settle (its
+        renewal placed no order) leaves it active; a revive of a name
+        another worker already revived and issued does nothing.
+        """
+        path = os.path.join(self.mktemp())
+        one = HostnameLifecycle(path, self.clock)
+        two = HostnameLifecycle(path, self.clock)
+        one.load()
+        two.load()
+        one.issued("a.test", 100.0, renewal=False)
+        two.renewing("a.test")
+        self.assertEqual(one.get("a.test").state, RENEWING)  # type: ignore[union-attr]
+        one.issued("a.test", 200.0, renewal=True)
+        stale = two._store._records["a.test"]  # type: ignore[attr-defined]
+        self.assertEqual(stale["state"], RENEWING)  # two has not looked since
+        two.settle("a.test")
+        self.assertEqual(one.get("a.test").state, ACTIVE)  # type: ignore[union-attr]
+        self.assertEqual(one.get("a.test").since, two.get("a.test").since)  # type: ignore[union-attr]
+
     def test_corrupt_state_ignored(self) -> None:
         """An unreadable state file is logged and ignored, never fatal."""
         path = self.mktemp()
