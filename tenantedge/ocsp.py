@@ -422,6 +422,12 @@ class OcspStapler(Service):
                 # a fleet node): fresh enough, no request.
                 self._adopt(entry, stored)
                 return
+            if stored is not None and (entry.result is None or entry.result.next_update < stored.next_update):
+                # Due for a refresh but still valid: staple it meanwhile,
+                # so a responder that is down after a restart costs nothing
+                # until the response itself lapses.
+                entry.result = stored
+                self._apply(entry)
         result = await self._fetch(entry)
         if entry.dropped:
             return

@@ -223,6 +223,29 @@ class StaplerTests(SynchronousTestCase):
         self.assertEqual(self.responder.requests, [])
         self.assertEqual(tls.ocsp.der, self.store.ocsp["a.test"])
 
+    def test_stored_response_due_stapled_while_responder_down(self) -> None:
+        """
+        After a restart, a stored response past its refresh time but still
+        valid is stapled at once; a responder that is down changes nothing
+        until the response itself lapses.
+        """
+        bundle = self.ca.issue("a.test", NOW - DAY, NOW + 60 * DAY)
+        stored = self.ca.response(bundle.leaf, "good", NOW - 3 * DAY, NOW + DAY)
+        self.store.ocsp["a.test"] = stored
+        self.responder.add(bundle.leaf)
+        self.responder.code = 503
+        tls = self.contexts.tenant(bundle)
+        self.stapler.remembered("a.test", bundle, tls)
+        self.turn()
+        self.assertEqual(self.responder.requests, [bundle.leaf.serial_number])
+        self.assertEqual(tls.ocsp.der, stored)
+        for _ in range(8):  # retries fail; the stored one stays stapled
+            self.turn(600)
+        self.assertGreater(len(self.responder.requests), 2)
+        self.assertEqual(tls.ocsp.der, stored)
+        self.turn(DAY)
+        self.assertEqual(tls.ocsp.der, b"")  # lapsed: never a stale staple
+
     def test_stored_response_for_old_certificate_ignored(self) -> None:
         old = self.ca.issue("a.test", NOW - DAY, NOW + DAY)
         self.store.ocsp["a.test"] = self.ca.response(old.leaf, "good", NOW - 60, NOW + 4 * DAY)
