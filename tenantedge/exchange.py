@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet import defer, error
@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from .backend import NO_RESPONSE_BODY, BackendConnection, BackendPool, Backends
 from .forwarding import TrustedProxies, forwarded_for
-from .headers import HOP_BY_HOP, connection_tokens, edge_only, error_body
+from .headers import HOP_BY_HOP, LAST_CHUNK, connection_tokens, edge_only, error_body, trailer_block
 from .hostnames import InvalidHostname, canonical_host_header, host_from_header
 from .tunnel import Tunnel
 
@@ -199,7 +199,7 @@ class Exchange:
         "backend", "connecting", "pending", "pending_size", "request_done", "response_started",
         "response_chunked", "response_close", "timer", "code", "sent", "finished", "retried",
         "referer", "agent", "body_limit", "body_seen", "close_delimited", "expect_continue", "up", "down",
-        "problem", "backend_framed", "pool", "tried", "upgrade",
+        "problem", "backend_framed", "pool", "tried", "upgrade", "last_chunk",
     )
 
     def __init__(self, client: ExchangeClient, method: bytes, path: bytes, version: bytes, keep_alive: bool,
@@ -212,6 +212,8 @@ class Exchange:
         self.keep_alive = keep_alive
         self.head = head
         self.chunked = chunked
+        #: What ends a chunked body: the last chunk, with the client's trailers if it sent any.
+        self.last_chunk = LAST_CHUNK
         self.started = self.proxy.clock.seconds()
         self.backend: BackendConnection | None = None
         self.connecting: defer.Deferred[BackendConnection] | None = None
@@ -291,7 +293,7 @@ class Exchange:
         conn.pool = None
         data = [self.head, *self.pending]
         if self.request_done and self.chunked:
-            data.append(b"0\r\n\r\n")
+            data.append(self.last_chunk)
         self.pending = []
         conn.send(self, b"".join(data))
         if self.pending_size:
@@ -369,11 +371,22 @@ class Exchange:
             if self.pending_size > PENDING_BODY:
                 self.client.pause_reading()
 
-    def body_done(self) -> None:
+    def body_done(self, trailers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """
+        The request body is complete; C{trailers} are the fields the
+        client sent after it. They reach the backend at the end of a
+        chunked body; a body sent with its length has no place for them
+        (HTTP/1.1), so they are dropped and counted (C{trailers-dropped}).
+        """
         self.request_done = True
+        if trailers:
+            if self.chunked:
+                self.last_chunk = trailer_block(trailers)
+            else:
+                self.proxy.events["trailers-dropped"] += 1
         if self.backend is not None:
             if self.chunked:
-                self.backend.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+                self.backend.transport.write(self.last_chunk)  # type: ignore[union-attr]
             up, self.up = self.up, None
             if up is not None:
                 up.unregisterProducer()

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "HOP_BY_HOP", "EDGE_ONLY", "ADMIN_HEADER", "REFUSED_UPGRADES", "connection_tokens", "edge_only", "error_body",
-    "upgrade_offer",
+    "upgrade_offer", "trailer_block", "LAST_CHUNK",
 ]
 
 #: RFC 9110 section 7.6.1 connection-specific headers, plus the
@@ -38,6 +38,38 @@ HOP_BY_HOP = frozenset(
 EDGE_ONLY = frozenset(
     {b"forwarded", b"x-real-ip", b"x-middleware-subrequest", b"x-middleware-prefetch"}
 )
+
+
+#: Fields never forwarded as request trailers (RFC 9110 section 6.5.1:
+#: framing, routing, authentication, request modifiers and the content's
+#: own metadata belong in the head, and a backend may act on them only
+#: there), besides the hop-by-hop and edge-only ones.
+NOT_TRAILERS = HOP_BY_HOP | {
+    b"content-length", b"content-encoding", b"content-type", b"content-range", b"host", b"authorization",
+    b"cookie", b"expect", b"max-forwards", b"range", b"cache-control", b"if-match", b"if-none-match",
+    b"if-modified-since", b"if-unmodified-since", b"if-range",
+}
+
+#: The end of a chunked body without trailers.
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def trailer_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """
+    The end of a chunked request body carrying the client's trailer
+    fields (HTTP/1.1 chunked trailers, or HTTP/2 trailing HEADERS), less
+    those a trailer must not carry (L{NOT_TRAILERS}, edge-only fields,
+    pseudo-headers, values with line breaks).
+    """
+    lines = [b"0\r\n"]
+    for name, value in fields:
+        lower = name.lower()
+        if (lower.startswith(b":") or lower in NOT_TRAILERS or edge_only(lower)
+                or b"\r" in value or b"\n" in value or b"\0" in value):
+            continue
+        lines.append(b"%s: %s\r\n" % (name, value))
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 #: C{Upgrade} protocols never relayed. C{h2c} (cleartext HTTP/2 after an

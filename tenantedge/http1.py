@@ -78,6 +78,8 @@ class H1ProxyProtocol(Protocol):
     def _reset_head(self) -> None:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        #: Fields after a chunked body (llhttp reports them as headers).
+        self._trailers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
         self._current: Exchange | None = None
         self._refused = False
@@ -265,8 +267,9 @@ class H1ProxyProtocol(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
-        self._headers.append((name, value))
-        if self._head_size > MAX_HEAD or len(self._headers) > MAX_HEADERS:
+        fields = self._headers if self._current is None else self._trailers
+        fields.append((name, value))
+        if self._head_size > MAX_HEAD or len(fields) > MAX_HEADERS:
             self._refuse(431)
 
     def _refuse(self, code: int) -> None:
@@ -330,7 +333,7 @@ class H1ProxyProtocol(Protocol):
         if exchange is None:
             return
         if not exchange.finished:
-            exchange.body_done()
+            exchange.body_done(self._trailers)
         else:
             exchange.request_done = True
             if exchange is self._exchange:

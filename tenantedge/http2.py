@@ -54,6 +54,7 @@ from h2.events import (
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
+    TrailersReceived,
     StreamReset,
     WindowUpdated,
 )
@@ -320,7 +321,7 @@ class _Stream:
     __slots__ = (
         "connection", "stream_id", "proxy", "peer", "transport", "exchange", "paused", "unacked", "queue",
         "queued", "end_pending", "local_ended", "remote_ended", "closed", "source", "source_paused",
-        "tunnel", "websocket_key", "discard", "discard_timer", "declared", "held", "held_size",
+        "tunnel", "websocket_key", "discard", "discard_timer", "declared", "held", "held_size", "trailers",
     )
 
     def __init__(self, connection: H2ProxyProtocol, stream_id: int) -> None:
@@ -339,6 +340,8 @@ class _Stream:
         self.end_pending = False
         self.local_ended = False
         self.remote_ended = False
+        #: The request's trailing HEADERS, if the client sent any.
+        self.trailers: list[tuple[bytes, bytes]] = []
         self.closed = False
         #: The backend transport feeding the response (paused when the
         #: queue grows past L{QUEUE_HIGH}).
@@ -528,6 +531,7 @@ class H2ProxyProtocol(Protocol):
             RequestReceived: self._request,
             DataReceived: self._data,
             StreamEnded: self._ended,
+            TrailersReceived: self._trailers,
             StreamReset: self._reset,
             WindowUpdated: self._window,
             RemoteSettingsChanged: self._settings,
@@ -802,6 +806,11 @@ class H2ProxyProtocol(Protocol):
         else:
             self.acknowledge(event.stream_id, size)
 
+    def _trailers(self, event: TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailers = [(bytes(name), bytes(value)) for name, value in event.headers]
+
     def _ended(self, event: StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None:
@@ -820,7 +829,7 @@ class H2ProxyProtocol(Protocol):
             self._malformed(stream, "less body than its Content-Length")
             return
         if not exchange.finished:
-            exchange.body_done()
+            exchange.body_done(stream.trailers)
         else:
             exchange.request_done = True
         self.stream_settled(stream)

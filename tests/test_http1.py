@@ -155,6 +155,19 @@ class RelayTests(SynchronousTestCase):
         self.assertIn(b"Transfer-Encoding: chunked\r\n", sent)
         self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\n\r\n"))
 
+    def test_chunked_trailers(self) -> None:
+        """A chunked body's trailer fields reach the backend (not as request headers), less forbidden ones."""
+        self.client.dataReceived(
+            b"POST /up HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        backend, bwire = self.endpoint.complete()
+        self.client.dataReceived(b"0\r\nX-Checksum: ab12\r\nHost: evil.test\r\n\r\n")
+        sent = bwire.value()
+        self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\nX-Checksum: ab12\r\n\r\n"), sent)
+        self.assertNotIn(b"evil.test", sent)
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.wire.value().endswith(b"ok"))
+
     def test_body_limit(self) -> None:
         """A declared length over the limit is 413 at once; a chunked body over it too."""
         self.client.dataReceived(b"POST / HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5000\r\n\r\n")

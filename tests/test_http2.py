@@ -153,6 +153,41 @@ class H2RelayTests(H2TestCase):
         self.client.pump()
         self.assertEqual(self.client.status(sid), b"201")
 
+    def test_request_trailers(self) -> None:
+        """
+        Trailing HEADERS (gRPC-style) end the chunked body to the backend as
+        its trailer fields, less those a trailer must not carry; with a
+        declared length there is no place for them: dropped and counted.
+        """
+        sid = self.client.request(b"POST", headers=[(b"te", b"trailers")], end=False)
+        backend, bwire = self.backend()
+        self.client.send(sid, b"abc")
+        bwire.clear()
+        self.client.h2.send_headers(sid, [(b"grpc-status", b"0"), (b"x-checksum", b"ab12"),
+                                          (b"content-length", b"9"), (b"x-forwarded-for", b"6.6.6.6")],
+                                    end_stream=True)
+        self.client.pump()
+        self.assertEqual(bwire.value(), b"0\r\ngrpc-status: 0\r\nx-checksum: ab12\r\n\r\n")
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.client.pump()
+        self.assertEqual(self.client.status(sid), b"200")
+        bwire.clear()  # the pooled connection carries the next request
+        sid = self.client.request(b"PUT", headers=[(b"content-length", b"3")], end=False)
+        self.client.send(sid, b"abc")
+        self.client.h2.send_headers(sid, [(b"x-checksum", b"ab12")], end_stream=True)
+        self.client.pump()
+        self.assertTrue(bwire.value().endswith(b"\r\n\r\nabc"))
+        self.assertEqual(self.proxy.events["trailers-dropped"], 1)
+
+    def test_trailers_before_backend_connects(self) -> None:
+        """A whole body with trailers that arrives before the backend connection goes out with them."""
+        sid = self.client.request(b"POST", end=False)
+        self.client.send(sid, b"abc")
+        self.client.h2.send_headers(sid, [(b"x-checksum", b"ab12")], end_stream=True)
+        self.client.pump()
+        backend, bwire = self.backend()
+        self.assertTrue(bwire.value().endswith(b"3\r\nabc\r\n0\r\nx-checksum: ab12\r\n\r\n"), bwire.value())
+
     def test_declared_length_forwarded(self) -> None:
         sid = self.client.request(b"PUT", headers=[(b"content-length", b"3")], end=False)
         backend, bwire = self.backend()
