@@ -4,7 +4,7 @@ services, and nothing else.
 
 L{Options} (in L{tenantedge.options}) yields an
 L{tenantedge.config.OnDemandConfig}; L{build_edge} turns it into an
-L{EdgeService}: the L{tenantedge.service.OnDemandTLS} service (store,
+L{tenantedge.edge.EdgeService}: the L{tenantedge.service.OnDemandTLS} service (store,
 policy, issuers, renewal...) plus what the plugin adds around it, the
 reverse proxy to the backend, the HTTPS, HTTP and admin listeners and the
 demo backend. This module and L{tenantedge.service} are the only places
@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import encodings.idna  # noqa: F401  (see below)
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
 from twisted.web.client import URI
 
 from .admin import AdminActions, AdminGuard, AdminResource, bound_names
@@ -32,16 +30,16 @@ from .api import HostnameAPI
 from .backend import BackendPool, Backends, HealthCheck
 from .config import OnDemandConfig, backend_label
 from .demo import DemoBackendService
+from .edge import EdgeService, log_as_asked
 from .edgehttp import EdgeHTTPFactory
 from .exchange import AccessLog, Relay
-from .listening import ListenFailed, ListeningService
-from .logs import use_json_logs, wants_json
+from .listening import ListeningService
 from .metrics import BackendCollector, LimitCollector, UpgradeCollector
 from .options import PluginOptions as Options
 from .proxy import EdgeSite, backend_endpoints, backend_prefix
 from .proxyheader import ProxyHeaderEndpoint, split_proxy_prefix
 from .resolver import periodic
-from .service import OnDemandTLS, StartupError
+from .service import OnDemandTLS
 from .summaries import LimitSummary
 from .workers import Supervisor, run_worker
 
@@ -53,101 +51,6 @@ __all__ = ["Options", "makeService", "build_edge", "EdgeService"]
 
 #: Request bodies on port 80 and the admin endpoint are never large.
 SMALL_BODIES = 64 * 1024
-
-
-class EdgeService(MultiService):
-    """
-    The whole edge: on-demand TLS, then the demo backend (if any), then the
-    listeners. Ports are bound in C{privilegedStartService}, before twistd
-    drops to C{-u/-g}; the store and the local CA are opened in
-    C{startService}, after the drop, so every file they create belongs to
-    the user the server runs as. Start-up problems end it with one line.
-
-    @ivar on_demand: the on-demand TLS service.
-    @ivar listeners: the listening services by name (C{https}, C{http},
-        C{admin}).
-    @ivar demo_backend: the built-in backend of C{--demo}, if running.
-
-    C{children} are further services started and stopped with it (the
-    limits summary).
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self,
-        on_demand: OnDemandTLS,
-        listeners: Sequence[tuple[str, ListeningService]],
-        demo_backend: DemoBackendService | None = None,
-        on_stop: Sequence[Callable[[], Any]] = (),
-        runner_options: Any = None,
-        children: Sequence[IService] = (),
-    ) -> None:
-        super().__init__()
-        self.on_demand = on_demand
-        self.demo_backend = demo_backend
-        self.listeners = dict(listeners)
-        self._on_stop = tuple(on_stop)
-        self._runner_options = runner_options
-        on_demand.setServiceParent(self)
-        if demo_backend is not None:
-            demo_backend.setName("demo-backend")
-            demo_backend.setServiceParent(self)
-        for name, listener in listeners:
-            listener.setName(name)
-            listener.setServiceParent(self)
-        for child in children:
-            child.setServiceParent(self)
-
-    def setServiceParent(self, parent: Any) -> None:
-        super().setServiceParent(parent)
-        _log_as_asked(self.on_demand.config, self._runner_options, parent)
-
-    def listening_ports(self) -> Deferred[dict[str, Any]]:
-        """The bound ports by listener name, once listening."""
-        names = list(self.listeners)
-        return gatherResults([self.listeners[n].listening() for n in names]).addCallback(
-            lambda ports: dict(zip(names, ports))
-        )
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except ListenFailed as e:
-            raise SystemExit(f"tenantedge: {e}") from None
-
-    def startService(self) -> None:
-        try:
-            super().startService()
-        except (StartupError, ListenFailed) as e:
-            raise SystemExit(f"tenantedge: {e}") from None
-        for name, listener in self.listeners.items():
-            self._log.info("listening: {name} on {address} ({purpose})", name=name,
-                           address=listener.address(), purpose=listener.purpose)
-        if self.demo_backend is not None:
-            self._log.info("demo backend (built in) on {address}", address=self.demo_backend.address())
-
-    async def stop_listening(self) -> None:
-        """Stop accepting tenant traffic (HTTPS and port 80); open connections go on."""
-        for name in ("https", "http"):
-            listener = self.listeners.get(name)
-            if listener is not None and listener.running:
-                stopped = listener.stopService()
-                if stopped is not None:
-                    await stopped
-
-    def open_connections(self) -> int:
-        """HTTPS connections open right now."""
-        factory = self.listeners["https"].factory
-        return int(getattr(factory, "open", 0))
-
-    async def _stop(self) -> None:
-        await super().stopService()
-        for stop in self._on_stop:
-            await stop()
-
-    def stopService(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stop())
 
 
 def build_edge(
@@ -269,12 +172,6 @@ def _https_port(https: ListeningService) -> Callable[[], int]:
     return port
 
 
-def _log_as_asked(config: OnDemandConfig, runner_options: Any, parent: Any) -> None:
-    """JSON logs when --log-format json (or twist's own) asks for them."""
-    if config.log_format == "json" or wants_json(runner_options):
-        use_json_logs(runner_options, parent)
-
-
 def makeService(options: Options) -> EdgeService | Supervisor:
     """
     twistd's entry point, on the global reactor: the edge for parsed
@@ -292,5 +189,5 @@ def makeService(options: Options) -> EdgeService | Supervisor:
     return Supervisor(
         config, reactor, count, partial(run_worker, build_edge),
         prepare=lambda: OnDemandTLS.from_config(config, reactor).prepare(),
-        on_parent=lambda parent: _log_as_asked(config, runner_options, parent),
+        on_parent=lambda parent: log_as_asked(config, runner_options, parent),
     )
