@@ -237,11 +237,17 @@ class Supervisor(MultiService):
         self.prepare()
         self.rundir = tempfile.mkdtemp(prefix="tenantedge-workers-")
         super().startService()
-        self._log.info(
-            "tenantedge: {count} workers on https {https}{http}",
-            count=self.count, https=_address(self.sockets[0]["https"]),
-            http=f", http {_address(self.sockets[0]['http'])}" if "http" in self.sockets[0] else "",
-        )
+        self._log.info("tenantedge: {count} worker processes", count=self.count)
+        # The same banner as one process's (tenantedge.edge.EdgeService):
+        # every listener, where, and what for.
+        purposes = {"https": "tenant traffic", "http": "ACME HTTP-01 answers and redirects to HTTPS"}
+        for name, sock in self.sockets[0].items():
+            self._log.info("listening: {name} on {address} ({purpose})", name=name, address=_address(sock),
+                           purpose=purposes.get(name, name))
+        admin = self.getServiceNamed("admin") if self.config.admin is not None else None
+        if isinstance(admin, ListeningService):
+            self._log.info("listening: {name} on {address} ({purpose})", name="admin", address=admin.address(),
+                           purpose=admin.purpose)
         self.reactor.callWhenRunning(self._start_all)
 
     def _start_all(self) -> None:

@@ -141,6 +141,13 @@ class WorkerTests(TestCase):
         # The workers' log lines come out of the supervisor, marked.
         for slot in (b"0", b"1"):
             self.assertIn(b"[worker-" + slot + b"]", self.server.output)
+        # The supervisor's banner names every listener and what it is for.
+        banner = self.server.output.decode()
+        self.assertIn("tenantedge: 2 worker processes", banner)
+        self.assertIn(f"listening: admin on 127.0.0.1:{admin} (metrics", banner)
+        self.assertIn("listening: https on 127.0.0.1:", banner)
+        self.assertIn("(tenant traffic)", banner)
+        self.assertIn("listening: http on 127.0.0.1:", banner)
         self.assertEqual(json.loads(out)["path"], "/echo")
         # A burst of 50 first handshakes for one new name, spread over both
         # workers: one order.
