@@ -279,6 +279,10 @@ def _items_from_caller(args: Sequence[str], kwargs: Mapping[str, str]) -> list[I
     """
     from twisted.internet import endpoints
 
+    # Relies on serverFromString's argument being named "description" and on
+    # it calling the parser within a few frames (pinned in
+    # tests.test_private_apis.ReactorPrivateAPITests); otherwise the
+    # description is not found and only the last of a repeated key counts.
     target = endpoints.serverFromString.__code__
     frame = sys._getframe(1)
     description: object = None

@@ -184,8 +184,8 @@ def _connection_headers(upstream: IResponse) -> Headers | None:
     this response (the backend's C{Connection: X-Foo} tokens, which must
     not be forwarded). There is no public API for them; this reaches the
     private parser through the pooled connection and gives up (None) if
-    Twisted's internals differ; C{tests.test_e2e.ProxyTests.
-    test_backend_hop_by_hop_dropped} then fails loudly.
+    Twisted's internals differ; C{tests.test_private_apis.
+    ClientParserPrivateAPITests} then fails loudly.
     """
     try:
         protocol = upstream._transport._producer.protocol  # type: ignore[attr-defined]
@@ -574,6 +574,9 @@ class EdgeRequest(Request):
         self._refused = True
         self.content = io.BytesIO()
         channel = self.channel
+        # twisted.web's H2Stream keeps its connection as the private _conn
+        # (no public way to tell the protocols apart; pinned in
+        # tests.test_private_apis.TwistedWebPrivateAPITests).
         if hasattr(channel, "_conn"):
             # HTTP/2: reset this stream; the connection and its other
             # streams go on. While its headers are still being processed

@@ -102,6 +102,8 @@ def tls_server_name(request: Any) -> str | None:
         name = getattr(obj, "tenantedge_server_name", None)
         if name is not None:
             return str(name)
+        # H2Stream has no transport; its connection is the private _conn
+        # (pinned in tests.test_private_apis.TwistedWebPrivateAPITests).
         obj = getattr(obj, "transport", None) or getattr(obj, "_conn", None)
     return None
 

@@ -2,15 +2,14 @@
 The Twisted private names tenantedge still relies on, pinned: each test
 fails loudly if Twisted renames or changes one, instead of tenantedge
 quietly misbehaving. Each use carries a comment saying why no public way
-exists. (The backend's Connection tokens, read from the HTTP client's
-parser in L{tenantedge.proxy}, are pinned end to end by
-C{tests.test_e2e.ProxyTests.test_backend_hop_by_hop_dropped}.)
+exists.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+from unittest.mock import MagicMock
 
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import CertificateOptions
@@ -136,3 +135,101 @@ class H2PrivateAPITests(SynchronousTestCase):
         frame._body_repr = lambda: "data=..."
         self.assertEqual(repr(frame), "DataFrame(stream_id=1, flags=[]): data=...")
 
+
+
+class TwistedWebPrivateAPITests(SynchronousTestCase):
+    """
+    twisted.web's HTTP/2 stream keeps its connection as C{H2Stream._conn}
+    (no public attribute): L{tenantedge.tls.tls_server_name} walks it to
+    the TLS connection's chosen name, and the embedders' L{ProxyResource}
+    request tells HTTP/2 from HTTP/1.1 by it (L{tenantedge.proxy}).
+    """
+
+    def test_h2stream_conn(self) -> None:
+        from twisted.web._http2 import H2Stream
+
+        connection = object()
+        stream = H2Stream(1, connection, [], lambda *a, **k: MagicMock(), None, None)  # type: ignore[arg-type]
+        self.assertIs(stream._conn, connection)
+
+    def test_tls_server_name_through_h2(self) -> None:
+        """request.channel (an H2Stream) -> _conn -> transport (the edge's TLS protocol) -> its name."""
+        from twisted.web._http2 import H2Stream
+
+        from tenantedge.tls import tls_server_name
+
+        class TLS:
+            tenantedge_server_name = "shop.test"
+
+        class Connection:
+            transport = TLS()
+
+        class Request:
+            channel = H2Stream(1, Connection(), [], lambda *a, **k: MagicMock(), None, None)  # type: ignore[arg-type]
+
+        self.assertEqual(tls_server_name(Request()), "shop.test")
+
+
+class ClientParserPrivateAPITests(SynchronousTestCase):
+    """
+    The embedders' L{ProxyResource} reads the backend's C{Connection:}
+    tokens from Twisted's HTTP/1.1 client parser (C{connHeaders}), reached
+    through the response's private transport (L{tenantedge.proxy.
+    _connection_headers}); if Twisted changed that path, the backend's
+    connection-specific headers would be forwarded. Pinned on a real
+    client connection over a memory transport.
+    """
+
+    def test_connection_headers(self) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web._newclient import HTTP11ClientProtocol, Request
+        from twisted.web.http_headers import Headers
+
+        from tenantedge.proxy import _connection_headers
+
+        protocol = HTTP11ClientProtocol()
+        transport = StringTransport()
+        transport.protocol = protocol  # type: ignore[attr-defined]  # as a TCP transport has it
+        protocol.makeConnection(transport)
+        found: list[Any] = []
+        d = protocol.request(Request(b"GET", b"/", Headers({b"host": [b"backend"]}), None))
+        # Read as ProxyResource does: when the response head is in.
+        d.addCallback(lambda response: found.append(_connection_headers(response)))
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: X-Internal\r\nX-Internal: s\r\n"
+                              b"Content-Length: 2\r\n\r\nok")
+        [headers] = found
+        self.assertIsNotNone(headers)
+        assert headers is not None
+        self.assertEqual(headers.getRawHeaders(b"connection"), [b"X-Internal"])
+
+
+class ReactorPrivateAPITests(SynchronousTestCase):
+    def test_epoll_poller(self) -> None:
+        """
+        L{tenantedge.workers.fresh_reactor} closes the inherited reactor's
+        epoll descriptor as C{EPollReactor._poller} (a forked worker must
+        not keep the parent's); renamed, it would leak one descriptor.
+        """
+        import select
+
+        from twisted.internet.epollreactor import EPollReactor
+
+        reactor = EPollReactor()
+        try:
+            self.assertIsInstance(reactor._poller, select.epoll)
+        finally:
+            reactor._poller.close()
+            for reader in (reactor.waker,):
+                reader.connectionLost(None)
+
+    def test_server_from_string_frame(self) -> None:
+        """
+        The endpoint parser reads the whole description back from
+        C{serverFromString}'s frame (its C{description} argument), because
+        Twisted hands plugins a dict in which a repeated key keeps only its
+        last value (L{tenantedge.endpoint._items_from_caller}).
+        """
+        from twisted.internet import endpoints
+
+        code = endpoints.serverFromString.__code__
+        self.assertEqual(code.co_varnames[:2], ("reactor", "description"))
