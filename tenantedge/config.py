@@ -29,7 +29,7 @@ from cryptography import x509
 from hyperlink import URL
 
 from .forwarding import TrustedProxies, parse_network
-from .hostnames import InvalidHostname
+from .hostnames import InvalidHostname, matches_suffix
 from .policy import StaticPolicy, under_public_suffix
 
 __all__ = [
@@ -828,6 +828,15 @@ class OnDemandConfig:
         object.__setattr__(self, "static_policy", static)
         object.__setattr__(self, "trusted_proxies", TrustedProxies.from_cidrs(self.trusted_proxy))
         for suffix in static.allow_suffixes:
+            # Any name under the suffix stands for all of them: a deny rule
+            # that refuses one (a suffix rule above it) refuses every one.
+            covering = [rule for rule in static.deny
+                        if rule.startswith(".") and matches_suffix("x" + suffix, rule, include_apex=True)]
+            if covering:
+                raise ConfigError(
+                    "allow-suffix",
+                    f"no name under {suffix} can get a certificate: deny={covering[0]} refuses every one of them",
+                )
             if static.require_public_suffix and not under_public_suffix("x" + suffix):
                 raise ConfigError(
                     "allow-suffix",

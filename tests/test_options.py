@@ -224,13 +224,26 @@ class ConfigValueTests(SynchronousTestCase):
         OnDemandConfig(allow_suffix=[".localhost"], allow_private_suffix=True)
         OnDemandConfig(allow_suffix=[".localhost"], ca=["internal"])
 
+    def test_allow_suffix_denied_whole_is_a_start_up_error(self) -> None:
+        """
+        An allow suffix that a deny rule covers entirely (a suffix above it,
+        or the same one) is refused, naming both; a deny rule inside it, or
+        a single name, leaves the rest allowed.
+        """
+        for deny in (".example.com", ".tenants.example.com", ".EXAMPLE.com"):
+            e = self.assertRaises(ConfigError, OnDemandConfig, allow_suffix=[".tenants.example.com"], deny=[deny])
+            self.assertEqual(e.key, "allow-suffix")
+            self.assertIn("deny=.", str(e))
+        for deny in (".a.tenants.example.com", "tenants.example.com", "www.example.com", ".example.org"):
+            OnDemandConfig(allow_suffix=[".tenants.example.com"], deny=[deny])
+
     def test_policy_description(self) -> None:
         """The banner states the effective policy, rules and conditions."""
-        config = OnDemandConfig(allow_suffix=[".tenants.example.com"], deny=[".example.com"])
+        config = OnDemandConfig(allow_suffix=[".tenants.example.com"], deny=[".internal.tenants.example.com"])
         text = config.describe_policy()
         self.assertIn("names under .tenants.example.com", text)
         self.assertIn("under a public suffix", text)
-        self.assertIn(".example.com", text)
+        self.assertIn(".internal.tenants.example.com", text)
         self.assertIn("no name", OnDemandConfig().describe_policy())
 
     def test_eab_key_file(self) -> None:
