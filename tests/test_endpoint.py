@@ -47,6 +47,7 @@ from tenantedge.endpoint import (
     OnDemandPort,
     TenantEdgeParser,
     endpoint_description,
+    endpoint_keys,
     split_description,
 )
 from tenantedge.listening import ListenFailed
@@ -270,6 +271,79 @@ class ParserTests(TestCase):
         )
         self.assertEqual(config.store_poll, 1.0)
 
+    def test_every_key(self) -> None:
+        """
+        Every key the endpoint takes, each on its own (with what it needs
+        beside it), lands in the configuration; a new setting fails this
+        test until it is listed here.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        secret = os.path.join(directory, "secret")
+        with open(secret, "w") as f:
+            f.write("c2VjcmV0LXZhbHVlLWZvci10ZXN0cw\n")
+        os.chmod(secret, 0o600)
+        pem = pem_file(self)
+        redis = r"store=rediss\://127.0.0.1\:6380/0"
+        # key: (value as written, what the configuration holds, other keys it needs)
+        cases: dict[str, tuple[str, Any, str]] = {
+            "http": (r"tcp\:8080", "tcp:8080", ""),
+            "retire-after": ("2d", 172800.0, ""),
+            "max-connections": ("100", 100, ""),
+            "max-connections-per-address": ("10", 10, ""),
+            "max-allow-checks": ("3", 3, ""),
+            "store": ("/srv/edge", "/srv/edge", ""),
+            "store-password-file": (secret, secret, redis),
+            "store-ca": (pem, pem, redis),
+            "store-lock-ttl": ("45s", 45.0, redis),
+            "ca": ("letsencrypt-staging", ("https://acme-staging-v02.api.letsencrypt.org/directory",), ""),
+            "ca-root": (pem, (pem,), ""),
+            "email": ("ops@example.com", "ops@example.com", ""),
+            "key-type": ("rsa2048", "rsa2048", ""),
+            "challenge": ("tls-alpn-01", "tls-alpn-01", ""),
+            "eab-kid": ("kid-1", "kid-1", f"eab-hmac-key-file={secret}"),
+            "eab-hmac-key-file": (secret, secret, "eab-kid=kid-1"),
+            "internal-validity": ("3d", 259200.0, ""),
+            "allow-url": (r"https\://api.example.com/{domain}", "https://api.example.com/{domain}", ""),
+            "ask": (r"https\://api.example.com/ask", "https://api.example.com/ask", ""),
+            "allow-ca": (pem, (pem,), ""),
+            "allow-timeout": ("2s", 2.0, ""),
+            "allow-ttl": ("5m", 300.0, ""),
+            "deny-ttl": ("30s", 30.0, ""),
+            "allow-suffix": (".tenants.example.com", (".tenants.example.com",), ""),
+            "deny": ("www.example.com", ("www.example.com",), ""),
+            "allow-private-suffix": ("yes", True, ""),
+            "max-concurrent-issuance": ("2", 2, ""),
+            "max-new-orders": ("10", 10, ""),
+            "max-certs-per-domain": ("7", 7, ""),
+            "ca-limits": ("letsencrypt=none", ("https://acme-v02.api.letsencrypt.org/directory=none",), ""),
+            "precheck": ("dns", ("dns",), "public-address=203.0.113.7"),
+            "public-address": ("203.0.113.7", ("203.0.113.7",), ""),
+            "precheck-resolver": ("127.0.0.1", ("127.0.0.1:53",), "precheck=dns:public-address=203.0.113.7"),
+            "precheck-timeout": ("2s", 2.0, ""),
+            "precheck-renewals": ("yes", True, "precheck=dns:public-address=203.0.113.7"),
+            "caa-identity": ("letsencrypt=letsencrypt.org",
+                             ("https://acme-v02.api.letsencrypt.org/directory=letsencrypt.org",), ""),
+            "webhook": (r"https\://hooks.example.com/in", ("https://hooks.example.com/in",),
+                        f"webhook-secret-file={secret}"),
+            "webhook-secret-file": (secret, secret, ""),
+            "webhook-outbox": ("/srv/outbox", "/srv/outbox", ""),
+            "renew-check-interval": ("6h", 21600.0, ""),
+            "renew-before": ("10d", 864000.0, ""),
+            "store-poll": ("2s", 2.0, ""),
+            "cache-size": ("5", 5, ""),
+            "hello-timeout": ("250ms", 0.25, ""),
+            "issue-timeout": ("30", 30.0, ""),
+        }
+        self.assertEqual(sorted(cases), sorted(endpoint_keys()))
+        for key, (written, expected, needs) in cases.items():
+            extra = f":{needs}" if needs else ""
+            try:
+                config = parse(rf"tenantedge:tcp\:443:{key}={written}{extra}").config
+            except EndpointStringError as e:
+                self.fail(f"{key}={written}: {e}")
+            self.assertEqual(getattr(config, key.replace("-", "_")), expected, key)
+
     def test_repeated_lists(self) -> None:
         """A repeated list key keeps every value, in order."""
         first, second = pem_file(self), pem_file(self)
@@ -468,6 +542,18 @@ class BadStringTests(TestCase):
         self.refused(r"tenantedge:tcp\:443:ca-root=/no/such.pem", "ca-root", "ca-root=/no/such.pem")
         self.refused(r"tenantedge:tcp\:443:http=bogus\:1", "http", "http=bogus:1", "not a valid endpoint")
         self.refused(r"tenantedge:tcp\:443:eab-hmac-key-file=/no/such", "eab-hmac-key-file", "/no/such")
+
+    def test_every_typed_key_refuses_garbage(self) -> None:
+        """Each duration, number and flag key refuses a value of the wrong kind in one line naming the key."""
+        garbage = {"float": "soon", "int": "many", "bool": "perhaps"}
+        checked = 0
+        for key, field in endpoint_keys().items():
+            value = garbage.get(str(field.type))
+            if value is None:
+                continue
+            self.refused(rf"tenantedge:tcp\:443:ca=internal:{key}={value}", key, f"{key}={value}: ")
+            checked += 1
+        self.assertGreaterEqual(checked, 21)  # every one of them, as of this writing
 
     def test_bad_value_in_a_list(self) -> None:
         self.refused(r"tenantedge:tcp\:443:ca=internal:ca=ftp\://x", "ca", "ca=: ", "'ftp://x'")
