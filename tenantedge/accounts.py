@@ -15,8 +15,11 @@ import josepy as jose
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hyperlink import URL
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from .interfaces import IAccountStore
 from .store import StoreError, atomic_write, check_private_file, ensure_private_directory
 
 __all__ = ["AccountStore", "account_directory"]
@@ -34,6 +37,7 @@ def account_directory(store: str, directory_url: str) -> str:
     return os.path.join(store, "accounts", slug)
 
 
+@implementer(IAccountStore)
 @attrs.define
 class AccountStore:
     """
@@ -95,9 +99,10 @@ class AccountStore:
             return None
         return url if isinstance(url, str) and url else None
 
-    def save_url(self, url: str, directory_url: str, key: jose.JWK) -> None:
+    def save_url(self, url: str, directory_url: str, key: jose.JWK) -> Deferred[None]:
         info = {"url": url, "directory": directory_url, "key": _thumbprint(key)}
         atomic_write(self.info_path, json.dumps(info, indent=1).encode())
+        return succeed(None)
 
 
 def _thumbprint(key: jose.JWK) -> str:

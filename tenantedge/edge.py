@@ -19,6 +19,7 @@ from .demo import DemoBackendService
 from .listening import ListenFailed, ListeningService
 from .logs import use_json_logs, wants_json
 from .service import OnDemandTLS, StartupError
+from .tls import OnDemandTLSFactory
 
 __all__ = ["EdgeService", "log_as_asked"]
 
@@ -107,7 +108,7 @@ class EdgeService(MultiService):
     def open_connections(self) -> int:
         """HTTPS connections open right now."""
         factory = self.listeners["https"].factory
-        return int(getattr(factory, "open", 0))
+        return factory.open if isinstance(factory, OnDemandTLSFactory) else 0
 
     async def _stop(self) -> None:
         await super().stopService()

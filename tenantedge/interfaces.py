@@ -30,6 +30,8 @@ __all__ = [
     "INameLock",
     "ISharedState",
     "ISharedRecords",
+    "IAccountStore",
+    "ICacheObserver",
     "Decision",
     "PolicyRefusal",
     "IssuanceFailed",
@@ -474,3 +476,57 @@ class ISharedRecords(Interface):
         @return: the new record. A failure to save is logged, never raised
             (the change is kept in memory).
         """
+
+
+class IAccountStore(Interface):
+    """
+    Where one CA's ACME account key and account URL are kept: files under
+    C{<store>/accounts/} (L{tenantedge.accounts.AccountStore}), or the
+    fleet's Redis (L{tenantedge.redisstore.RedisAccountStore}), where the
+    first node to start creates the key the others adopt.
+    """
+
+    path = Attribute("Where it lives, for log lines.")
+
+    def load_or_create_key():
+        """
+        At start-up (blocking, after privileges are dropped): the account
+        key, created once.
+
+        @return: a C{josepy.JWK}.
+        @raise tenantedge.interfaces.StoreError: if it cannot be read or is
+            exposed.
+        """
+
+    def load_url(key):
+        """
+        @return: the remembered account URL if it belongs to C{key} (a
+            replaced key must register again), else C{None}.
+        """
+
+    def save_url(url, directory_url, key):
+        """
+        Remember the account URL registered for C{key}.
+
+        @return: a Deferred firing when it is saved (a shared store logs a
+            failure to save and fires anyway: the account registers again
+            at the next start).
+        """
+
+
+class ICacheObserver(Interface):
+    """
+    Told what the resolver's handshake cache holds (the OCSP stapler,
+    L{tenantedge.ocsp.OcspStapler}). Both calls are synchronous and must be
+    cheap: they run on the resolver's path.
+    """
+
+    def remembered(server_name, bundle, tls):
+        """
+        A context for C{bundle} (a L{tenantedge.certificates.CertificateBundle})
+        is cached now (first use, reload, renewal); C{tls} is its
+        L{tenantedge.contexts.TenantTLS}.
+        """
+
+    def forgotten(server_name):
+        """The name's cached context was dropped (forgotten, evicted, expired)."""

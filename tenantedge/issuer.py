@@ -19,13 +19,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .accounts import AccountStore
 from .acme import AcmeClient, AcmeProblem, ari_certificate_id
 from .backoff import FailureBackoff
 from .certificates import CertificateBundle, InvalidBundle
 from .config import KEY_TYPES
 from .interfaces import (
     BackedOff,
+    IAccountStore,
     IChallengeResponder,
     IIssuer,
     IRenewalExemption,
@@ -96,7 +96,7 @@ class AcmeIssuer:
     """
 
     client: AcmeClient
-    accounts: Any  # AccountStore, or tenantedge.redisstore.RedisAccountStore (same methods)
+    accounts: IAccountStore
     responder: IChallengeResponder
     clock: IReactorTime
     email: str | None = None
@@ -186,9 +186,7 @@ class AcmeIssuer:
         url = await self.client.register(self.email, self.eab, host=server_name)
         assert self.client.key is not None, "register() signs with the key"
         if url != self.accounts.load_url(self.client.key):
-            saved = self.accounts.save_url(url, self.client.directory_url, self.client.key)
-            if isinstance(saved, Deferred):  # a shared store's write
-                await saved
+            await self.accounts.save_url(url, self.client.directory_url, self.client.key)
             self._log.info("ACME account {url} at {ca}", url=url, ca=self.client.directory_url)
         return url
 

@@ -54,10 +54,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .certificates import CertificateBundle
 from .contexts import TenantTLS
-from .interfaces import IOcspStore
+from .interfaces import ICacheObserver, IOcspStore
 from .timeouts import describe_error, with_deadline
 
 __all__ = [
@@ -281,6 +282,7 @@ class _Tracked:
 
 
 @attrs.define(eq=False)
+@implementer(ICacheObserver)
 class OcspStapler(Service):
     """
     Keeps an OCSP response stapled for every cached certificate that names

@@ -60,7 +60,15 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle, InvalidBundle
 from .hostnames import InvalidHostname, normalize
-from .interfaces import IChallengeStore, ICertificateStore, INameLock, IOcspStore, ISharedRecords, ISharedState
+from .interfaces import (
+    IAccountStore,
+    IChallengeStore,
+    ICertificateStore,
+    INameLock,
+    IOcspStore,
+    ISharedRecords,
+    ISharedState,
+)
 from .resp import BlockingRedis, RedisAddress, RedisClient, RedisError, RedisUnavailable
 from .shared import challenge_key_valid
 from .store import StoreError
@@ -746,6 +754,7 @@ class RedisRecords:
         return d
 
 
+@implementer(IAccountStore)
 @attrs.define(eq=False)
 class RedisAccountStore:
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -23,28 +23,22 @@ from twisted.logger import Logger
 
 from .certificates import CertificateBundle
 from .contexts import ServingContexts, TenantTLS
-from .interfaces import BackedOff, ICertificateStore, IDomainPolicy, LimitExceeded, PolicyRefusal, PrecheckFailed
+from .interfaces import (
+    BackedOff,
+    ICacheObserver,
+    ICertificateStore,
+    IDomainPolicy,
+    LimitExceeded,
+    PolicyRefusal,
+    PrecheckFailed,
+)
 from .lifecycle import Retired
 from .pipeline import ISSUE, CertificateCheck, IssuancePipeline
 from .singleflight import SingleFlight
 from .summaries import CounterSummary
 from .timeouts import with_deadline
 
-__all__ = ["CertificateResolver", "CacheObserver", "RefusalSummary", "periodic"]
-
-
-class CacheObserver(Protocol):
-    """
-    Told what the handshake cache holds (the OCSP stapler,
-    L{tenantedge.ocsp.OcspStapler}). Both calls are synchronous and must
-    be cheap: they run on the resolver's path.
-    """
-
-    def remembered(self, server_name: str, bundle: CertificateBundle, tls: TenantTLS) -> None:
-        """A context for the bundle is cached now (first use, reload, renewal)."""
-
-    def forgotten(self, server_name: str) -> None:
-        """The name's cached context was dropped (forgotten, evicted, expired)."""
+__all__ = ["CertificateResolver", "RefusalSummary", "periodic"]
 
 
 @attrs.frozen
@@ -86,7 +80,7 @@ class CertificateResolver:
     cache_size: int = 10000
     work_timeout: float = 600.0
     make_context: Callable[[CertificateBundle], TenantTLS] = attrs.field(factory=lambda: ServingContexts().tenant)
-    observer: CacheObserver | None = None
+    observer: ICacheObserver | None = None
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _cache: OrderedDict[str, _Entry] = attrs.field(factory=OrderedDict, init=False)
     _flights: SingleFlight[TenantTLS] = attrs.field(factory=SingleFlight, init=False)

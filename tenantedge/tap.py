@@ -8,8 +8,9 @@ L{tenantedge.edge.EdgeService}: the L{tenantedge.service.OnDemandTLS} service (s
 policy, issuers, renewal...) plus what the plugin adds around it, the
 reverse proxy to the backend, the HTTPS, HTTP and admin listeners and the
 demo backend. This module and L{tenantedge.service} are the only places
-that pick concrete classes; only L{makeService} touches the global
-reactor.
+that pick concrete classes. Only L{makeService} touches the global
+reactor, and L{tenantedge.workers.fresh_reactor}, which replaces it in a
+forked worker; everything else is given the reactor it uses.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 Every implementation of a side contract provides its interface
 (L{zope.interface.verify.verifyObject}): challenge responders, policies
 (with the renewal re-ask), issuers and their wrappers, the issuance
-limits' "replaces refused" hook, locks and stores. The store contract
+limits' "replaces refused" hook, locks, stores, account stores, shared
+state and records. The store contract
 tests themselves live in C{tests/test_store.py}.
 """
 
@@ -15,13 +16,17 @@ from zope.interface.verify import verifyObject
 from tenantedge.backoff import FailureBackoff
 from tenantedge.challenges import HTTP01Responder, MemoryChallengeStore, TLSALPN01Responder
 from tenantedge.interfaces import (
+    IAccountStore,
     ICertificateStore,
     IChallengeResponder,
     IChallengeStore,
     IDomainPolicy,
     IIssuer,
     INameLock,
+    IPrecheck,
     IReplacesRefused,
+    ISharedRecords,
+    ISharedState,
 )
 from tenantedge.issuer import BackoffIssuer, FallbackIssuer
 from tenantedge.limits import IssuanceLimits
@@ -55,3 +60,36 @@ class InterfaceTests(SynchronousTestCase):
     def test_lock_and_store(self) -> None:
         self.assertTrue(verifyObject(INameLock, MemoryNameLock()))
         self.assertTrue(verifyObject(ICertificateStore, MemoryStore()))
+
+    def test_directory_implementations(self) -> None:
+        """The one-box implementations: files under the store directory."""
+        from tenantedge.accounts import AccountStore
+        from tenantedge.journal import RecordJournal
+        from tenantedge.shared import DirectoryChallengeStore, DirectoryNameLock, StateFile
+
+        directory = self.mktemp()
+        self.assertTrue(verifyObject(IAccountStore, AccountStore(directory)))
+        self.assertTrue(verifyObject(IChallengeStore, DirectoryChallengeStore(directory)))
+        self.assertTrue(verifyObject(INameLock, DirectoryNameLock(directory, Clock())))
+        self.assertTrue(verifyObject(ISharedState, StateFile(None)))
+        self.assertTrue(verifyObject(ISharedRecords, RecordJournal(None)))
+
+    def test_redis_account_store(self) -> None:
+        from tenantedge.redisstore import Keys, RedisAccountStore
+
+        self.assertTrue(verifyObject(IAccountStore, RedisAccountStore("ca", lambda: None, None, Keys("t"))))  # type: ignore[arg-type]
+
+    def test_caa_precheck(self) -> None:
+        from tenantedge.precheck import CAAPrecheck
+
+        check = CAAPrecheck(None, "letsencrypt.org", Clock(), ca="https://ca.example/dir")  # type: ignore[arg-type]
+        self.assertTrue(verifyObject(IPrecheck, check))
+
+    def test_cache_observer(self) -> None:
+        from twisted.internet.defer import succeed
+
+        from tenantedge.interfaces import ICacheObserver
+        from tenantedge.ocsp import OcspStapler
+
+        stapler = OcspStapler(MemoryStore(), None, Clock(), lambda name, bundle: succeed(None))  # type: ignore[arg-type]
+        self.assertTrue(verifyObject(ICacheObserver, stapler))
