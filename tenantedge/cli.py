@@ -8,7 +8,7 @@ The command line: C{tenantedge ...} (or C{python -m tenantedge ...})::
                                 policy, limits and issuers (admin endpoint)
     certs renew HOST [--json]   renew now, through the running server
     certs remove HOST [--json]  move to <store>/archive/ (the key is kept)
-    store copy SRC DST      a directory store into Redis, or back (byte for byte)
+    store copy SRC DST [--json]  a directory store into Redis, or back (byte for byte)
     serve [options]         run the server (same as C{twist tenantedge})
 
 Every level takes C{--help} and C{--version}. Every C{certs} command also
@@ -555,13 +555,14 @@ class _Certs(_Group):
 class _StoreCopy(_Command):
     """C{store copy SRC DST}."""
 
-    arguments = "SRC DST [--store-password-file FILE] [--store-ca PEM]"
+    arguments = "SRC DST [--json] [--store-password-file FILE] [--store-ca PEM]"
     longdesc = (
         "Copy a store: a directory into Redis, or Redis into a directory (certificates, ACME accounts, "
-        "failure backoff, limit windows), byte for byte, so that no certificate is issued again. SRC and DST "
+        "failure backoff, limit windows, hostname lifecycle records), byte for byte, so that no certificate is issued again. SRC and DST "
         "are each a directory or a redis:// URL; the Redis password comes from --store-password-file or "
         "TENANTEDGE_REDIS_PASSWORD."
     )
+    optFlags: list[list[Any]] = [["json", None, "Print JSON instead of text."]]
     optParameters = [
         ["store-password-file", None, None, "File holding the Redis password (either side)."],
         ["store-ca", None, None, "CA of a rediss:// side."],
@@ -581,8 +582,11 @@ class _StoreCopy(_Command):
             copied = copy_store(source, target)
         except (ValueError, RedisUnavailable, RedisError) as e:
             raise CLIError(str(e)) from None
+        if self["json"]:
+            _write_json(out, copied.to_json())
+            return 0
         out.write(f"copied {copied.certificates} certificate(s), {copied.accounts} account(s), "
-                  f"{copied.states} state file(s)\n")
+                  f"{copied.states} state file(s), {copied.records} lifecycle record(s)\n")
         for name in copied.skipped:
             out.write(f"skipped {name}: its stored bundle does not parse\n")
         return 0

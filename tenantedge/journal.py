@@ -246,6 +246,20 @@ class RecordJournal:
         except OSError as e:
             self._log_failure("compact", e)
 
+    def compact(self) -> None:
+        """
+        Fold the journal into the snapshot now (C{store copy} leaves a
+        copied store so). Unlike L{update}, a failure raises.
+
+        @raise OSError: if the files cannot be written.
+        """
+        if self.path is None:
+            return
+        with self._locked(fcntl.LOCK_EX):
+            if self._stale() is not None:
+                self._reload()
+            self._compact()
+
     def _compact(self) -> None:
         """Fold the journal into a new snapshot, then start an empty journal (still under the lock)."""
         assert self.path is not None

@@ -2,9 +2,11 @@
 C{tenantedge store copy SRC DST}: move a store between a directory and
 Redis (either way), so that a single box grows into a fleet, or a fleet
 shrinks back, without a single re-issue: certificates, ACME accounts (key
-and URL), the failure backoff and the limit windows. Bytes are copied as
-they are (a certificate file's PEM, the account key, the JSON state), so a
-round trip gives back identical files.
+and URL), the failure backoff, the limit windows and each hostname's
+lifecycle record. Bytes are copied as they are (a certificate file's PEM,
+the account key, the JSON state), so a round trip gives back identical
+files; lifecycle records are copied record by record (a directory's
+snapshot and journal become one hash field per name, and back).
 
 It runs without a reactor, beside running servers: the directory side
 writes atomically (0600), the Redis side one key per entry; copying into a
@@ -23,6 +25,7 @@ import attrs
 
 from .certificates import CertificateBundle, InvalidBundle
 from .hostnames import InvalidHostname, normalize
+from .journal import RecordJournal
 from .redisstore import Keys
 from .resp import BlockingRedis, RedisAddress
 from .store import atomic_write, ensure_private_directory
@@ -31,6 +34,8 @@ __all__ = ["copy_store", "open_side", "Copied"]
 
 #: The state files a directory store keeps beside the certificates, by label.
 STATES = {"backoff": "backoff.json", "limits": "limits.json"}
+#: The records kept one per name (L{tenantedge.journal}), by label.
+RECORDS = {"lifecycle": "lifecycle.json"}
 
 
 @attrs.frozen
@@ -48,6 +53,8 @@ class Side(Protocol):
     def put_account(self, slug: str, account: Account) -> None: ...
     def states(self) -> Iterator[tuple[str, bytes]]: ...
     def put_state(self, label: str, data: bytes) -> None: ...
+    def records(self, label: str) -> dict[str, Any]: ...
+    def put_records(self, label: str, records: dict[str, Any]) -> None: ...
 
 
 @attrs.define
@@ -110,6 +117,19 @@ class DirectorySide:
         ensure_private_directory(self.path)
         atomic_write(os.path.join(self.path, STATES[label]), data)
 
+    def records(self, label: str) -> dict[str, Any]:
+        journal = RecordJournal(os.path.join(self.path, RECORDS[label]))
+        journal.load()
+        return dict(journal.items())
+
+    def put_records(self, label: str, records: dict[str, Any]) -> None:
+        ensure_private_directory(self.path)
+        journal = RecordJournal(os.path.join(self.path, RECORDS[label]))
+        journal.load()
+        for name, record in sorted(records.items()):
+            journal.update(name, _replaced_by(record))
+        journal.compact()
+
 
 @attrs.define
 class RedisSide:
@@ -168,11 +188,35 @@ class RedisSide:
             if data is not None:
                 yield label, data
 
+    def records(self, label: str) -> dict[str, Any]:
+        flat = self.redis.execute("HGETALL", self.keys.records(label)) or []
+        records: dict[str, Any] = {}
+        for name, value in zip(flat[0::2], flat[1::2]):
+            try:
+                record = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records[name.decode("utf-8", "replace")] = record
+        return records
+
+    def put_records(self, label: str, records: dict[str, Any]) -> None:
+        items = sorted(records.items())
+        for start in range(0, len(items), 500):
+            fields: list[Any] = []
+            for name, record in items[start:start + 500]:
+                fields += [name, json.dumps(record)]
+            self.redis.execute("HSET", self.keys.records(label), *fields)
+
     def put_state(self, label: str, data: bytes) -> None:
         json.loads(data)  # refuse to copy a file that is not JSON
         self.redis.transaction([["HSET", self.keys.state(label), "data", data],
                                 ["HINCRBY", self.keys.state(label), "version", 1],
                                 ["PUBLISH", self.keys.events, f"state {label}"]])
+
+
+def _replaced_by(record: dict[str, Any]) -> Any:
+    return lambda current: record
 
 
 def open_side(store: str, password_file: str | None = None, ca: str | None = None) -> DirectorySide | RedisSide:
@@ -193,6 +237,13 @@ class Copied:
     accounts: int
     states: int
     skipped: tuple[str, ...]
+    #: Lifecycle records copied.
+    records: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as C{store copy --json} prints it."""
+        return {"certificates": self.certificates, "accounts": self.accounts, "states": self.states,
+                "records": self.records, "skipped": list(self.skipped)}
 
 
 def copy_store(source: Side, target: Side) -> Copied:
@@ -216,7 +267,13 @@ def copy_store(source: Side, target: Side) -> Copied:
     for label, data in source.states():
         target.put_state(label, data)
         states += 1
-    return Copied(certificates, accounts, states, tuple(skipped))
+    records = 0
+    for label in RECORDS:
+        found = source.records(label)
+        if found:
+            target.put_records(label, found)
+            records += len(found)
+    return Copied(certificates, accounts, states, tuple(skipped), records)
 
 
 _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")

@@ -95,7 +95,10 @@ class PrivilegeDropTests(TestCase):
         finally:
             if pid is not None:
                 os.kill(pid, signal.SIGTERM)
-            await ended
+            server_out, server_err, _ = await ended
+        # The plugin cache was written at install (make, or the unit's
+        # ExecStartPre): twistd, now www-data, has nothing to rewrite.
+        self.assertNotIn(b"Unable to write to plugin cache", server_out + server_err)
 
 
 class CLIOwnershipTests(TestCase):

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tenantedge.accounts import AccountStore, account_directory
 from tenantedge.backoff import FailureBackoff
 from tenantedge.cli import main
+from tenantedge.lifecycle import HostnameLifecycle
 from tenantedge.store import DirectoryStore
 from tenantedge.testing import make_bundle
 
@@ -27,8 +28,8 @@ def _tree(path: str) -> dict[str, bytes]:
     out = {}
     for folder, _, files in os.walk(path):
         for name in files:
-            if name.endswith(".lock"):
-                continue  # lock files are not state
+            if name.endswith(".lock") or name.startswith("lifecycle."):
+                continue  # lock files are not state; lifecycle records are compared as records
             full = os.path.join(folder, name)
             with open(full, "rb") as f:
                 out[os.path.relpath(full, path)] = f.read()
@@ -49,6 +50,15 @@ class StoreCopyTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(10**6)
         FailureBackoff(os.path.join(self.source, "backoff.json"), clock).record_failure("c.test")
+        lifecycle = HostnameLifecycle(os.path.join(self.source, "lifecycle.json"), clock)
+        lifecycle.load()
+        lifecycle.issued("a.test", 2e6, renewal=False)
+        lifecycle.failed("c.test", RuntimeError("no DNS"))
+
+    def lifecycle(self, store: str) -> dict[str, tuple[str, int]]:
+        lifecycle = HostnameLifecycle(os.path.join(store, "lifecycle.json"), Clock())
+        lifecycle.load()
+        return {r.host: (r.state, r.attempts) for r in lifecycle.records()}
 
     def cli(self, *argv: str) -> tuple[int, str]:
         out = io.StringIO()
@@ -58,14 +68,24 @@ class StoreCopyTests(SynchronousTestCase):
         """Directory -> Redis -> a new directory: the same files, byte for byte."""
         code, text = self.cli("store", "copy", self.source, self.redis.url("prod"))
         self.assertEqual(code, 0, text)
-        self.assertIn("copied 2 certificate(s), 1 account(s), 1 state file(s)", text)
+        self.assertIn("copied 2 certificate(s), 1 account(s), 1 state file(s), 2 lifecycle record(s)", text)
+        fields = self.redis.connect().execute("HKEYS", "prod:records:lifecycle")
+        self.assertEqual(sorted(fields), [b"a.test", b"c.test"])
         back = os.path.join(self.mktemp(), "back")
         os.makedirs(back)
         code, text = self.cli("store", "copy", self.redis.url("prod"), back)
         self.assertEqual(code, 0, text)
         self.assertEqual(_tree(back), _tree(self.source))
+        self.assertEqual(self.lifecycle(back), {"a.test": ("active", 0), "c.test": ("failing", 1)})
+        self.assertEqual(self.lifecycle(back), self.lifecycle(self.source))
         for path in _tree(back):
             self.assertEqual(os.stat(os.path.join(back, path)).st_mode & 0o777, 0o600, path)
+
+    def test_json(self) -> None:
+        code, text = self.cli("store", "copy", "--json", self.source, self.redis.url("prod"))
+        self.assertEqual(code, 0, text)
+        self.assertEqual(json.loads(text), {"certificates": 2, "accounts": 1, "states": 1, "records": 2,
+                                            "skipped": []})
 
     def test_certs_list_on_either(self) -> None:
         self.cli("store", "copy", self.source, self.redis.url("prod"))
