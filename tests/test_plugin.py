@@ -41,6 +41,24 @@ class PluginTests(TestCase):
         out = subprocess.run([twistd, "--help"], capture_output=True, text=True, cwd="/", timeout=120).stdout
         self.assertIn("tenantedge", out)
 
+    def test_bad_toml_key_through_the_runners(self) -> None:
+        """
+        twistd and twist both print a bad TOML key as one line naming the
+        file and the key (not the whole --help) and exit non-zero.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write('alow-suffix = [".test"]\n')
+        bindir = os.path.dirname(sys.executable)
+        runners = ([os.path.join(bindir, "twistd"), "-n", "tenantedge"], [os.path.join(bindir, "twist"), "tenantedge"])
+        for runner in runners:
+            done = subprocess.run([*runner, "--config", path], capture_output=True, text=True, cwd="/", timeout=120)
+            lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+            self.assertNotEqual(done.returncode, 0, runner)
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn(path, lines[0])
+            self.assertIn("'alow-suffix'", lines[0])
+
     def test_regular_install(self) -> None:
         """
         A non-editable install (built into a separate directory, run from
