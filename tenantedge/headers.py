@@ -8,11 +8,12 @@ drift apart.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Iterable
 
 __all__ = [
     "HOP_BY_HOP", "EDGE_ONLY", "ADMIN_HEADER", "REFUSED_UPGRADES", "connection_tokens", "edge_only", "error_body",
-    "upgrade_offer", "trailer_block", "LAST_CHUNK",
+    "upgrade_offer", "trailer_block", "LAST_CHUNK", "FIELD_NAME",
 ]
 
 #: RFC 9110 section 7.6.1 connection-specific headers, plus the
@@ -50,6 +51,9 @@ NOT_TRAILERS = HOP_BY_HOP | {
     b"if-modified-since", b"if-unmodified-since", b"if-range",
 }
 
+#: An HTTP field name (RFC 9110 section 5.1: a token).
+FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
 #: The end of a chunked body without trailers.
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -64,7 +68,9 @@ def trailer_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
     lines = [b"0\r\n"]
     for name, value in fields:
         lower = name.lower()
-        if (lower.startswith(b":") or lower in NOT_TRAILERS or edge_only(lower)
+        # The name is checked here too, whoever parsed it: a CR/LF in one
+        # would end the body early and smuggle a request to the backend.
+        if (not FIELD_NAME.match(name) or lower in NOT_TRAILERS or edge_only(lower)
                 or b"\r" in value or b"\n" in value or b"\0" in value):
             continue
         lines.append(b"%s: %s\r\n" % (name, value))

@@ -69,7 +69,7 @@ from zope.interface import implementer
 
 from .backend import NO_RESPONSE_BODY, BackendConnection
 from .exchange import PENDING_BODY, Exchange, Relay, upstream_head
-from .headers import HOP_BY_HOP, connection_tokens
+from .headers import FIELD_NAME, HOP_BY_HOP, connection_tokens
 from .tunnel import Tunnel
 from .writethrough import set_no_delay
 
@@ -808,8 +808,19 @@ class H2ProxyProtocol(Protocol):
 
     def _trailers(self, event: TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is not None:
-            stream.trailers = [(bytes(name), bytes(value)) for name, value in event.headers]
+        if stream is None:
+            return
+        trailers: list[tuple[bytes, bytes]] = []
+        for name, value in event.headers or ():
+            name, value = bytes(name), bytes(value)
+            # h2's own checks are off (validate_inbound_headers): these are
+            # the head's (_request), a field name a token in lower case.
+            if (not FIELD_NAME.match(name) or name.lower() != name
+                    or b"\r" in value or b"\n" in value or b"\0" in value):
+                self._malformed(stream, "a malformed trailer field")
+                return
+            trailers.append((name, value))
+        stream.trailers = trailers
 
     def _ended(self, event: StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)

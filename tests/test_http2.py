@@ -179,6 +179,27 @@ class H2RelayTests(H2TestCase):
         self.assertTrue(bwire.value().endswith(b"\r\n\r\nabc"))
         self.assertEqual(self.proxy.events["trailers-dropped"], 1)
 
+    def test_trailer_names_cannot_smuggle(self) -> None:
+        """
+        A trailer name with CR/LF (a second request for another tenant,
+        smuggled after the body) resets the stream: nothing of it reaches
+        the backend, whose connection is not given back for reuse.
+        """
+        smuggled = (b"x-a: b\r\n\r\nGET /admin HTTP/1.1\r\nHost: other-tenant.test\r\n"
+                    b"X-Forwarded-For: 10.0.0.1\r\nx-c")
+        for name in (smuggled, b"bad name", b":path", b""):
+            sid = self.client.request(b"POST", end=False)
+            backend, bwire = self.backend()
+            self.client.send(sid, b"abc")
+            bwire.clear()
+            self.client.h2.send_headers(sid, [(name, b"y")], end_stream=True)
+            self.client.pump()
+            self.assertNotIn(b"GET /admin", bwire.value(), name)
+            self.assertNotIn(b"0\r\n", bwire.value(), name)
+            self.assertTrue(self.client.of(sid, StreamReset), name)
+            self.assertEqual(self.pool.idle_count(), 0, name)
+        self.assertEqual(self.proxy.events["h2-malformed"], 4)
+
     def test_trailers_before_backend_connects(self) -> None:
         """A whole body with trailers that arrives before the backend connection goes out with them."""
         sid = self.client.request(b"POST", end=False)
