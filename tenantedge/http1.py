@@ -276,7 +276,15 @@ class H1ProxyProtocol(Protocol):
         if not self._refused:
             self._refused = True
             self.proxy.events["head-too-large"] += 1
-            self._answer_now(code, "")
+            if self._current is not None:
+                # Too many trailer fields: the request's body was under
+                # way, its backend request cannot be finished, and no
+                # answer can be put in order behind it: close (which
+                # abandons the backend request).
+                self._closing = True
+                self.transport.abortConnection()  # type: ignore[union-attr]
+            else:
+                self._answer_now(code, "")
             raise httptools.HttpParserCallbackError("refused")
 
     def on_headers_complete(self) -> None:

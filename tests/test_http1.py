@@ -168,6 +168,19 @@ class RelayTests(SynchronousTestCase):
         backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertTrue(self.wire.value().endswith(b"ok"))
 
+    def test_too_many_trailers_close(self) -> None:
+        """Trailer fields past the head's limits close the connection (and the unfinished backend request)."""
+        from tenantedge.http1 import MAX_HEADERS
+
+        self.client.dataReceived(
+            b"POST /up HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        backend, bwire = self.endpoint.complete()
+        self.client.dataReceived(b"0\r\n" + b"".join(b"X-T%d: v\r\n" % i for i in range(MAX_HEADERS + 2)))
+        self.assertTrue(self.wire.disconnecting or self.wire.disconnected)
+        self.assertEqual(self.proxy.events["head-too-large"], 1)
+        self.assertNotIn(b"X-T0", bwire.value())
+
     def test_body_limit(self) -> None:
         """A declared length over the limit is 413 at once; a chunked body over it too."""
         self.client.dataReceived(b"POST / HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5000\r\n\r\n")
