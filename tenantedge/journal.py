@@ -12,7 +12,9 @@ rewrite is spread over at least as many changes as there are records.
 
 Every process reads the lines the others appended since its last look
 (a C{stat} says whether there are any) and re-reads both files when a
-compaction replaced them. Reading the whole pair happens under a shared
+compaction replaced them. A journal's first line names its generation (a
+random token): one deleted or truncated and written again is never taken
+for the file a process was reading, whatever its inode and size. Reading the whole pair happens under a shared
 lock, so it never sees a compaction half done. A line torn by a crash is
 skipped and terminated before the next append; appends are not fsync'd
 (a record is lost only with the machine, and the certificate it describes
@@ -24,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -63,8 +66,16 @@ class RecordJournal:
         self._records: dict[str, dict[str, Any]] = {}
         self._snapshot: _Identity | None = None
         self._journal: int | None = None  # the journal's inode
+        #: The journal's first line, naming this generation of the file:
+        #: one truncated or deleted and made again is never taken for the
+        #: one this process was reading, whatever inode it gets.
+        self._header: bytes | None = None
         self._offset = 0
         self._failing = False
+        #: No compaction is tried before the journal reaches this offset
+        #: (after one failed, a full disk say, not at every change).
+        self._compact_after = 0
+        self._compact_failing = False
 
     @property
     def _journal_path(self) -> str:
@@ -99,6 +110,8 @@ class RecordJournal:
             snapshot = None
         if snapshot != self._snapshot or (journal.st_ino if journal else None) != self._journal:
             return True
+        if journal is not None and journal.st_size < self._offset:
+            return True  # truncated (by hand, or made again under the same inode)
         if journal is not None and journal.st_size > self._offset:
             return False
         return None
@@ -142,37 +155,52 @@ class RecordJournal:
         for key, value in data.items():
             if isinstance(value, dict):
                 records[str(key)] = value
-        journal, offset = self._read_journal(records, None, 0)
-        self._records, self._snapshot, self._journal, self._offset = records, snapshot, journal, offset
+        journal, header, offset = self._read_journal(records, None, None, 0)
+        self._records, self._snapshot = records, snapshot
+        self._journal, self._header, self._offset = journal, header, offset
 
     def _read_new_lines(self) -> None:
-        self._journal, self._offset = self._read_journal(self._records, self._journal, self._offset)
+        """The lines appended since the last read; both files again if the journal is not the one read so far."""
+        try:
+            self._journal, self._header, self._offset = self._read_journal(
+                self._records, self._journal, self._header, self._offset)
+        except _Replaced:
+            with self._locked(fcntl.LOCK_SH):
+                self._reload()
 
     def _read_journal(
-        self, records: dict[str, dict[str, Any]], journal: int | None, offset: int
-    ) -> tuple[int | None, int]:
+        self, records: dict[str, dict[str, Any]], journal: int | None, header: bytes | None, offset: int
+    ) -> tuple[int | None, bytes | None, int]:
         """
         Apply to C{records} the complete lines after C{offset} (from the
         start if the journal is a new file).
 
-        @return: the journal's inode and the new offset.
+        @return: the journal's inode, its header line and the new offset.
+        @raise _Replaced: if it does not start with C{header} any more.
         """
         try:
             f = open(self._journal_path, "rb")
         except FileNotFoundError:
-            return None, 0
+            return None, None, 0
         with f:
             inode = os.fstat(f.fileno()).st_ino
             if inode != journal:
-                offset = 0
+                offset, header = 0, None
+            if offset and header is not None and os.pread(f.fileno(), len(header), 0) != header:
+                raise _Replaced()
             f.seek(offset)
             chunk = f.read()
         end = chunk.rfind(b"\n") + 1  # a line still being written (or torn) waits
-        for line in chunk[:end].splitlines():
+        lines = chunk[:end].splitlines(keepends=True)
+        if offset == 0 and lines and lines[0].startswith(_HEADER_START):
+            header = lines.pop(0)
+        for line in lines:
             self._apply_line(records, line)
-        return inode, offset + end
+        return inode, header, offset + end
 
     def _apply_line(self, records: dict[str, dict[str, Any]], line: bytes) -> None:
+        if line.startswith(_HEADER_START):
+            return  # a header where a torn line was ended: nothing to apply
         try:
             entry = json.loads(line)
             key, value = entry["k"], entry.get("v")
@@ -230,8 +258,11 @@ class RecordJournal:
         try:
             st = os.fstat(fd)
             if st.st_ino != self._journal:
-                self._journal, self._offset = st.st_ino, 0
-            if st.st_size > self._offset:
+                self._journal, self._header, self._offset = st.st_ino, None, 0
+            if st.st_size == 0:
+                self._header = _new_header()
+                line = self._header + line  # a new journal: its generation first
+            elif st.st_size > self._offset:
                 line = b"\n" + line  # a writer died mid-line: end it (it is skipped)
             written = os.write(fd, line)
             if written != len(line):
@@ -239,12 +270,21 @@ class RecordJournal:
             self._offset = st.st_size + written
         finally:
             os.close(fd)
-        try:
-            snapshot_size = self._snapshot[2] if self._snapshot else 0
-            if self._offset > max(self.compact_floor, snapshot_size):
+        snapshot_size = self._snapshot[2] if self._snapshot else 0
+        if self._offset > max(self.compact_floor, snapshot_size, self._compact_after):
+            try:
                 self._compact()
-        except OSError as e:
-            self._log_failure("compact", e)
+            except OSError as e:
+                # Try again only once the journal has grown by as much
+                # again: a failed compaction costs a whole snapshot write.
+                self._compact_after = self._offset + max(self.compact_floor, snapshot_size)
+                if not self._compact_failing:
+                    self._compact_failing = True
+                    self._log.error("cannot fold {journal} into {file}: {error}; the journal grows until it can",
+                                    journal=self._journal_path, file=self.path, error=str(e))
+            else:
+                self._compact_after = 0
+                self._compact_failing = False
 
     def compact(self) -> None:
         """
@@ -264,10 +304,11 @@ class RecordJournal:
         """Fold the journal into a new snapshot, then start an empty journal (still under the lock)."""
         assert self.path is not None
         atomic_write(self.path, json.dumps(dict(sorted(self._records.items())), separators=(",", ":")).encode())
-        atomic_write(self._journal_path, b"")
+        header = _new_header()
+        atomic_write(self._journal_path, header)
         self._snapshot = _identity(os.stat(self.path))
         self._journal = os.stat(self._journal_path).st_ino
-        self._offset = 0
+        self._header, self._offset = header, len(header)
 
     def _locked(self, how: int) -> _Flock:
         assert self.path is not None
@@ -280,6 +321,17 @@ class RecordJournal:
                             error=str(error))
 
 
+_HEADER_START = b'{"journal":'
+
+
+def _new_header() -> bytes:
+    return b'{"journal":"%s"}\n' % secrets.token_hex(8).encode()
+
+
+class _Replaced(Exception):
+    """The journal read so far was replaced by another file (under the same inode)."""
+
+
 class _Flock:
     """C{with}: an exclusive or shared C{flock} on a lock file, released on exit."""
 
@@ -289,11 +341,22 @@ class _Flock:
         self.fd: int | None = None
 
     def __enter__(self) -> _Flock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self.how == fcntl.LOCK_SH:
+            # Reading needs no write access (store copy from a read-only
+            # store or a backup): a lock file that is absent or cannot be
+            # opened means reading unlocked; a compaction met midway shows
+            # as a changed identity, and the next look reads again.
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, PermissionError):
+                return self
+        else:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self.fd, self.how)
         except OSError:
             os.close(self.fd)
+            self.fd = None
             raise
         return self
 
