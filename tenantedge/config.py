@@ -828,10 +828,11 @@ class OnDemandConfig:
         object.__setattr__(self, "static_policy", static)
         object.__setattr__(self, "trusted_proxies", TrustedProxies.from_cidrs(self.trusted_proxy))
         for suffix in static.allow_suffixes:
-            # Any name under the suffix stands for all of them: a deny rule
-            # that refuses one (a suffix rule above it) refuses every one.
+            # A deny suffix rule covers every name under the allow suffix
+            # exactly when it covers the suffix's own name (it is the same
+            # suffix or one above it).
             covering = [rule for rule in static.deny
-                        if rule.startswith(".") and matches_suffix("x" + suffix, rule, include_apex=True)]
+                        if rule.startswith(".") and matches_suffix(suffix[1:], rule, include_apex=True)]
             if covering:
                 raise ConfigError(
                     "allow-suffix",

@@ -234,7 +234,8 @@ class ConfigValueTests(SynchronousTestCase):
             e = self.assertRaises(ConfigError, OnDemandConfig, allow_suffix=[".tenants.example.com"], deny=[deny])
             self.assertEqual(e.key, "allow-suffix")
             self.assertIn("deny=.", str(e))
-        for deny in (".a.tenants.example.com", "tenants.example.com", "www.example.com", ".example.org"):
+        for deny in (".a.tenants.example.com", ".x.tenants.example.com", ".X.Tenants.Example.Com.",
+                     "tenants.example.com", "www.example.com", ".example.org", ".ants.example.com"):
             OnDemandConfig(allow_suffix=[".tenants.example.com"], deny=[deny])
 
     def test_policy_description(self) -> None:
