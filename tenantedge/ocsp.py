@@ -419,6 +419,8 @@ class OcspStapler(Service):
     async def _update_once(self, entry: _Tracked, use_stored: bool) -> None:
         if use_stored:
             stored = await self._stored(entry)
+            if entry.dropped:
+                return  # forgotten while the store answered: no timer, no request
             if stored is not None and stored.refresh_at(self.random()) > self.clock.seconds():
                 # Ours from before a restart, or a peer's (another worker,
                 # a fleet node): fresh enough, no request.

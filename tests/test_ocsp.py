@@ -246,6 +246,19 @@ class StaplerTests(SynchronousTestCase):
         self.turn(DAY)
         self.assertEqual(tls.ocsp.der, b"")  # lapsed: never a stale staple
 
+    def test_forgotten_while_the_store_reads(self) -> None:
+        """A name forgotten while its stored response is being read gets no timer and no request."""
+        bundle = self.ca.issue("a.test", NOW - DAY, NOW + 60 * DAY)
+        self.responder.add(bundle.leaf)
+        pending: Deferred[bytes] = Deferred()
+        self.store.get_ocsp = lambda name: pending  # type: ignore[method-assign]
+        self.stapler.remembered("a.test", bundle, self.contexts.tenant(bundle))
+        self.turn()
+        self.stapler.forgotten("a.test")
+        pending.callback(self.ca.response(bundle.leaf, "good", NOW - 3 * DAY, NOW + DAY))
+        self.turn()
+        self.assertEqual((self.responder.requests, self.clock.getDelayedCalls()), ([], []))
+
     def test_stored_response_for_old_certificate_ignored(self) -> None:
         old = self.ca.issue("a.test", NOW - DAY, NOW + DAY)
         self.store.ocsp["a.test"] = self.ca.response(old.leaf, "good", NOW - 60, NOW + 4 * DAY)
