@@ -465,16 +465,22 @@ class ISharedRecords(Interface):
         @return: a new list of every (key, record) pair, fresh.
         """
 
-    def update(key, change):
+    def update(key, change, stored=None):
         """
         Read-modify-write one record without losing anyone else's update:
         C{change} is called with the current record (or C{None}) and
-        returns the new one, or C{None} to remove it. It may be called more
-        than once (an implementation retrying on a concurrent change), so
-        it must derive everything from its argument.
+        returns the new one, or C{None} to remove it (or the very record it
+        was given, to leave it as it is). It may be called more than once
+        (an implementation retrying on a concurrent change), so it must
+        derive everything from its argument.
 
-        @return: the new record. A failure to save is logged, never raised
-            (the change is kept in memory).
+        @param stored: if given, called once with the record as it was
+            finally stored (which may differ from the return value, for an
+            implementation over the network that applies C{change} again
+            to a newer record): what an event about the change must say.
+            With a failure to save, called with what is kept in memory.
+        @return: the new record as this process sees it now. A failure to
+            save is logged, never raised (the change is kept in memory).
         """
 
 

@@ -33,10 +33,11 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .interfaces import ISharedRecords
+from .interfaces import ISharedRecords, ISharedState
+from .shared import KEEP
 from .store import atomic_write
 
-__all__ = ["RecordJournal", "COMPACT_FLOOR"]
+__all__ = ["RecordJournal", "DocumentRecords", "COMPACT_FLOOR"]
 
 #: The journal is folded into the snapshot once it is larger than this and
 #: than the snapshot.
@@ -218,7 +219,18 @@ class RecordJournal:
 
     # -- changing ----------------------------------------------------------------------------
 
-    def update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> Any:
+    def update(
+        self,
+        key: str,
+        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+        stored: Callable[[dict[str, Any] | None], object] | None = None,
+    ) -> Any:
+        new = self._update(key, change)
+        if stored is not None:
+            stored(new)
+        return new
+
+    def _update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> Any:
         if self.path is None:
             return self._set(key, change(self._records.get(key)))
         applied: list[dict[str, Any] | None] = []
@@ -319,6 +331,66 @@ class RecordJournal:
             self._failing = True
             self._log.error("cannot {what} records {file}: {error}; kept in memory", what=what, file=self.path,
                             error=str(error))
+
+
+@implementer(ISharedRecords)
+class DocumentRecords:
+    """
+    Records kept in one L{ISharedState} document (key to record), rewritten
+    whole at each change: for a shared store of an embedder's own that
+    offers shared state but not per-name records. Correct, and as costly
+    per change as the document is large.
+    """
+
+    def __init__(self, state: ISharedState) -> None:
+        self.state = state
+        self.path = state.path
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def _take(self, data: Any) -> None:
+        if data is not KEEP:
+            self._records = {str(k): v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+    def load(self) -> None:
+        self._take(self.state.read())
+
+    def _fresh(self) -> None:
+        if self.state.changed():
+            try:
+                self._take(self.state.read())
+            except (OSError, ValueError):
+                pass
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        self._fresh()
+        return self._records.get(key)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        self._fresh()
+        return list(self._records.items())
+
+    def update(
+        self,
+        key: str,
+        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+        stored: Callable[[dict[str, Any] | None], object] | None = None,
+    ) -> Any:
+        box: list[dict[str, Any] | None] = []
+
+        def whole(data: Any) -> Any:
+            self._take(data)
+            new = change(self._records.get(key))
+            if new is None:
+                self._records.pop(key, None)
+            else:
+                self._records[key] = new
+            box[:] = [new]
+            return dict(self._records)
+
+        self.state.update(whole)
+        if stored is not None:
+            stored(box[0])
+        return box[0]
 
 
 _HEADER_START = b'{"journal":'

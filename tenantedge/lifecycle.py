@@ -244,28 +244,36 @@ class HostnameLifecycle:
             return None
 
     def _change(
-        self, host: str, change: Callable[[HostnameRecord | None], HostnameRecord | None]
-    ) -> HostnameRecord | None:
+        self,
+        host: str,
+        change: Callable[[HostnameRecord | None], HostnameRecord | None],
+        then: Callable[[HostnameRecord], object] | None = None,
+    ) -> None:
         """
         Change one record on top of its latest shared version; C{change}
         derives everything from the record it is given (it may be called
-        again on a newer one) and returns the new record, or the one it
-        was given to leave it as it is.
+        again on a newer one: a fleet node's compare-and-set) and returns
+        the new record, or the one it was given to leave it as it is.
+        C{then} is called with the record as finally stored, so that what
+        an event says is what was stored.
         """
-        box: list[HostnameRecord | None] = []
 
         def update(data: Any) -> Any:
             old = self._parse(host, data)
             new = change(old)
-            box[:] = [new]
             return data if new is old else (new.to_json() if new is not None else None)
 
-        self._store.update(host, update)
-        return box[0]
+        def stored(data: Any) -> None:
+            record = self._parse(host, data)
+            if then is not None and record is not None:
+                then(record)
 
-    def _evolve(self, old: HostnameRecord | None, host: str, **changes: Any) -> HostnameRecord:
+        self._store.update(host, update, stored if then is not None else None)
+
+    def _evolve(self, old: HostnameRecord | None, host: str, now: float | None = None,
+                **changes: Any) -> HostnameRecord:
         """A changed (or new, pending) record; C{since} moves when the state does."""
-        now = self.clock.seconds()
+        now = self.clock.seconds() if now is None else now
         old = old or HostnameRecord(host, PENDING, now)
         if "state" in changes and changes["state"] != old.state:
             changes.setdefault("since", now)
@@ -350,12 +358,10 @@ class HostnameLifecycle:
 
     def issued(self, host: str, not_after: float, renewal: bool) -> None:
         """A certificate was obtained (and stored) for the name."""
-        record = self._change(host, lambda r: self._evolve(
+        self._change(host, lambda r: self._evolve(
             r, host, state=ACTIVE, attempts=0, failing_since=None, problem_type=None, problem_detail=None,
             next_retry=None,
-        ))
-        assert record is not None
-        self._emit("renewed" if renewal else "issued", record, not_after=not_after)
+        ), lambda record: self._emit("renewed" if renewal else "issued", record, not_after=not_after))
 
     def failed(self, host: str, error: BaseException) -> None:
         """
@@ -372,30 +378,30 @@ class HostnameLifecycle:
             if self.retire_after > 0 and now - since >= self.retire_after:
                 state = RETIRED
             return self._evolve(
-                old, host, state=state, attempts=attempts, failing_since=since,
+                old, host, now, state=state, attempts=attempts, failing_since=since,
                 problem_type=getattr(error, "problem_type", None),
                 problem_detail=getattr(error, "detail", None) or str(error) or type(error).__name__,
                 next_retry=None if state == RETIRED else retry,
             )
 
-        record = self._change(host, change)
-        assert record is not None
-        self._emit("failed", record, **self._failure_fields(record))
-        if record.state == RETIRED and record.since == now:
-            self._log.warn(
-                "retiring {host}: it kept failing for {days:.1f} days ({attempts} attempts); no more orders "
-                "until the hostname API or a changed allow answer revives it",
-                event="retired", host=host, days=(now - (record.failing_since or now)) / 86400.0,
-                attempts=record.attempts,
-            )
-            self._emit("retired", record, **self._failure_fields(record))
+        def stored(record: HostnameRecord) -> None:
+            self._emit("failed", record, **self._failure_fields(record))
+            if record.state == RETIRED and record.since == now:
+                self._log.warn(
+                    "retiring {host}: it kept failing for {days:.1f} days ({attempts} attempts); no more orders "
+                    "until the hostname API or a changed allow answer revives it",
+                    event="retired", host=host, days=(now - (record.failing_since or now)) / 86400.0,
+                    attempts=record.attempts,
+                )
+                self._emit("retired", record, **self._failure_fields(record))
+
+        self._change(host, change, stored)
 
     def archived(self, host: str) -> None:
         """The name's certificate moved to the archive (C{DELETE}, or a renewal the allow check denied)."""
-        record = self._change(host, lambda r: self._evolve(r, host, state=ARCHIVED, attempts=0, failing_since=None,
-                                                           next_retry=None))
-        assert record is not None
-        self._emit("archived", record)
+        self._change(host, lambda r: self._evolve(r, host, state=ARCHIVED, attempts=0, failing_since=None,
+                                                  next_retry=None),
+                     lambda record: self._emit("archived", record))
 
     def adopt(self, hosts: Iterable[str]) -> None:
         """
@@ -429,6 +435,5 @@ class HostnameLifecycle:
         record = self.get(host)
         if record is not None and record.expiring_warned == not_after:
             return
-        record = self._change(host, lambda r: self._evolve(r, host, expiring_warned=not_after))
-        assert record is not None
-        self._emit("expiring-soon", record, not_after=not_after)
+        self._change(host, lambda r: self._evolve(r, host, expiring_warned=not_after),
+                     lambda record: self._emit("expiring-soon", record, not_after=not_after))

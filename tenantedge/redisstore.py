@@ -15,7 +15,7 @@ can share a server::
     P:account:<ca>       hash: key (PEM), url, thumbprint: the ACME account
     P:events             pub/sub channel: "cert <name> <version>",
                          "unlock <name>", "state <label>",
-                         "record <label> <name>"
+                         "record <label> <name>", "record <label>" (all)
 
   - L{RedisStore} (L{ICertificateStore}): a bundle and its per-name version
     written by one Lua script (atomic: a reader sees the old bundle or the
@@ -603,6 +603,14 @@ return {1, ''}
 """
 
 
+_MIGRATE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('RENAME', KEYS[2], KEYS[2] .. ':migrated')
+return 1
+"""
+
+
 @implementer(ISharedRecords)
 class RedisRecords:
     """
@@ -631,15 +639,24 @@ class RedisRecords:
         self._failing = False
 
     def load_blocking(self, redis: BlockingRedis) -> None:
-        """Start-up: read every record (a fleet's lifecycle from before records were kept per name is moved over)."""
-        if not redis.execute("EXISTS", self.key):
-            old = redis.execute("HGET", self.keys.state(self.label), "data")
+        """
+        Start-up: read every record. A fleet's lifecycle from before records
+        were kept per name (one C{P:state:lifecycle} document) is moved over
+        first, in one script (a node starting meanwhile sees all of it or
+        none), and the document is renamed C{...:migrated}, so that it is
+        never moved again.
+        """
+        old_key = self.keys.state(self.label)
+        old = redis.execute("HGET", old_key, "data")
+        if old:
             try:
-                data = json.loads(old) if old else {}
+                data = json.loads(old)
             except ValueError:
-                data = {}
+                data = None
+            fields: list[Any] = []
             for name, record in (data.items() if isinstance(data, dict) else ()):
-                redis.execute("HSETNX", self.key, name, json.dumps(record))
+                fields += [name, json.dumps(record)]
+            redis.eval(_MIGRATE, [self.key, old_key], fields)
         flat = redis.execute("HGETALL", self.key) or []
         self._replace(dict(zip(flat[0::2], flat[1::2])))
 
@@ -681,10 +698,17 @@ class RedisRecords:
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         return list(self._records.items())
 
-    def update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> Any:
+    def update(
+        self,
+        key: str,
+        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+        stored: Callable[[dict[str, Any] | None], object] | None = None,
+    ) -> Any:
         current = self._records.get(key)
         new = change(current)
         if new is current:
+            if stored is not None:
+                stored(current)
             return current
         if new is None:
             self._records.pop(key, None)
@@ -692,11 +716,28 @@ class RedisRecords:
             self._records[key] = new
         self._writing[key] = self._writing.get(key, 0) + 1
         d = self._writes.run(lambda: Deferred.fromCoroutine(self._write(key, change)))
-        d.addErrback(self._write_failed)
-        d.addBoth(lambda _: self._written(key))
+
+        def failed(failure: Failure) -> dict[str, Any] | None:
+            self._write_failed(failure)
+            return new  # kept in memory
+
+        d.addErrback(failed)
+
+        def written(result: dict[str, Any] | None) -> dict[str, Any] | None:
+            self._written(key)
+            return result
+
+        d.addCallback(written)
+        if stored is not None:
+            d.addCallback(stored)
+        d.addErrback(lambda f: self._log.failure("after saving the {label} record of {name}", f,
+                                                 label=self.label, name=key))
         return new
 
-    async def _write(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> None:
+    async def _write(
+        self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
+    ) -> dict[str, Any] | None:
+        """Compare-and-set until it holds; the record as stored."""
         for _ in range(20):
             seen = self._raw.get(key, b"")
             new = change(self._parse(key, seen))
@@ -706,7 +747,7 @@ class RedisRecords:
             if done:
                 self._settle(key, value)
                 self._failing = False
-                return
+                return new
             self._settle(key, held or b"")
         raise RedisError(f"record {key} in {self.key} kept changing under us")
 
@@ -851,8 +892,11 @@ class RedisEvents:
                 self.states[rest].refresh()
             elif kind == "record":
                 label, _, name = rest.partition(" ")
-                if label in self.records and name:
-                    self.records[label].refresh(name)
+                if label in self.records:
+                    if name:
+                        self.records[label].refresh(name)
+                    else:  # many changed at once (store copy): all of them again
+                        self.records[label].refresh_all()
         except (UnicodeDecodeError, ValueError):
             self._log.warn("ignoring a malformed message on {channel}", channel=channel.decode("ascii", "replace"))
 

@@ -68,6 +68,7 @@ from .interfaces import (
 from .issuer import AcmeIssuer, BackoffIssuer, FallbackIssuer
 from .limits import IssuanceLimits, LimitedIssuer
 from .localca import LocalCA, local_ca_check
+from .journal import DocumentRecords
 from .lifecycle import HostnameLifecycle
 from .metrics import EdgeCollector, HostnameCollector, OcspCollector, RenewalGauges, Timings, WebhookCollector
 from .ocsp import OcspStapler
@@ -135,6 +136,19 @@ def _run_blocking(reactor: Any) -> Callable[..., Any]:
     if IReactorThreads.providedBy(reactor):
         return partial(deferToThreadPool, reactor, reactor.getThreadPool())
     return run_inline
+
+
+def _lifecycle_records(storage: Storage) -> ISharedRecords | None:
+    """
+    Where a shared store keeps the hostname lifecycle: its per-name
+    records, or (a store of an embedder's own offering only shared state)
+    one shared document; C{None} for the directory's own files.
+    """
+    if storage.shared_records is not None:
+        return storage.shared_records("lifecycle")
+    if storage.shared_state is not None:
+        return DocumentRecords(storage.shared_state("lifecycle"))
+    return None
 
 
 def open_storage(config: OnDemandConfig, reactor: Any) -> Storage:
@@ -512,7 +526,7 @@ def _build(
         chain = issuer
     lifecycle = HostnameLifecycle(
         state("lifecycle.json"), reactor, retire_after=config.retire_after,
-        shared=storage.shared_records("lifecycle") if storage.shared_records else None,
+        shared=_lifecycle_records(storage),
         next_retry=backoff.blocked_until,
     )
     webhooks: WebhookOutbox | None = None

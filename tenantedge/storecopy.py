@@ -207,6 +207,7 @@ class RedisSide:
             for name, record in items[start:start + 500]:
                 fields += [name, json.dumps(record)]
             self.redis.execute("HSET", self.keys.records(label), *fields)
+        self.redis.execute("PUBLISH", self.keys.events, f"record {label}")  # running nodes read them all again
 
     def put_state(self, label: str, data: bytes) -> None:
         json.loads(data)  # refuse to copy a file that is not JSON

@@ -249,3 +249,38 @@ class LifecycleCostTests(SynchronousTestCase):
             [line] = f.read().splitlines()
         self.assertEqual(json.loads(line)["k"], "n1.test")
         self.assertEqual(lifecycle.counts()[PENDING], 299)
+
+
+class DocumentRecordsTests(SynchronousTestCase):
+    def test_over_shared_state(self) -> None:
+        """
+        A shared store of an embedder's own that offers only shared state
+        keeps the lifecycle in one document: both processes see each
+        other's records, and the stored record reaches the callback.
+        """
+        from tenantedge.journal import DocumentRecords
+        from tenantedge.shared import StateFile
+
+        path = os.path.join(self.mktemp())
+        one, two = DocumentRecords(StateFile(path)), DocumentRecords(StateFile(path))
+        self.assertTrue(verifyObject(ISharedRecords, one))
+        one.load()
+        two.load()
+        seen: list[Any] = []
+        one.update("a.test", _bump, seen.append)
+        two.update("a.test", _bump)
+        self.assertEqual((one.get("a.test"), seen), ({"n": 2}, [{"n": 1}]))
+        two.update("a.test", lambda r: None)
+        self.assertEqual(one.items(), [])
+
+    def test_chosen_for_such_a_store(self) -> None:
+        from tenantedge.journal import DocumentRecords
+        from tenantedge.service import Storage, _lifecycle_records
+        from tenantedge.shared import StateFile
+        from tenantedge.pipeline import MemoryNameLock
+        from tenantedge.challenges import MemoryChallengeStore
+        from tenantedge.testing import MemoryStore
+
+        storage = Storage(MemoryStore(), MemoryChallengeStore(), MemoryNameLock(), "",
+                          shared_state=lambda label: StateFile(None))
+        self.assertIsInstance(_lifecycle_records(storage), DocumentRecords)

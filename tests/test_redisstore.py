@@ -298,6 +298,31 @@ class RedisRecordsTests(_OnRedis, SynchronousTestCase):
         one.update("b.test", _bump)
         events._catch_up()  # after a reconnection: every record again
         self.assertEqual(other.items(), [("b.test", {"n": 1})])
+        self.redis().connect().execute("HSET", "t:records:lifecycle", "c.test", json.dumps({"n": 7}))
+        events.message(b"t:events", b"record lifecycle")  # store copy: all of them again
+        self.assertEqual(other.get("c.test"), {"n": 7})
+
+    def test_lifecycle_events_say_what_was_stored(self) -> None:
+        """
+        A node whose copy is stale (the other node's failures not heard of
+        yet) applies its failure to the newer record Redis holds, and its
+        event says what was stored: four attempts, not one.
+        """
+        from tenantedge.lifecycle import HostnameLifecycle
+
+        one, other = self.nodes()
+        clock = Clock()
+        clock.advance(1000)
+        first = HostnameLifecycle(None, clock, shared=one)
+        second = HostnameLifecycle(None, clock, shared=other)
+        events: list[dict[str, Any]] = []
+        second.subscribe(events.append)
+        for _ in range(3):
+            first.failed("a.test", RuntimeError("no"))
+        second.failed("a.test", RuntimeError("no"))
+        self.assertEqual([(e["event"], e["attempts"]) for e in events], [("failed", 4)])
+        self.assertEqual(json.loads(self.redis().connect().execute("HGET", "t:records:lifecycle", "a.test"))
+                         ["attempts"], 4)
 
     def test_unchanged_not_written(self) -> None:
         one, = self.nodes(1)
@@ -314,6 +339,13 @@ class RedisRecordsTests(_OnRedis, SynchronousTestCase):
                       "version", 3)
         one, = self.nodes(1)
         self.assertEqual(one.get("a.test"), {"state": "active", "since": 1})
+        # Moved once: the document is kept aside, and a hash emptied later
+        # (every record forgotten) is not filled from it again.
+        one.update("a.test", lambda r: None)
+        self.assertEqual(redis.execute("EXISTS", "t:records:lifecycle"), 0)
+        self.assertEqual(redis.execute("EXISTS", "t:state:lifecycle:migrated"), 1)
+        again, = self.nodes(1)
+        self.assertEqual(again.items(), [])
 
     def test_bad_field_skipped(self) -> None:
         redis = self.redis().connect()
