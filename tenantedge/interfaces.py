@@ -15,7 +15,9 @@ fails.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "IRenewalExemption",
     "IReplacesRefused",
     "INameLock",
+    "HeldLock",
     "ISharedState",
     "ISharedRecords",
     "IAccountStore",
@@ -383,6 +386,31 @@ class IReplacesRefused(Interface):
         """
 
 
+class HeldLock:
+    """
+    A per-name lock, held: call it to release it (a second call does
+    nothing). C{lost} fires (with C{None}) if the lock is lost while held
+    (a fleet lock that expired because its holder could not extend it in
+    time): another process may hold it now, and whoever held this one
+    stops the order it was placing rather than race the new holder.
+    """
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self.released = False
+        self.lost: Deferred[None] = Deferred()
+
+    def __call__(self) -> None:
+        if not self.released:
+            self.released = True
+            self._release()
+
+    def lose(self) -> None:
+        """The implementation found the lock gone: tell the holder (once; not after release)."""
+        if not self.released and not self.lost.called:
+            self.lost.callback(None)
+
+
 class INameLock(Interface):
     """
     Mutual exclusion per name for issuance and renewal, so that one order
@@ -395,9 +423,8 @@ class INameLock(Interface):
         """
         Wait for the name's lock.
 
-        @return: a Deferred firing with a zero-argument callable that
-            releases the lock (calling it twice is harmless); cancelling
-            the Deferred abandons the wait.
+        @return: a Deferred firing with a L{HeldLock} (call it to
+            release); cancelling the Deferred abandons the wait.
         """
 
 

@@ -24,18 +24,27 @@ from collections import Counter
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from .certificates import CertificateBundle
-from .interfaces import BackedOff, ICertificateStore, IIssuer, INameLock, LimitExceeded, PrecheckFailed
+from .interfaces import (
+    BackedOff,
+    HeldLock,
+    ICertificateStore,
+    IIssuer,
+    INameLock,
+    IssuanceFailed,
+    LimitExceeded,
+    PrecheckFailed,
+)
 from .lifecycle import HostnameLifecycle, Retired
 from .singleflight import SingleFlight
 from .timeouts import with_deadline
 
-__all__ = ["IssuancePipeline", "CertificateCheck", "MemoryNameLock", "ISSUE", "RENEW"]
+__all__ = ["IssuancePipeline", "CertificateCheck", "MemoryNameLock", "LockLost", "ISSUE", "RENEW"]
 
 ISSUE = "issue"
 RENEW = "renew"
@@ -54,8 +63,8 @@ class MemoryNameLock:
     store shared by processes or nodes brings its own L{INameLock}.
     """
 
-    def acquire(self, server_name: str) -> Deferred[Callable[[], None]]:
-        return succeed(lambda: None)
+    def acquire(self, server_name: str) -> Deferred[HeldLock]:
+        return succeed(HeldLock(lambda: None))
 
 
 @attrs.define
@@ -91,6 +100,13 @@ class CertificateCheck:
         return None
 
 
+class LockLost(IssuanceFailed):
+    """The name's issuance lock was lost twice in a row while ordering (the shared store keeps going away)."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(host, "the issuance lock was lost to another node twice while ordering")
+
+
 @attrs.define
 class IssuancePipeline:
     """
@@ -109,7 +125,9 @@ class IssuancePipeline:
         (L{tenantedge.lifecycle}); a retired name gets no order.
     @ivar events: counts by C{"<purpose>:<result>"}: C{issued},
         C{failed}, C{rate-limit}, C{backoff}, C{retired}, C{precheck-failed},
-        C{store-failed}, and C{found} (another holder of the lock had stored it already).
+        C{store-failed}, C{found} (another holder of the lock had stored it
+        already) and C{lock-lost} (an order stopped because the lock was
+        lost to another node).
     """
 
     store: ICertificateStore
@@ -122,6 +140,8 @@ class IssuancePipeline:
     lifecycle: HostnameLifecycle | None = None
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _flights: SingleFlight[CertificateBundle] = attrs.field(factory=SingleFlight, init=False)
+    #: Names whose order is being stopped because their lock was lost.
+    _lost: set[str] = attrs.field(factory=set, init=False)
     _log = Logger()
 
     @property
@@ -158,15 +178,36 @@ class IssuancePipeline:
         )
 
     async def _locked(self, server_name: str, purpose: str, replaces: CertificateBundle | None) -> CertificateBundle:
-        release = await self.lock.acquire(server_name)
-        try:
-            found = await self._found(server_name, replaces)
-            if found is not None:
-                self.events[f"{purpose}:found"] += 1
-                return found
-            return await self._issue(server_name, purpose, replaces)
-        finally:
-            release()
+        for attempt in range(2):
+            held = await self.lock.acquire(server_name)
+            try:
+                found = await self._found(server_name, replaces)
+                if found is not None:
+                    self.events[f"{purpose}:found"] += 1
+                    return found
+                work = Deferred.fromCoroutine(self._issue(server_name, purpose, replaces))
+                # A lock lost mid-order (a fleet lock that expired while its
+                # holder could not reach the store): another node may order
+                # now; stop ours rather than race it for a second
+                # certificate, then wait for the lock again and look.
+                held.lost.addCallback(lambda _: self._lose(server_name, work))
+                try:
+                    return await work
+                except CancelledError:
+                    if server_name not in self._lost:
+                        raise
+                    self._lost.discard(server_name)
+                    self.events[f"{purpose}:lock-lost"] += 1
+                    self._log.warn("stopped the order for {host}: its issuance lock was lost to another node; "
+                                   "waiting for the lock again", event="lock-lost", host=server_name)
+            finally:
+                held()
+        raise LockLost(server_name)
+
+    def _lose(self, server_name: str, work: Deferred[CertificateBundle]) -> None:
+        if not work.called:
+            self._lost.add(server_name)
+            work.cancel()
 
     async def _found(self, server_name: str, replaces: CertificateBundle | None) -> CertificateBundle | None:
         """A usable certificate someone else stored while we waited for the lock."""
@@ -214,6 +255,9 @@ class IssuancePipeline:
                 self.lifecycle.failed(server_name, e)
             raise
         except Exception as e:
+            if isinstance(e, CancelledError) and server_name in self._lost:
+                self._settle(server_name)  # not a CA failure: the lock was lost (see _locked)
+                raise
             elapsed = self.clock.seconds() - started
             self.events[f"{purpose}:failed"] += 1
             self._observe(purpose, "failed", elapsed)

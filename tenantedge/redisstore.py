@@ -61,6 +61,7 @@ from zope.interface import implementer
 from .certificates import CertificateBundle, InvalidBundle
 from .hostnames import InvalidHostname, normalize
 from .interfaces import (
+    HeldLock,
     IAccountStore,
     IChallengeStore,
     ICertificateStore,
@@ -367,7 +368,7 @@ class RedisNameLock:
     _waiters: dict[str, list[Callable[[], None]]] = attrs.field(factory=dict, init=False)
     _log = Logger()
 
-    def acquire(self, server_name: str) -> Deferred[Callable[[], None]]:
+    def acquire(self, server_name: str) -> Deferred[HeldLock]:
         try:
             _check_name(server_name)
         except ValueError as e:
@@ -387,11 +388,11 @@ class RedisNameLock:
             if not waiting:
                 self._waiters.pop(server_name, None)
 
-        def cancel(d: Deferred[Callable[[], None]]) -> None:
+        def cancel(d: Deferred[HeldLock]) -> None:
             state["done"] = True
             forget()
 
-        d: Deferred[Callable[[], None]] = Deferred(cancel)
+        d: Deferred[HeldLock] = Deferred(cancel)
 
         def attempt() -> None:
             if state["done"]:
@@ -442,33 +443,51 @@ class RedisNameLock:
         for name in list(self._waiters):
             self.wake(name)
 
-    def _held(self, key: str, token: str, server_name: str) -> Callable[[], None]:
+    def _held(self, key: str, token: str, server_name: str) -> HeldLock:
+        extended = [self.clock.seconds()]
+
+        def lost(why: str) -> None:
+            self._log.warn("lost the issuance lock for {host} ({why}); stopping its order, another node may "
+                           "place one", event="lock-lost", host=server_name, why=why)
+            if loop.running:
+                loop.stop()
+            held.lose()
+
         def extend() -> None:
             d = self.client.eval(_EXTEND, [key], [token, int(self.ttl * 1000)])
 
             def checked(kept: Any) -> None:
-                if not kept:
-                    self._log.warn("lost the issuance lock for {host} (it expired); another node may order it",
-                               host=server_name)
+                if held.released:
+                    return
+                if kept:
+                    extended[0] = self.clock.seconds()
+                else:
+                    lost("it expired and is gone, or another node holds it")
 
-            d.addCallbacks(checked, lambda f: self._log.warn(
-                "could not extend the issuance lock for {host}: {error}", host=server_name,
-                error=f.getErrorMessage()))
+            def unreachable(f: Failure) -> None:
+                if held.released:
+                    return
+                if self.clock.seconds() - extended[0] >= self.ttl:
+                    # Not extended for a whole ttl: it has expired in Redis
+                    # by now, whatever happens to this node's connection.
+                    lost(f"not extended for {self.ttl:.0f}s: {f.getErrorMessage()}")
+                else:
+                    self._log.warn("could not extend the issuance lock for {host}: {error}", host=server_name,
+                                   error=f.getErrorMessage())
+
+            d.addCallbacks(checked, unreachable)
 
         loop = LoopingCall(extend)
         loop.clock = self.clock
-        loop.start(self.ttl / 3, now=False)
-        released: list[bool] = []
 
         def release() -> None:
-            if released:
-                return
-            released.append(True)
             if loop.running:
                 loop.stop()
             self._release(key, token, server_name)
 
-        return release
+        held = HeldLock(release)
+        loop.start(self.ttl / 3, now=False)
+        return held
 
     def _release(self, key: str, token: str, server_name: str) -> None:
         d = self.client.eval(_RELEASE, [key, self.keys.events], [token, server_name])

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .hostnames import InvalidHostname, normalize
-from .interfaces import IChallengeStore, INameLock, ISharedState
+from .interfaces import HeldLock, IChallengeStore, INameLock, ISharedState
 from .store import atomic_write, ensure_private_directory
 
 __all__ = ["DirectoryChallengeStore", "DirectoryNameLock", "StateFile", "KEEP", "challenge_key_valid"]
@@ -146,7 +146,7 @@ class DirectoryNameLock:
     clock: IReactorTime
     poll: float = 0.1
 
-    def acquire(self, server_name: str) -> Deferred[Callable[[], None]]:
+    def acquire(self, server_name: str) -> Deferred[HeldLock]:
         try:
             if normalize(server_name) != server_name:
                 raise InvalidHostname("not in normal form")
@@ -157,12 +157,12 @@ class DirectoryNameLock:
             return fail(e)
         waiting: list[Any] = []
 
-        def cancel(d: Deferred[Callable[[], None]]) -> None:
+        def cancel(d: Deferred[HeldLock]) -> None:
             if waiting and waiting[0].active():
                 waiting[0].cancel()
             os.close(fd)
 
-        d: Deferred[Callable[[], None]] = Deferred(cancel)
+        d: Deferred[HeldLock] = Deferred(cancel)
 
         def attempt() -> None:
             waiting.clear()
@@ -175,7 +175,7 @@ class DirectoryNameLock:
                 os.close(fd)
                 d.errback(e)
                 return
-            d.callback(_releaser(fd))
+            d.callback(HeldLock(_releaser(fd)))  # an flock is never lost while its descriptor is open
 
         attempt()
         return d

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tenantedge.interfaces import INameLock, IssuanceFailed
+from tenantedge.interfaces import HeldLock, INameLock, IssuanceFailed
 from tenantedge.pipeline import ISSUE, RENEW, CertificateCheck, IssuancePipeline, MemoryNameLock
 from tenantedge.testing import ControlledIssuer, MemoryStore, make_bundle
 
@@ -23,23 +23,27 @@ DAY = 86400.0
 
 
 @implementer(INameLock)
-class HeldLock:
-    """A lock the test releases by hand, as another node would."""
+class HandLock:
+    """A lock the test grants by hand, as another node would release it."""
 
     def __init__(self) -> None:
-        self.waiting: list[Deferred[Callable[[], None]]] = []
+        self.waiting: list[Deferred[HeldLock]] = []
+        self.held: list[HeldLock] = []
         self.released = 0
 
-    def acquire(self, server_name: str) -> Deferred[Callable[[], None]]:
-        d: Deferred[Callable[[], None]] = Deferred()
+    def acquire(self, server_name: str) -> Deferred[HeldLock]:
+        d: Deferred[HeldLock] = Deferred()
         self.waiting.append(d)
         return d
 
-    def grant(self) -> None:
+    def grant(self) -> HeldLock:
         def release() -> None:
             self.released += 1
 
-        self.waiting.pop(0).callback(release)
+        held = HeldLock(release)
+        self.held.append(held)
+        self.waiting.pop(0).callback(held)
+        return held
 
 
 class PipelineTests(SynchronousTestCase):
@@ -49,7 +53,7 @@ class PipelineTests(SynchronousTestCase):
         self.store = MemoryStore()
         self.issuer = ControlledIssuer()
         self.observed: list[tuple[str, str, float]] = []
-        self.lock = HeldLock()
+        self.lock = HandLock()
         self.pipeline = IssuancePipeline(
             self.store, self.issuer, self.clock, CertificateCheck(self.clock), lock=self.lock,
             observe=lambda *args: self.observed.append(args),
@@ -61,6 +65,44 @@ class PipelineTests(SynchronousTestCase):
     def test_locks_verify(self) -> None:
         self.assertTrue(verifyObject(INameLock, MemoryNameLock()))
         self.assertTrue(verifyObject(INameLock, self.lock))
+
+    def test_lock_lost_mid_order(self) -> None:
+        """
+        A lock lost while ordering (a fleet lock that expired) stops the
+        order, without counting a CA failure; the pipeline waits for the
+        lock again and serves what the new holder stored.
+        """
+        d = self.pipeline.obtain("a.test")
+        held = self.lock.grant()
+        self.assertEqual(self.issuer.requests, ["a.test"])
+        [order] = self.issuer._pending["a.test"]
+        held.lose()
+        self.assertTrue(order.called)  # the order in flight was cancelled (the pipeline took its failure)
+        self.assertEqual(self.lock.released, 1)
+        self.assertEqual(len(self.lock.waiting), 1)  # waiting for the lock again
+        theirs = self.bundle("a.test")
+        self.successResultOf(self.store.store("a.test", theirs))  # the new holder's certificate
+        self.lock.grant()
+        self.assertIs(self.successResultOf(d), theirs)
+        self.assertEqual(self.issuer.requests, ["a.test"])
+        self.assertEqual(self.pipeline.counts(ISSUE), {"lock-lost": 1, "found": 1})
+
+    def test_lock_lost_twice(self) -> None:
+        from tenantedge.pipeline import LockLost
+
+        d = self.pipeline.obtain("a.test")
+        for _ in range(2):
+            self.lock.grant().lose()
+        self.failureResultOf(d, LockLost)
+        self.assertEqual(self.pipeline.counts(ISSUE), {"lock-lost": 2})
+
+    def test_lock_lost_after_release_is_nothing(self) -> None:
+        d = self.pipeline.obtain("a.test")
+        held = self.lock.grant()
+        self.issuer.complete("a.test", self.bundle("a.test"))
+        self.successResultOf(d)
+        held.lose()
+        self.assertFalse(held.lost.called)
 
     def test_one_run_whoever_asks(self) -> None:
         """A handshake, the renewal walk and the admin API asking at once share one order."""

@@ -166,6 +166,36 @@ class RedisNameLockTests(_OnRedis, SynchronousTestCase):
         self.other.wake("a.test")  # what RedisEvents does with "unlock a.test"
         self.successResultOf(waiting)()
 
+    def test_lost_while_held(self) -> None:
+        """
+        An extension that finds the lock gone (it expired; another node took
+        it) tells the holder through C{lost}, once, and stops extending;
+        releasing afterwards leaves the other node's lock alone.
+        """
+        held = self.successResultOf(self.one.acquire("a.test"))
+        redis = self.redis().connect()
+        self.addCleanup(redis.close)
+        redis.execute("SET", "t:lock:a.test", "someone-else", "PX", 30000)
+        self.clock.advance(1.0)
+        self.assertTrue(held.lost.called)
+        self.clock.advance(5.0)
+        held()
+        self.assertEqual(redis.execute("GET", "t:lock:a.test"), b"someone-else")
+
+    def test_unreachable_for_a_ttl_is_lost(self) -> None:
+        """Extensions failing for a whole ttl (Redis away): the lock has expired there, so it counts as lost."""
+        from twisted.internet.defer import fail as failed
+
+        from tenantedge.resp import RedisUnavailable
+
+        held = self.successResultOf(self.one.acquire("a.test"))
+        self.one.client.eval = lambda *a, **k: failed(RedisUnavailable("away"))  # type: ignore[method-assign]
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)
+        self.assertFalse(held.lost.called)  # 2 s of 3: it may still hold
+        self.clock.advance(1.0)
+        self.assertTrue(held.lost.called)
+
     def test_extended_while_held(self) -> None:
         """The holder's LoopingCall keeps the lock alive past its TTL."""
         release = self.successResultOf(self.one.acquire("a.test"))
