@@ -38,7 +38,7 @@ from twisted.logger import Logger
 
 from .certificates import common_name
 from .interfaces import IssuanceFailed
-from .timeouts import describe_error, with_deadline
+from .timeouts import describe_error, is_cancellation, with_deadline
 
 __all__ = [
     "AcmeClient",
@@ -254,6 +254,8 @@ class AcmeClient:
         except defer.TimeoutError:
             raise CAUnreachable(host, f"no answer from {url} within {timeout:g}s") from None
         except Exception as e:
+            if is_cancellation(e):
+                raise defer.CancelledError() from None  # stopped from above: not the CA's failure
             raise CAUnreachable(host, f"cannot reach {url}: {describe_error(e)}") from None
         if len(reply.body) > _MAX_BODY:
             raise AcmeProtocolError(host, f"CA sent an oversized response from {url}")

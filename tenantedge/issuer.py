@@ -37,6 +37,7 @@ from .interfaces import (
 from .localca import ROOT_NAME_PREFIX
 from .singleflight import SingleFlight
 from .store import RunBlocking, run_inline
+from .timeouts import is_cancellation
 
 __all__ = [
     "AcmeIssuer",
@@ -124,7 +125,9 @@ class AcmeIssuer:
             return False
         try:
             return await self.client.offers_renewal_info()
-        except Exception:
+        except Exception as e:
+            if is_cancellation(e):
+                raise
             return False
 
     async def _issue(self, server_name: str, replaces: CertificateBundle | None = None) -> CertificateBundle:

@@ -160,14 +160,22 @@ class RecordJournal:
         self._records, self._snapshot = records, snapshot
         self._journal, self._header, self._offset = journal, header, offset
 
-    def _read_new_lines(self) -> None:
-        """The lines appended since the last read; both files again if the journal is not the one read so far."""
+    def _read_new_lines(self, locked: bool = False) -> None:
+        """
+        The lines appended since the last read; both files again if the
+        journal is not the one read so far (under the shared lock, unless
+        the caller holds the exclusive one: a second flock of this
+        process's own would wait for itself).
+        """
         try:
             self._journal, self._header, self._offset = self._read_journal(
                 self._records, self._journal, self._header, self._offset)
         except _Replaced:
-            with self._locked(fcntl.LOCK_SH):
+            if locked:
                 self._reload()
+            else:
+                with self._locked(fcntl.LOCK_SH):
+                    self._reload()
 
     def _read_journal(
         self, records: dict[str, dict[str, Any]], journal: int | None, header: bytes | None, offset: int
@@ -240,7 +248,7 @@ class RecordJournal:
                 if stale:
                     self._reload()
                 elif stale is False:
-                    self._read_new_lines()
+                    self._read_new_lines(locked=True)
                 current = self._records.get(key)
                 applied.append(change(current))
                 if applied[0] is not current:  # the same object: nothing to write
@@ -339,7 +347,10 @@ class DocumentRecords:
     Records kept in one L{ISharedState} document (key to record), rewritten
     whole at each change: for a shared store of an embedder's own that
     offers shared state but not per-name records. Correct, and as costly
-    per change as the document is large.
+    per change as the document is large. What C{stored} is told is the
+    change as applied to this process's copy: a state that applies it
+    again later to a newer document (as L{tenantedge.redisstore.RedisState}
+    does) may store a newer record than the event says.
     """
 
     def __init__(self, state: ISharedState) -> None:

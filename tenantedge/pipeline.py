@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -100,6 +100,28 @@ class CertificateCheck:
         return None
 
 
+class _Stopped(Exception):
+    """Inside the pipeline: the order was stopped because its lock was lost."""
+
+
+@attrs.define
+class _Order:
+    """
+    One order under one hold of the name's lock.
+
+    @ivar lost: the lock was lost: stop.
+    @ivar ordering: the issuer chain's Deferred while it works.
+    """
+
+    lost: bool = False
+    ordering: Deferred[CertificateBundle] | None = None
+
+    def lose(self) -> None:
+        self.lost = True
+        if self.ordering is not None and not self.ordering.called:
+            self.ordering.cancel()
+
+
 class LockLost(IssuanceFailed):
     """The name's issuance lock was lost twice in a row while ordering (the shared store keeps going away)."""
 
@@ -140,8 +162,6 @@ class IssuancePipeline:
     lifecycle: HostnameLifecycle | None = None
     events: Counter[str] = attrs.field(factory=Counter, init=False)
     _flights: SingleFlight[CertificateBundle] = attrs.field(factory=SingleFlight, init=False)
-    #: Names whose order is being stopped because their lock was lost.
-    _lost: set[str] = attrs.field(factory=set, init=False)
     _log = Logger()
 
     @property
@@ -178,36 +198,28 @@ class IssuancePipeline:
         )
 
     async def _locked(self, server_name: str, purpose: str, replaces: CertificateBundle | None) -> CertificateBundle:
-        for attempt in range(2):
+        for _ in range(2):
             held = await self.lock.acquire(server_name)
+            # A lock lost mid-order (a fleet lock that expired while its
+            # holder could not reach the store): another node may order
+            # now; ours stops rather than race it for a second certificate,
+            # then the lock is waited for again and the store looked at.
+            order = _Order()
+            held.lost.addCallback(lambda _, order=order: order.lose())
             try:
                 found = await self._found(server_name, replaces)
                 if found is not None:
                     self.events[f"{purpose}:found"] += 1
                     return found
-                work = Deferred.fromCoroutine(self._issue(server_name, purpose, replaces))
-                # A lock lost mid-order (a fleet lock that expired while its
-                # holder could not reach the store): another node may order
-                # now; stop ours rather than race it for a second
-                # certificate, then wait for the lock again and look.
-                held.lost.addCallback(lambda _: self._lose(server_name, work))
                 try:
-                    return await work
-                except CancelledError:
-                    if server_name not in self._lost:
-                        raise
-                    self._lost.discard(server_name)
+                    return await self._issue(server_name, purpose, replaces, order)
+                except _Stopped:
                     self.events[f"{purpose}:lock-lost"] += 1
                     self._log.warn("stopped the order for {host}: its issuance lock was lost to another node; "
                                    "waiting for the lock again", event="lock-lost", host=server_name)
             finally:
                 held()
         raise LockLost(server_name)
-
-    def _lose(self, server_name: str, work: Deferred[CertificateBundle]) -> None:
-        if not work.called:
-            self._lost.add(server_name)
-            work.cancel()
 
     async def _found(self, server_name: str, replaces: CertificateBundle | None) -> CertificateBundle | None:
         """A usable certificate someone else stored while we waited for the lock."""
@@ -223,7 +235,12 @@ class IssuancePipeline:
             return current
         return None
 
-    async def _issue(self, server_name: str, purpose: str, replaces: CertificateBundle | None) -> CertificateBundle:
+    async def _issue(
+        self, server_name: str, purpose: str, replaces: CertificateBundle | None, order: _Order | None = None
+    ) -> CertificateBundle:
+        order = order if order is not None else _Order()
+        if order.lost:
+            raise _Stopped()
         if self.lifecycle is not None:
             record = self.lifecycle.get(server_name)
             if record is not None and record.state == "retired":
@@ -233,44 +250,19 @@ class IssuancePipeline:
                 self.lifecycle.renewing(server_name)
         started = self.clock.seconds()
         try:
-            bundle: CertificateBundle = await self.issuer.issue(server_name, replaces=replaces)
-        except BackedOff:
-            # Refused without contacting a CA; the failure that started the
-            # backoff was logged when it happened.
-            self.events[f"{purpose}:backoff"] += 1
-            self._settle(server_name)
-            raise
-        except LimitExceeded as e:
-            self.events[f"{purpose}:rate-limit"] += 1
-            self._settle(server_name)
-            self._log.warn("no order for {host}: {error}", event="refused", reason="rate-limit",
-                           host=server_name, purpose=purpose, error=e.detail)
-            raise
-        except PrecheckFailed as e:
-            # No order was placed; the pre-check logged it (event
-            # "precheck-failed") and the backoff recorded it. The name is
-            # failing, with the pre-check's reason as its problem.
-            self.events[f"{purpose}:precheck-failed"] += 1
-            if self.lifecycle is not None:
-                self.lifecycle.failed(server_name, e)
-            raise
+            # Cancellable while the issuer chain works (not once the
+            # certificate is in hand: that one is stored whatever happens).
+            order.ordering = self.issuer.issue(server_name, replaces=replaces)
+            bundle: CertificateBundle = await order.ordering
         except Exception as e:
-            if isinstance(e, CancelledError) and server_name in self._lost:
-                self._settle(server_name)  # not a CA failure: the lock was lost (see _locked)
-                raise
-            elapsed = self.clock.seconds() - started
-            self.events[f"{purpose}:failed"] += 1
-            self._observe(purpose, "failed", elapsed)
-            if self.lifecycle is not None:
-                self.lifecycle.failed(server_name, e)
-            if purpose == ISSUE:
-                # Renewal logs its own failures, with the days left.
-                self._log.error(
-                    "could not obtain a certificate for {host} from {issuer} after {duration:.3f}s: {error}",
-                    event="issue-failed", host=server_name, issuer=self.name, duration=elapsed,
-                    error=getattr(e, "detail", None) or str(e), problem=getattr(e, "problem_type", None),
-                )
+            order.ordering = None
+            if order.lost:
+                # Whatever the stopped chain failed with: not a CA failure.
+                self._settle(server_name)
+                raise _Stopped() from None
+            self._failed(server_name, purpose, e, started)
             raise
+        order.ordering = None
         elapsed = self.clock.seconds() - started
         self.events[f"{purpose}:issued"] += 1
         self._observe(purpose, "issued", elapsed)
@@ -296,6 +288,39 @@ class IssuancePipeline:
         if self.lifecycle is not None:
             self.lifecycle.issued(server_name, bundle.not_after, renewal=purpose == RENEW)
         return bundle
+
+    def _failed(self, server_name: str, purpose: str, e: Exception, started: float) -> None:
+        """Count, record and log a failed attempt by what failed it."""
+        if isinstance(e, BackedOff):
+            # Refused without contacting a CA; the failure that started the
+            # backoff was logged when it happened.
+            self.events[f"{purpose}:backoff"] += 1
+            self._settle(server_name)
+        elif isinstance(e, LimitExceeded):
+            self.events[f"{purpose}:rate-limit"] += 1
+            self._settle(server_name)
+            self._log.warn("no order for {host}: {error}", event="refused", reason="rate-limit",
+                           host=server_name, purpose=purpose, error=e.detail)
+        elif isinstance(e, PrecheckFailed):
+            # No order was placed; the pre-check logged it (event
+            # "precheck-failed") and the backoff recorded it. The name is
+            # failing, with the pre-check's reason as its problem.
+            self.events[f"{purpose}:precheck-failed"] += 1
+            if self.lifecycle is not None:
+                self.lifecycle.failed(server_name, e)
+        else:
+            elapsed = self.clock.seconds() - started
+            self.events[f"{purpose}:failed"] += 1
+            self._observe(purpose, "failed", elapsed)
+            if self.lifecycle is not None:
+                self.lifecycle.failed(server_name, e)
+            if purpose == ISSUE:
+                # Renewal logs its own failures, with the days left.
+                self._log.error(
+                    "could not obtain a certificate for {host} from {issuer} after {duration:.3f}s: {error}",
+                    event="issue-failed", host=server_name, issuer=self.name, duration=elapsed,
+                    error=getattr(e, "detail", None) or str(e), problem=getattr(e, "problem_type", None),
+                )
 
     def _settle(self, server_name: str) -> None:
         """No order was placed after all: a name marked renewing goes back to what it was."""

@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle
 from .interfaces import IChallengeStore, IIssuer, IPrecheck, PrecheckFailed
-from .timeouts import TimeoutError, describe_error, with_deadline
+from .timeouts import TimeoutError, describe_error, is_cancellation, with_deadline
 
 __all__ = [
     "DNSPrecheck",
@@ -409,6 +409,8 @@ class ReachPrecheck:
 
             await treq.collect(response, collect)
         except Exception as e:
+            if is_cancellation(e):
+                raise
             return f"failed: {describe_error(e)}"
         if response.code != 200:
             return f"answered {response.code}"
@@ -467,6 +469,8 @@ class PrecheckedIssuer:
             )
             raise
         except Exception as e:
+            if is_cancellation(e):
+                raise
             self.results[f"{label}:error"] += 1
             self._log.warn(
                 "pre-check {check} for {host} could not be made ({error}); ordering anyway",

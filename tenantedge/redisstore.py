@@ -444,6 +444,10 @@ class RedisNameLock:
             self.wake(name)
 
     def _held(self, key: str, token: str, server_name: str) -> HeldLock:
+        # When the last extension that Redis confirmed was sent: the lock
+        # runs at least until then + ttl. Unconfirmed for 2/3 of a ttl, it
+        # counts as lost before it can expire there (a waiting node would
+        # take it at once), whatever the replies are doing.
         extended = [self.clock.seconds()]
 
         def lost(why: str) -> None:
@@ -454,24 +458,22 @@ class RedisNameLock:
             held.lose()
 
         def extend() -> None:
+            sent = self.clock.seconds()
+            if sent - extended[0] >= self.ttl * 2 / 3:
+                lost(f"no extension confirmed for {sent - extended[0]:.0f}s of its {self.ttl:.0f}s")
+                return
             d = self.client.eval(_EXTEND, [key], [token, int(self.ttl * 1000)])
 
             def checked(kept: Any) -> None:
-                if held.released:
+                if held.released or held.lost.called:
                     return
                 if kept:
-                    extended[0] = self.clock.seconds()
+                    extended[0] = max(extended[0], sent)
                 else:
                     lost("it expired and is gone, or another node holds it")
 
             def unreachable(f: Failure) -> None:
-                if held.released:
-                    return
-                if self.clock.seconds() - extended[0] >= self.ttl:
-                    # Not extended for a whole ttl: it has expired in Redis
-                    # by now, whatever happens to this node's connection.
-                    lost(f"not extended for {self.ttl:.0f}s: {f.getErrorMessage()}")
-                else:
+                if not held.released:
                     self._log.warn("could not extend the issuance lock for {host}: {error}", host=server_name,
                                    error=f.getErrorMessage())
 
@@ -734,23 +736,24 @@ class RedisRecords:
         else:
             self._records[key] = new
         self._writing[key] = self._writing.get(key, 0) + 1
-        d = self._writes.run(lambda: Deferred.fromCoroutine(self._write(key, change)))
 
-        def failed(failure: Failure) -> dict[str, Any] | None:
-            self._write_failed(failure)
-            return new  # kept in memory
+        async def write_then_tell() -> None:
+            # The callback runs inside the write lock, so events leave in
+            # the order of the changes, even when Redis fails under them.
+            try:
+                result = await self._write(key, change)
+            except Exception:
+                self._write_failed(Failure())
+                result = new  # kept in memory
+            finally:
+                self._written(key)
+            if stored is not None:
+                try:
+                    stored(result)
+                except Exception:
+                    self._log.failure("after saving the {label} record of {name}", label=self.label, name=key)
 
-        d.addErrback(failed)
-
-        def written(result: dict[str, Any] | None) -> dict[str, Any] | None:
-            self._written(key)
-            return result
-
-        d.addCallback(written)
-        if stored is not None:
-            d.addCallback(stored)
-        d.addErrback(lambda f: self._log.failure("after saving the {label} record of {name}", f,
-                                                 label=self.label, name=key))
+        self._writes.run(lambda: Deferred.fromCoroutine(write_then_tell()))
         return new
 
     async def _write(

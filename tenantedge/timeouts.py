@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-__all__ = ["with_deadline", "describe_error", "TimeoutError"]
+__all__ = ["with_deadline", "describe_error", "is_cancellation", "TimeoutError"]
 
 T = TypeVar("T")
 
@@ -44,3 +44,17 @@ def describe_error(error: BaseException) -> str:
     if reasons:
         return "; ".join(r.getErrorMessage() for r in reasons)
     return str(error) or error.__class__.__name__
+
+
+def is_cancellation(error: BaseException) -> bool:
+    """
+    Was this failure a cancellation from above (the pipeline stopping an
+    order), however the cancelled operation reported it? Layers that turn
+    errors into their own (a CA unreachable, a pre-check that could not be
+    made) must let a cancellation through instead, or the work they were
+    part of would go on (the next CA, the order after the pre-check).
+    """
+    if isinstance(error, CancelledError):
+        return True
+    reasons = getattr(error, "reasons", None) or ()
+    return any(getattr(r, "check", lambda *_: None)(CancelledError) for r in reasons)

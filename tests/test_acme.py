@@ -7,6 +7,8 @@ External Account Binding, account reuse, fallback and backoff.
 
 from __future__ import annotations
 
+from typing import Any
+
 import datetime
 import hashlib
 import hmac
@@ -558,3 +560,22 @@ class FallbackTests(SynchronousTestCase):
         f = self.failureResultOf(d, FallbackFailed)
         self.assertIn("first: one", str(f.value))
         self.assertIn("second: two", str(f.value))
+
+
+class CancellationTests(SynchronousTestCase):
+    def test_cancelled_request_is_a_cancellation(self) -> None:
+        """
+        A request cancelled from above (the pipeline stopping an order whose
+        lock was lost) fails as a cancellation, not as "CA unreachable",
+        which the fallback chain would answer by asking the next CA.
+        """
+        from twisted.internet.defer import CancelledError
+
+        class Hanging:
+            def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+                return Deferred()
+
+        client = AcmeClient(f"{BASE}/dir", None, Hanging(), Clock(), request_timeout=10)  # type: ignore[arg-type]
+        d = Deferred.fromCoroutine(client.directory())
+        d.cancel()
+        self.failureResultOf(d, CancelledError)

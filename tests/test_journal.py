@@ -132,6 +132,39 @@ class RecordJournalTests(SynchronousTestCase):
         # (What the removed journal held is gone, for every process alike.)
         self.assertEqual(two.get("y.test"), {"n": 6})
 
+    def test_journal_replaced_under_the_same_inode(self) -> None:
+        """
+        A journal replaced by one with another generation but the same
+        inode and a size past this process's offset (a truncation in place,
+        then another worker's appends) is read again under the exclusive
+        lock the change holds: no second lock of its own to wait for.
+        Run in a child process, so that a hang fails the test.
+        """
+        import subprocess
+        import sys
+
+        script = (
+            "import json, os, sys\n"
+            "from tenantedge.journal import RecordJournal\n"
+            "path = sys.argv[1]\n"
+            "bump = lambda r: {'n': (r or {}).get('n', 0) + 1}\n"
+            "one, two = RecordJournal(path), RecordJournal(path)\n"
+            "one.load(); two.load()\n"
+            "one.update('x.test', bump)\n"
+            "journal = path[:-len('.json')] + '.journal'\n"
+            "inode = os.stat(journal).st_ino\n"
+            "os.truncate(journal, 0)\n"
+            "for _ in range(10):\n"
+            "    two.update('y.test', bump)\n"
+            "assert os.stat(journal).st_ino == inode\n"
+            "one.update('y.test', bump)\n"
+            "print(json.dumps([one.get('y.test'), two.get('y.test')]))\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script, os.path.abspath(self.path)], capture_output=True, text=True,
+                              timeout=30, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(json.loads(done.stdout), [{"n": 11}, {"n": 11}])
+
     def test_failed_compaction_not_retried_at_every_change(self) -> None:
         """A compaction that fails (a full disk) is logged once and tried again only after as much growth again."""
         records = self.make(compact_floor=200)

@@ -6,6 +6,8 @@ lock, and counting by purpose.
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -86,6 +88,43 @@ class PipelineTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(d), theirs)
         self.assertEqual(self.issuer.requests, ["a.test"])
         self.assertEqual(self.pipeline.counts(ISSUE), {"lock-lost": 1, "found": 1})
+
+    def test_lock_lost_stops_the_whole_chain(self) -> None:
+        """
+        With two CAs, a lock lost during the first one's order stops there:
+        the second CA is not asked; an issuer that reports the cancellation
+        as its own failure still counts as lock-lost, not failed. (A
+        cancellation that comes up as such leaves no backoff either.)
+        """
+        from tenantedge.backoff import FailureBackoff
+        from tenantedge.issuer import BackoffIssuer, FallbackIssuer
+        from tenantedge.testing import ControlledIssuer
+
+        first, second = ControlledIssuer(name="first"), ControlledIssuer(name="second")
+        backoff = FailureBackoff(None, self.clock)
+        pipeline = IssuancePipeline(self.store, BackoffIssuer(FallbackIssuer([first, second]), backoff), self.clock,
+                                    CertificateCheck(self.clock), lock=self.lock)
+        d = pipeline.obtain("a.test")
+        self.lock.grant().lose()
+        self.assertEqual((first.requests, second.requests), (["a.test"], []))
+        self.assertEqual(len(self.lock.waiting), 1)
+        self.assertIsNone(backoff.blocked_until("a.test"))
+
+        class Swallowing:
+            name = "swallowing"
+
+            def issue(self, server_name: str, replaces: Any = None) -> Deferred[Any]:
+                return Deferred(lambda d: d.errback(IssuanceFailed(server_name, "cannot reach the CA")))
+
+        self.lock.waiting.pop(0).cancel()
+        self.failureResultOf(d)
+        pipeline = IssuancePipeline(self.store, BackoffIssuer(Swallowing(), backoff), self.clock,  # type: ignore[arg-type]
+                                    CertificateCheck(self.clock), lock=self.lock)
+        d = pipeline.obtain("b.test")
+        self.lock.grant().lose()
+        self.assertEqual(pipeline.counts(ISSUE), {"lock-lost": 1})
+        self.lock.waiting.pop(0).cancel()
+        self.failureResultOf(d)
 
     def test_lock_lost_twice(self) -> None:
         from tenantedge.pipeline import LockLost
