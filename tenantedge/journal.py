@@ -37,13 +37,20 @@ from .interfaces import ISharedRecords, ISharedState
 from .shared import KEEP
 from .store import atomic_write
 
-__all__ = ["RecordJournal", "DocumentRecords", "COMPACT_FLOOR"]
+__all__ = ["RecordJournal", "DocumentRecords", "COMPACT_FLOOR", "Record", "Change", "Stored"]
 
 #: The journal is folded into the snapshot once it is larger than this and
 #: than the snapshot.
 COMPACT_FLOOR = 1 << 20
 
 _Identity = tuple[int, int, int]
+
+#: One record, as JSON.
+Record = dict[str, Any]
+#: How a record changes (L{tenantedge.interfaces.ISharedRecords.update}).
+Change = Callable[[Record | None], Record | None]
+#: Told the record as stored.
+Stored = Callable[[Record | None], object]
 
 
 def _identity(st: os.stat_result) -> _Identity:
@@ -230,15 +237,15 @@ class RecordJournal:
     def update(
         self,
         key: str,
-        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
-        stored: Callable[[dict[str, Any] | None], object] | None = None,
+        change: Change,
+        stored: Stored | None = None,
     ) -> Any:
         new = self._update(key, change)
         if stored is not None:
             stored(new)
         return new
 
-    def _update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> Any:
+    def _update(self, key: str, change: Change) -> Any:
         if self.path is None:
             return self._set(key, change(self._records.get(key)))
         applied: list[dict[str, Any] | None] = []
@@ -383,8 +390,8 @@ class DocumentRecords:
     def update(
         self,
         key: str,
-        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
-        stored: Callable[[dict[str, Any] | None], object] | None = None,
+        change: Change,
+        stored: Stored | None = None,
     ) -> Any:
         box: list[dict[str, Any] | None] = []
 

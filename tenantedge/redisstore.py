@@ -60,6 +60,7 @@ from zope.interface import implementer
 
 from .certificates import CertificateBundle, InvalidBundle
 from .hostnames import InvalidHostname, normalize
+from .journal import Change, Record, Stored
 from .interfaces import (
     HeldLock,
     IAccountStore,
@@ -722,8 +723,8 @@ class RedisRecords:
     def update(
         self,
         key: str,
-        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
-        stored: Callable[[dict[str, Any] | None], object] | None = None,
+        change: Change,
+        stored: Stored | None = None,
     ) -> Any:
         current = self._records.get(key)
         new = change(current)
@@ -756,9 +757,7 @@ class RedisRecords:
         self._writes.run(lambda: Deferred.fromCoroutine(write_then_tell()))
         return new
 
-    async def _write(
-        self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
-    ) -> dict[str, Any] | None:
+    async def _write(self, key: str, change: Change) -> Record | None:
         """Compare-and-set until it holds; the record as stored."""
         for _ in range(20):
             seen = self._raw.get(key, b"")
