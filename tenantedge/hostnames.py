@@ -46,7 +46,15 @@ class InvalidHostname(ValueError):
         self.reason = reason
 
 
+#: What an IP literal can be made of (IPv4 dotted digits, IPv6 hex and
+#: colons, brackets, a zone): a name with any other character is not one,
+#: found without raising (this runs at every handshake).
+_IP_CHARACTERS = frozenset("0123456789abcdefABCDEF.:[]%")
+
+
 def _is_ip_literal(name: str) -> bool:
+    if "%" not in name and not _IP_CHARACTERS.issuperset(name):
+        return False
     candidate = name[1:-1] if name.startswith("[") and name.endswith("]") else name
     try:
         ipaddress.ip_address(candidate)

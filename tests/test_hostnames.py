@@ -107,3 +107,23 @@ class SuffixTests(SynchronousTestCase):
         self.assertFalse(matches_suffix("example.com", ".example.com", include_apex=False))
         self.assertTrue(matches_suffix("example.com", ".example.com", include_apex=True))
         self.assertFalse(matches_suffix("badexample.com", ".example.com", include_apex=True))
+
+
+class IPLiteralTests(SynchronousTestCase):
+    def test_fast_path_agrees(self) -> None:
+        """The character pre-check never changes the answer ipaddress gives."""
+        import ipaddress
+
+        from tenantedge.hostnames import _is_ip_literal
+
+        def slow(name: str) -> bool:
+            candidate = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+            try:
+                ipaddress.ip_address(candidate)
+            except ValueError:
+                return False
+            return True
+
+        for name in ("shop.acme-corp.com", "127.0.0.1", "[::1]", "::1", "fe80::1%eth0", "[fe80::1%25eth0]",
+                     "dead.beef", "1.2.3.4.5", "abc", "0x7f.1", "::ffff:127.0.0.1", "1.2.3.04", ""):
+            self.assertEqual(_is_ip_literal(name), slow(name), name)
