@@ -522,6 +522,8 @@ class H2ProxyProtocol(Protocol):
         self._transport_paused = False
         self._idle_timer: Any = None
         self._abort_timer: Any = None
+        #: The turn-end write of what h2 has queued (see L{_write}).
+        self._write_call: Any = None
         self._resets: deque[float] = deque()
         #: Streams answered before their request ended: reset (NO_ERROR)
         #: once the queued response is out.
@@ -561,7 +563,7 @@ class H2ProxyProtocol(Protocol):
         h2.initiate_connection()
         h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         transport.registerProducer(self, True)  # type: ignore[union-attr]
-        self._write()
+        self._write(now=True)
         self._arm_idle()
 
     def dataReceived(self, data: bytes) -> None:
@@ -586,6 +588,9 @@ class H2ProxyProtocol(Protocol):
         self.proxy.connections.discard(self)
         self._closing = True
         self._cancel_idle()
+        call, self._write_call = self._write_call, None
+        if call is not None and call.active():
+            call.cancel()
         timer, self._abort_timer = self._abort_timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -605,7 +610,7 @@ class H2ProxyProtocol(Protocol):
     def _close(self, abort_streams: bool = False) -> None:
         if abort_streams:
             self._abandon_all()
-        self._write()
+        self._write(now=True)
         self._closing = True
         self._cancel_idle()
         transport = self.transport
@@ -619,7 +624,27 @@ class H2ProxyProtocol(Protocol):
         # for ever.
         self._abort_timer = self.proxy.clock.callLater(CLOSE_GRACE, transport.abortConnection)  # type: ignore[union-attr]
 
-    def _write(self) -> None:
+    def _write(self, now: bool = False) -> None:
+        """
+        Send what h2 has queued: at the end of this reactor turn, so that
+        the frames of every response and window update made in the turn
+        (a small response is three: HEADERS, DATA, END_STREAM) leave as one
+        TLS write and one C{send} rather than one each; at once when
+        C{now} (before closing). What waits is bounded as before: the
+        streams' queues and the flow-control windows.
+        """
+        if now:
+            call, self._write_call = self._write_call, None
+            if call is not None and call.active():
+                call.cancel()
+            data = self.h2.data_to_send()
+            if data:
+                self.transport.write(data)  # type: ignore[union-attr]
+        elif self._write_call is None:
+            self._write_call = self.proxy.clock.callLater(0, self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self._write_call = None
         data = self.h2.data_to_send()
         if data:
             self.transport.write(data)  # type: ignore[union-attr]

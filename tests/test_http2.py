@@ -51,6 +51,7 @@ class Client:
             data = self.h2.data_to_send()
             if data:
                 self.proto.dataReceived(data)
+            self.proto.proxy.clock.advance(0)  # the end of the reactor turn: the edge writes
             out = self.wire.value()
             self.wire.clear()
             if out:
