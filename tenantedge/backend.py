@@ -78,6 +78,12 @@ class BackendExchange(TypingProtocol):
     def backend_closed_complete(self) -> bool:
         """The connection closed after the head: is the body complete?"""
 
+    def read_begin(self) -> None:
+        """One read from the backend is about to be parsed (what it makes for the client may be held)."""
+
+    def read_done(self) -> None:
+        """That read is parsed: send what it made."""
+
 
 class UpgradeExchange(BackendExchange, TypingProtocol):
     """
@@ -289,6 +295,19 @@ class BackendConnection(Protocol):
         if self.tunnel is not None:
             self.tunnel.from_backend(data)
             return
+        exchange = self.exchange
+        if exchange is None:
+            self._received(data)
+            return
+        # What this read makes for the client (a small response's head,
+        # body and end) leaves in one write: one TLS record and one send.
+        exchange.read_begin()
+        try:
+            self._received(data)
+        finally:
+            exchange.read_done()
+
+    def _received(self, data: bytes) -> None:
         if self.exchange is None:
             # Bytes while idle (after a HEAD, or unasked): the backend is
             # confused; never reuse the connection, or a later request could
@@ -645,6 +664,12 @@ class _Probe:
             self.conn.close()
 
     # -- BackendExchange ---------------------------------------------------------------
+
+    def read_begin(self) -> None:
+        pass
+
+    def read_done(self) -> None:
+        pass
 
     def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         pass

@@ -199,7 +199,7 @@ class Exchange:
         "backend", "connecting", "pending", "pending_size", "request_done", "response_started",
         "response_chunked", "response_close", "timer", "code", "sent", "finished", "retried",
         "referer", "agent", "body_limit", "body_seen", "close_delimited", "expect_continue", "up", "down",
-        "problem", "backend_framed", "pool", "tried", "upgrade", "last_chunk",
+        "problem", "backend_framed", "pool", "tried", "upgrade", "last_chunk", "out",
     )
 
     def __init__(self, client: ExchangeClient, method: bytes, path: bytes, version: bytes, keep_alive: bool,
@@ -214,6 +214,10 @@ class Exchange:
         self.chunked = chunked
         #: What ends a chunked body: the last chunk, with the client's trailers if it sent any.
         self.last_chunk = LAST_CHUNK
+        #: Bytes for the client held while one backend read is parsed
+        #: (L{read_begin}), so that a response's head, body and end leave
+        #: as one TLS write; C{None} outside a read.
+        self.out: list[bytes] | None = None
         self.started = self.proxy.clock.seconds()
         self.backend: BackendConnection | None = None
         self.connecting: defer.Deferred[BackendConnection] | None = None
@@ -355,6 +359,7 @@ class Exchange:
             if self.finished:
                 # Answered early (the backend did not wait for the body):
                 # the rest is read and dropped, up to the limit.
+                self.read_done()
                 self.client.exchange_aborted(self)
             else:
                 self.fail(413, "request body over the limit", quiet=True)
@@ -407,7 +412,7 @@ class Exchange:
     def backend_interim(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         if code == 100 and self.expect_continue:
             self.expect_continue = False
-            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def response_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int | None]:
         """
@@ -463,7 +468,7 @@ class Exchange:
         out.append(b"\r\n")
         self.sent = length
         self.response_started = True
-        self.client.write(b"".join(out))
+        self._send(b"".join(out))
         if self.backend is not None and has_body:
             self.down = self.client.transport
             self.down.registerProducer(self.backend.transport, True)
@@ -491,22 +496,23 @@ class Exchange:
                 continue
             out.append(b"%s: %s\r\n" % (name, value))
         out.append(b"Connection: Upgrade\r\n\r\n")
-        self.client.write(b"".join(out))
+        self._send(b"".join(out))
         self.response_started = True
         self.release_producers()
         self.backend = None
         self.finished = True
         self.proxy.upgrades["switched"] += 1
         self._log_access()
+        self.read_done()  # the 101 head before any tunnelled byte
         self.client.switch_protocols(self, conn, rest)
 
     def backend_body(self, data: bytes) -> None:
         if self.finished:
             return
         if self.response_chunked:
-            self.client.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self._send(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.client.write(data)
+            self._send(data)
 
     def backend_closed_complete(self) -> bool:
         """Did a close-delimited response (no length, not chunked) just end normally?"""
@@ -516,7 +522,7 @@ class Exchange:
         if self.finished:
             return
         if self.response_chunked:
-            self.client.write(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n")
         self.backend = conn
         self.release_producers()
         self.backend = None
@@ -550,6 +556,7 @@ class Exchange:
             self.finished = True
             self._release(None)
             self.release_producers()
+            self.read_done()
             self.client.exchange_aborted(self)
 
     def _timed_out(self) -> None:
@@ -582,6 +589,7 @@ class Exchange:
                 self.keep_alive = False  # what it sent cannot be read as HTTP
         if self.response_started:
             self.finished = True
+            self.read_done()
             self.client.exchange_aborted(self)
             return False
         if self.proxy.observe is not None and code >= 500:
@@ -610,7 +618,7 @@ class Exchange:
         if closing:
             self.keep_alive = False
         self.sent = len(body)
-        self.client.write(
+        self._send(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\n"
             b"Content-Length: %d\r\n%s\r\n%s"
             % (code, REASONS[code], len(body), b"Connection: close\r\n" if closing else b"", body)
@@ -637,7 +645,25 @@ class Exchange:
     def _finished(self) -> None:
         self.finished = True
         self._log_access()
+        self.read_done()  # before the client may go on to the next request, or close
         self.client.exchange_finished(self)
+
+    def _send(self, data: bytes) -> None:
+        if self.out is not None:
+            self.out.append(data)
+        else:
+            self.client.write(data)
+
+    def read_begin(self) -> None:
+        """The backend connection is about to parse one read: hold what it makes for the client."""
+        if self.out is None:
+            self.out = []
+
+    def read_done(self) -> None:
+        """Send what the read made, in one write (and write directly again)."""
+        out, self.out = self.out, None
+        if out:
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _log_access(self) -> None:
         proxy = self.proxy
