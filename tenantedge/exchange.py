@@ -497,6 +497,7 @@ class Exchange:
             out.append(b"%s: %s\r\n" % (name, value))
         out.append(b"Connection: Upgrade\r\n\r\n")
         self._send(b"".join(out))
+        self.read_done()
         self.response_started = True
         self.release_producers()
         self.backend = None
@@ -523,6 +524,9 @@ class Exchange:
             return
         if self.response_chunked:
             self._send(b"0\r\n\r\n")
+        # Out before the client transport loses its producer: a closing TLS
+        # transport drops what is written once it has none.
+        self.read_done()
         self.backend = conn
         self.release_producers()
         self.backend = None

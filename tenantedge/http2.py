@@ -579,6 +579,8 @@ class H2ProxyProtocol(Protocol):
             return
         dispatch = self._dispatch
         for event in events:
+            if self._closing:
+                break  # closed by an event of this batch (the rapid-reset cap, GOAWAY): no new streams
             handler = dispatch.get(type(event))
             if handler is not None:
                 handler(event)

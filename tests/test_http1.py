@@ -400,6 +400,45 @@ class ReviewFixTests(RelayTests):
         self.assertTrue(getattr(bwire, "aborted", False) or bwire.disconnecting)
 
 
+class _ClosingTLSTransport(StringTransport):
+    """
+    Twisted's TLS transport's rule: once closing, and without a producer,
+    it drops what is written (it has begun its TLS shutdown).
+    """
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting and self.producer is None:
+            return
+        super().write(data)
+
+
+class ClosingClientTests(RelayTests):
+    """The end of a response reaches a client whose connection is closing."""
+
+    def connect(self) -> tuple[H1ProxyProtocol, StringTransport]:
+        proto = H1ProxyProtocol(self.proxy, "shop.test")
+        wire = _ClosingTLSTransport(peerAddress=_Peer("203.0.113.9"))
+        proto.makeConnection(wire)
+        return proto, wire
+
+    def check(self, head: bytes, rest: bytes, whole: bytes) -> None:
+        self.client.dataReceived(b"GET /1 HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        backend, _ = self.endpoint.complete()
+        backend.dataReceived(b"HTTP/1.1 200 OK\r\n" + head)
+        self.client.dataReceived(b"GET /2 HTTP/1.1\r\nHo")  # a head that never ends
+        self.clock.advance(self.proxy.header_timeout + 1)  # closing now: after the response in flight
+        self.assertTrue(self.wire.disconnecting)
+        backend.dataReceived(rest)
+        self.assertTrue(self.wire.value().endswith(whole), self.wire.value())
+
+    def test_chunked_end_after_the_client_started_closing(self) -> None:
+        self.check(b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", b"5\r\nworld\r\n0\r\n\r\n",
+                   b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n")
+
+    def test_length_end_after_the_client_started_closing(self) -> None:
+        self.check(b"Content-Length: 10\r\n\r\nhello", b"world", b"\r\n\r\nhelloworld")
+
+
 class SeveralBackendsTests(SynchronousTestCase):
     """The relay over three backends: balancing, failover and retries."""
 
