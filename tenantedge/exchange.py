@@ -497,14 +497,13 @@ class Exchange:
             out.append(b"%s: %s\r\n" % (name, value))
         out.append(b"Connection: Upgrade\r\n\r\n")
         self._send(b"".join(out))
-        self.read_done()
+        self.read_done()  # the 101 head, before any tunnelled byte and the producers go
         self.response_started = True
         self.release_producers()
         self.backend = None
         self.finished = True
         self.proxy.upgrades["switched"] += 1
         self._log_access()
-        self.read_done()  # the 101 head before any tunnelled byte
         self.client.switch_protocols(self, conn, rest)
 
     def backend_body(self, data: bytes) -> None:
@@ -558,9 +557,9 @@ class Exchange:
             # Part of the response is out: cut the client off rather than
             # let a truncated body look complete.
             self.finished = True
+            self.read_done()  # what the read made, before the producers go
             self._release(None)
             self.release_producers()
-            self.read_done()
             self.client.exchange_aborted(self)
 
     def _timed_out(self) -> None:
@@ -586,6 +585,7 @@ class Exchange:
                 "backend request for {path} failed with {code}: {error}",
                 path=self.path.decode("ascii", "replace")[:200], code=code, error=detail,
             )
+        self.read_done()  # what the read made, before the producers go
         self.abandon_backend()
         if self.upgrade:
             self.proxy.upgrades["failed"] += 1
@@ -593,7 +593,6 @@ class Exchange:
                 self.keep_alive = False  # what it sent cannot be read as HTTP
         if self.response_started:
             self.finished = True
-            self.read_done()
             self.client.exchange_aborted(self)
             return False
         if self.proxy.observe is not None and code >= 500:
