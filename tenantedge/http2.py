@@ -636,17 +636,14 @@ class H2ProxyProtocol(Protocol):
         streams' queues and the flow-control windows.
         """
         if now:
-            call, self._write_call = self._write_call, None
-            if call is not None and call.active():
-                call.cancel()
-            data = self.h2.data_to_send()
-            if data:
-                self.transport.write(data)  # type: ignore[union-attr]
+            self._turn_ended()
         elif self._write_call is None:
             self._write_call = self.proxy.clock.callLater(0, self._turn_ended)
 
     def _turn_ended(self) -> None:
-        self._write_call = None
+        call, self._write_call = self._write_call, None
+        if call is not None and call.active():
+            call.cancel()
         data = self.h2.data_to_send()
         if data:
             self.transport.write(data)  # type: ignore[union-attr]
