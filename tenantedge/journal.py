@@ -128,14 +128,7 @@ class RecordJournal:
         if self.path is None:
             return
         try:
-            stale = self._stale()
-            if stale is None:
-                return
-            if stale:
-                with self._locked(fcntl.LOCK_SH):
-                    self._reload()
-            else:
-                self._read_new_lines()
+            self._refresh(locked=False)
         except OSError as e:
             # Passing trouble (EMFILE, EIO): answer from what this process has.
             self._log_failure("read", e)
@@ -167,22 +160,28 @@ class RecordJournal:
         self._records, self._snapshot = records, snapshot
         self._journal, self._header, self._offset = journal, header, offset
 
-    def _read_new_lines(self, locked: bool = False) -> None:
+    def _refresh(self, locked: bool) -> None:
         """
-        The lines appended since the last read; both files again if the
-        journal is not the one read so far (under the shared lock, unless
-        the caller holds the exclusive one: a second flock of this
+        Catch up with the files: the lines appended since the last read, or
+        both files again if they were replaced (under the shared lock,
+        unless the caller holds the exclusive one: a second flock of this
         process's own would wait for itself).
         """
-        try:
-            self._journal, self._header, self._offset = self._read_journal(
-                self._records, self._journal, self._header, self._offset)
-        except _Replaced:
-            if locked:
+        stale = self._stale()
+        if stale is False:
+            try:
+                self._journal, self._header, self._offset = self._read_journal(
+                    self._records, self._journal, self._header, self._offset)
+                return
+            except _Replaced:
+                stale = True
+        if not stale:
+            return
+        if locked:
+            self._reload()
+        else:
+            with self._locked(fcntl.LOCK_SH):
                 self._reload()
-            else:
-                with self._locked(fcntl.LOCK_SH):
-                    self._reload()
 
     def _read_journal(
         self, records: dict[str, dict[str, Any]], journal: int | None, header: bytes | None, offset: int
@@ -251,11 +250,7 @@ class RecordJournal:
         applied: list[dict[str, Any] | None] = []
         try:
             with self._locked(fcntl.LOCK_EX):
-                stale = self._stale()
-                if stale:
-                    self._reload()
-                elif stale is False:
-                    self._read_new_lines(locked=True)
+                self._refresh(locked=True)
                 current = self._records.get(key)
                 applied.append(change(current))
                 if applied[0] is not current:  # the same object: nothing to write
@@ -323,8 +318,7 @@ class RecordJournal:
         if self.path is None:
             return
         with self._locked(fcntl.LOCK_EX):
-            if self._stale() is not None:
-                self._reload()
+            self._refresh(locked=True)
             self._compact()
 
     def _compact(self) -> None:
