@@ -236,9 +236,8 @@ class IssuancePipeline:
         return None
 
     async def _issue(
-        self, server_name: str, purpose: str, replaces: CertificateBundle | None, order: _Order | None = None
+        self, server_name: str, purpose: str, replaces: CertificateBundle | None, order: _Order
     ) -> CertificateBundle:
-        order = order if order is not None else _Order()
         if order.lost:
             raise _Stopped()
         if self.lifecycle is not None:
