@@ -21,6 +21,8 @@ from tenantedge.contexts import (
 )
 from tenantedge.testing import make_bundle
 
+from .support.tlsmemory import pump_handshake
+
 
 #: One client context, as a browser has: sessions are per client context.
 CLIENT = SSL.Context(SSL.TLS_METHOD)
@@ -29,21 +31,10 @@ CLIENT = SSL.Context(SSL.TLS_METHOD)
 def handshake(server: SSL.Connection, name: bytes, session: SSL.Session | None = None) -> SSL.Connection:
     """Run a TLS handshake between C{server} and a fresh client in memory."""
     client = SSL.Connection(CLIENT, None)
-    client.set_connect_state()
     client.set_tlsext_host_name(name)
     if session is not None:
         client.set_session(session)
-    server.set_accept_state()
-    for _ in range(20):
-        for source, sink in ((client, server), (server, client)):
-            try:
-                source.do_handshake()
-            except SSL.WantReadError:
-                pass
-            try:
-                sink.bio_write(source.bio_read(65536))
-            except SSL.WantReadError:
-                pass
+    pump_handshake(client, server)
     # TLS 1.3 tickets come after the handshake: let the client read them.
     server.send(b"x")
     client.bio_write(server.bio_read(65536))

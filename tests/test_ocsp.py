@@ -29,6 +29,8 @@ from tenantedge.ocsp import InvalidOcspResponse, OcspStapler, responder_url, val
 from tenantedge.store import DirectoryStore
 from tenantedge.testing import FakeOcspResponder, MemoryStore, OcspTestCA, make_bundle
 
+from .support.tlsmemory import pump_handshake
+
 NOW = 1_700_000_000.0
 DAY = 86400.0
 URL = "http://ocsp.test/"
@@ -299,20 +301,9 @@ def _handshake(server: SSL.Connection) -> list[bytes]:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_ocsp_client_callback(lambda connection, data, _: (got.append(data), True)[1])
     client = SSL.Connection(context, None)
-    client.set_connect_state()
     client.set_tlsext_host_name(b"a.test")
     client.request_ocsp()
-    server.set_accept_state()
-    for _ in range(20):
-        for source, sink in ((client, server), (server, client)):
-            try:
-                source.do_handshake()
-            except SSL.WantReadError:
-                pass
-            try:
-                sink.bio_write(source.bio_read(65536))
-            except SSL.WantReadError:
-                pass
+    pump_handshake(client, server)
     return got
 
 
