@@ -576,6 +576,51 @@ class AttackTests(EdgeTestCase):
         self.assertEqual(open_now, live)
 
 
+class _RecordingBackend(protocol.Protocol):
+    """A raw backend that keeps each request's bytes whole, trailers included, and answers 200."""
+
+    def connectionMade(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        head, sep, body = self.data.partition(b"\r\n\r\n")
+        if not sep or not body.endswith(b"\r\n\r\n") or b"\r\n0\r\n" not in b"\r\n" + body:
+            return
+        self.factory.requests.append(self.data)  # type: ignore[attr-defined]
+        self.data = b""
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nreceived")  # type: ignore[union-attr]
+
+
+class TrailerTests(TestCase):
+    """
+    A request body's trailer fields, from a real HTTP/2 client (trailing
+    HEADERS) and a real HTTP/1.1 one (chunked trailers) over TLS, reach a
+    real backend socket at the end of the chunked body, less the fields a
+    trailer must not carry.
+    """
+
+    timeout = 120
+
+    async def test_trailers_reach_the_backend(self) -> None:
+        factory = protocol.Factory.forProtocol(_RecordingBackend)
+        factory.requests = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        edge, https, _ = await start_edge(self, backend=f"http://127.0.0.1:{port.getHost().port}")
+        root = edge.on_demand.local_ca.root_path
+        client = os.path.join(os.path.dirname(__file__), "support", "trailersclient.py")
+        for mode in ("h2", "h1"):
+            out, err, code = await run(sys.executable, [client, mode, "trailers.test", str(https), root])
+            self.assertEqual(code, 0, err)
+            self.assertEqual(json.loads(out), {"status": "200", "body": "received"}, mode)
+            sent = factory.requests[-1]  # type: ignore[attr-defined]
+            self.assertIn(b"Transfer-Encoding: chunked\r\n", sent, mode)
+            self.assertTrue(sent.endswith(b"\r\n0\r\nx-checksum: ab12\r\ngrpc-status: 0\r\n\r\n"), (mode, sent))
+            self.assertNotIn(b"evil.test", sent, mode)
+        self.assertEqual(len(factory.requests), 2)  # type: ignore[attr-defined]
+
+
 class SeveralBackendsTests(EdgeTestCase):
     """
     Three real backends (two on loopback ports, one on a UNIX socket)
